@@ -1,0 +1,105 @@
+import { OpenAPIHono } from '@hono/zod-openapi';
+import type { Context } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { HTTPException } from 'hono/http-exception';
+import { requestId } from 'hono/request-id';
+import type { ContentfulStatusCode } from 'hono/utils/http-status';
+import { ZodError } from 'zod';
+import { isTransient } from './privacy/execute.ts';
+import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
+import type { App, AppDeps, AppEnv } from './http/env.ts';
+import { registerHealthRoutes } from './http/health.ts';
+import { registerIngestRoutes } from './http/ingest.ts';
+import { registerPrivacyRoutes } from './http/privacy.ts';
+
+export type { AppDeps };
+
+const JSON_TYPE = /^application\/([\w.-]+\+)?json$/i;
+
+function errorBody(c: Context<AppEnv>, code: ErrorCode, message: string, details?: unknown) {
+  return c.json(
+    { error: { code, message, requestId: c.get('requestId'), ...(details ? { details } : {}) } },
+    ERROR_STATUS[code] as ContentfulStatusCode,
+  );
+}
+
+/** Hono's own exceptions carry fixed messages (no request data); give each a code of ours. */
+function codeForHttpException(err: HTTPException): ErrorCode {
+  if (err.status === 400 && /json/i.test(err.message)) return 'malformed_json';
+  const byStatus = Object.entries(ERROR_STATUS).find(([, s]) => s === err.status);
+  return (byStatus?.[0] as ErrorCode | undefined) ?? (err.status >= 500 ? 'internal_error' : 'bad_request');
+}
+
+export function newApp(deps: AppDeps): App {
+  const app: App = new OpenAPIHono<AppEnv>({
+    defaultHook: (result) => {
+      if (!result.success) {
+        throw new ApiError('validation_failed', 'request failed validation', issuesToDetails(result.error.issues));
+      }
+    },
+  });
+
+  app.use(
+    requestId({
+      headerName: 'X-Request-Id',
+      generator: () => crypto.randomUUID(),
+      limitLength: 100,
+    }),
+  );
+  app.use(async (c, next) => {
+    const started = performance.now();
+    await next();
+    // Route pattern, not the URL: query strings can carry emails.
+    deps.logger.info(
+      {
+        requestId: c.get('requestId'),
+        method: c.req.method,
+        route: c.req.routePath,
+        status: c.res.status,
+        ms: Math.round(performance.now() - started),
+      },
+      'http request',
+    );
+  });
+  app.use(
+    bodyLimit({
+      maxSize: deps.bodyLimitBytes,
+      onError: () => {
+        throw new ApiError('payload_too_large', `body exceeds ${deps.bodyLimitBytes} bytes`);
+      },
+    }),
+  );
+  app.use(async (c, next) => {
+    if (c.req.method === 'POST' || c.req.method === 'PUT' || c.req.method === 'PATCH') {
+      const type = (c.req.header('content-type') ?? '').split(';')[0]!.trim();
+      if (!JSON_TYPE.test(type)) throw new ApiError('unsupported_media_type', 'send the body as application/json');
+    }
+    await next();
+  });
+
+  registerHealthRoutes(app, deps);
+  registerIngestRoutes(app, deps);
+  registerPrivacyRoutes(app, deps);
+
+  app.notFound((c) => errorBody(c, 'not_found', 'no such route'));
+  app.onError((err, c) => {
+    if (err instanceof ApiError) return errorBody(c, err.code, err.message, err.details);
+    if (err instanceof HTTPException) return errorBody(c, codeForHttpException(err), err.message);
+    if (err instanceof ZodError) {
+      return errorBody(c, 'validation_failed', 'request failed validation', issuesToDetails(err.issues));
+    }
+    if (isTransient(err)) {
+      deps.logger.warn({ requestId: c.get('requestId'), errorCode: (err as { code?: string }).code }, 'database unavailable');
+      c.header('Retry-After', '5');
+      return errorBody(c, 'service_unavailable', 'database temporarily unavailable; retry');
+    }
+    // Database messages can quote row values: log the name, SQLSTATE and stack frames, never the message.
+    const e = err as { name?: string; code?: string; stack?: string };
+    deps.logger.error(
+      { requestId: c.get('requestId'), err: { name: e.name, code: e.code, frames: e.stack?.split('\n').slice(1, 8).join('\n') } },
+      'unhandled error',
+    );
+    return errorBody(c, 'internal_error', 'internal error');
+  });
+  return app;
+}

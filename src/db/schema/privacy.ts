@@ -1,0 +1,125 @@
+import { sql } from 'drizzle-orm';
+import { check, index, integer, jsonb, pgTable, text, timestamp, uniqueIndex } from 'drizzle-orm/pg-core';
+import { workspaces } from './product.ts';
+
+const ts = (name: string) => timestamp(name, { withTimezone: true, mode: 'date' });
+
+export const API_KEY_SCOPES = ['ingest', 'privacy', 'admin'] as const;
+export type ApiKeyScope = (typeof API_KEY_SCOPES)[number];
+
+export const apiKeys = pgTable(
+  'api_keys',
+  {
+    id: text('id').primaryKey(),
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    scope: text('scope', { enum: API_KEY_SCOPES }).notNull(),
+    /** sha256 of the whole key; keys are 256-bit random so a fast hash is enough. */
+    keyHash: text('key_hash').notNull(),
+    /** First characters of the key, to tell keys apart in listings. */
+    keyPrefix: text('key_prefix').notNull(),
+    createdAt: ts('created_at').notNull().defaultNow(),
+    lastUsedAt: ts('last_used_at'),
+    revokedAt: ts('revoked_at'),
+  },
+  (t) => [
+    uniqueIndex('api_keys_hash_uq').on(t.keyHash),
+    index('api_keys_workspace_idx').on(t.workspaceId),
+    check('api_keys_scope_ck', sql`${t.scope} in ('ingest', 'privacy', 'admin')`),
+  ],
+);
+
+export const REQUEST_ACTIONS = ['erase', 'suppress', 'unsuppress'] as const;
+export type RequestAction = (typeof REQUEST_ACTIONS)[number];
+export const REQUEST_SCOPES = ['user', 'workspace'] as const;
+export type RequestScope = (typeof REQUEST_SCOPES)[number];
+export const REQUEST_STATUSES = ['queued', 'running', 'complete', 'failed'] as const;
+export type RequestStatus = (typeof REQUEST_STATUSES)[number];
+export const SUBJECT_KINDS = ['user_id', 'email', 'workspace'] as const;
+export type SubjectKind = (typeof SUBJECT_KINDS)[number];
+export const ACTOR_TYPES = ['api_key', 'admin', 'connector', 'system'] as const;
+export type ActorType = (typeof ACTOR_TYPES)[number];
+export const OUTCOMES = ['erased', 'suppressed', 'unsuppressed', 'not_found', 'failed'] as const;
+export type Outcome = (typeof OUTCOMES)[number];
+
+export const dsrRequests = pgTable(
+  'dsr_requests',
+  {
+    id: text('id').primaryKey(),
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    /** Where the request came from: api, admin, connector, system. */
+    source: text('source').notNull(),
+    actorType: text('actor_type', { enum: ACTOR_TYPES }).notNull(),
+    actorId: text('actor_id'),
+    action: text('action', { enum: REQUEST_ACTIONS }).notNull(),
+    scope: text('scope', { enum: REQUEST_SCOPES }).notNull(),
+    subjectKind: text('subject_kind', { enum: SUBJECT_KINDS }).notNull(),
+    /** Raw identifier as given; wiped (null) once the request is terminal. */
+    subjectValue: text('subject_value'),
+    /** Keyed HMAC digest of the identifier: what lookups and audit records use. */
+    subjectDigest: text('subject_digest').notNull(),
+    externalRequestId: text('external_request_id'),
+    /** Upstream ticket reference (e.g. the vendor's ticket id). */
+    upstreamRef: text('upstream_ref'),
+    dedupeKey: text('dedupe_key').notNull(),
+    status: text('status', { enum: REQUEST_STATUSES }).notNull().default('queued'),
+    outcome: text('outcome', { enum: OUTCOMES }),
+    errorCode: text('error_code'),
+    attempts: integer('attempts').notNull().default(0),
+    auditRecordId: text('audit_record_id'),
+    createdAt: ts('created_at').notNull().defaultNow(),
+    startedAt: ts('started_at'),
+    finishedAt: ts('finished_at'),
+    updatedAt: ts('updated_at').notNull().defaultNow(),
+  },
+  (t) => [
+    uniqueIndex('dsr_requests_dedupe_uq').on(t.workspaceId, t.dedupeKey),
+    // At most one pending request per (workspace, action, scope, subject): the second gets duplicate_pending.
+    uniqueIndex('dsr_requests_pending_uq')
+      .on(t.workspaceId, t.action, t.scope, t.subjectDigest)
+      .where(sql`${t.status} in ('queued', 'running')`),
+    index('dsr_requests_workspace_id_idx').on(t.workspaceId, t.id),
+    index('dsr_requests_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
+    index('dsr_requests_workspace_external_idx').on(t.workspaceId, t.externalRequestId),
+    check('dsr_requests_status_ck', sql`${t.status} in ('queued', 'running', 'complete', 'failed')`),
+    check('dsr_requests_action_ck', sql`${t.action} in ('erase', 'suppress', 'unsuppress')`),
+    check('dsr_requests_scope_ck', sql`${t.scope} in ('user', 'workspace')`),
+    check(
+      'dsr_requests_terminal_wiped_ck',
+      sql`${t.status} in ('queued', 'running') or ${t.subjectValue} is null`,
+    ),
+  ],
+);
+
+export type AuditCounts = Partial<
+  Record<'profiles' | 'events' | 'conversations' | 'messages' | 'topicQuestions' | 'suppressions', number>
+>;
+
+/** Immutable: a trigger (migration 0001) rejects UPDATE, DELETE and TRUNCATE. No raw personal data. */
+export const auditRecords = pgTable(
+  'audit_records',
+  {
+    id: text('id').primaryKey(),
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    requestId: text('request_id').notNull(),
+    action: text('action', { enum: REQUEST_ACTIONS }).notNull(),
+    scope: text('scope', { enum: REQUEST_SCOPES }).notNull(),
+    subjectKind: text('subject_kind', { enum: SUBJECT_KINDS }).notNull(),
+    subjectDigest: text('subject_digest').notNull(),
+    actorType: text('actor_type', { enum: ACTOR_TYPES }).notNull(),
+    actorId: text('actor_id'),
+    upstreamRef: text('upstream_ref'),
+    status: text('status', { enum: ['complete', 'failed'] }).notNull(),
+    outcome: text('outcome', { enum: OUTCOMES }).notNull(),
+    counts: jsonb('counts').$type<AuditCounts>().notNull().default({}),
+    errorCode: text('error_code'),
+    startedAt: ts('started_at').notNull(),
+    finishedAt: ts('finished_at').notNull(),
+    recordedAt: ts('recorded_at').notNull().defaultNow(),
+  },
+  (t) => [
+    index('audit_records_workspace_id_idx').on(t.workspaceId, t.id),
+    index('audit_records_request_idx').on(t.requestId),
+    index('audit_records_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
+    check('audit_records_status_ck', sql`${t.status} in ('complete', 'failed')`),
+  ],
+);

@@ -1,0 +1,31 @@
+import { desc, lt, type SQL } from 'drizzle-orm';
+import type { PgColumn } from 'drizzle-orm/pg-core';
+import { ApiError } from '../lib/errors.ts';
+
+/**
+ * Keyset pagination, newest first, on our prefixed ids: their first characters are the creation time, so id order
+ * is creation order (to the millisecond) and the cursor never skips or repeats a row.
+ */
+const CURSOR = /^[a-z]{2,4}_[0-9a-z]{25}$/;
+
+export function encodeCursor(id: string): string {
+  return Buffer.from(id).toString('base64url');
+}
+
+export function cursorCondition(cursor: string | undefined, idCol: PgColumn): SQL | undefined {
+  if (!cursor) return undefined;
+  const id = Buffer.from(cursor, 'base64url').toString('utf8');
+  if (!CURSOR.test(id)) {
+    throw new ApiError('validation_failed', 'invalid cursor', [{ path: 'cursor', message: 'not a cursor we issued' }]);
+  }
+  return lt(idCol, id);
+}
+
+export const newestFirst = (idCol: PgColumn) => desc(idCol);
+
+export function page<T extends { id: string }>(rows: T[], limit: number) {
+  const more = rows.length > limit;
+  const data = more ? rows.slice(0, limit) : rows;
+  const last = data[data.length - 1];
+  return { data, nextCursor: more && last ? encodeCursor(last.id) : null };
+}

@@ -1,0 +1,352 @@
+import { createRoute, z } from '@hono/zod-openapi';
+import { and, eq, type SQL } from 'drizzle-orm';
+import { auditRecords, dsrRequests, OUTCOMES, REQUEST_ACTIONS, REQUEST_STATUSES } from '../db/schema/index.ts';
+import { subjectDigest } from '../lib/digest.ts';
+import { ApiError, issuesToDetails } from '../lib/errors.ts';
+import type { Actor } from '../privacy/context.ts';
+import type { AuditRecord } from '../privacy/execute.ts';
+import { intake, type DsrRequest } from '../privacy/intake.ts';
+import { bearerSecurity, requireKey } from './auth.ts';
+import type { App, AppDeps } from './env.ts';
+import { cursorCondition, newestFirst, page } from './pagination.ts';
+import { commonErrors, notFoundError, Pagination } from './schemas.ts';
+
+export const MAX_PRIVACY_BATCH = 100;
+
+export const PrivacyRequestInput = z
+  .object({
+    action: z.enum(REQUEST_ACTIONS),
+    scope: z.enum(['user', 'workspace']).default('user'),
+    userId: z.string().min(1).max(256).optional().openapi({ description: 'External user id (exact match)' }),
+    email: z
+      .string()
+      .trim()
+      .max(320)
+      .pipe(z.email())
+      .optional()
+      .openapi({ description: 'Email (trimmed, case-insensitive)' }),
+    externalRequestId: z
+      .string()
+      .min(1)
+      .max(200)
+      .optional()
+      .openapi({ description: 'Your own id; resubmitting it returns the original request' }),
+  })
+  .strict()
+  .superRefine((v, ctx) => {
+    if (v.scope === 'user' && (v.userId === undefined) === (v.email === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['userId'], message: 'give exactly one of userId or email' });
+    }
+    if (v.scope === 'workspace' && (v.userId !== undefined || v.email !== undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['scope'], message: 'a workspace-scope request takes no userId or email' });
+    }
+  })
+  .openapi('PrivacyRequestInput');
+
+const RequestView = z
+  .object({
+    id: z.string().openapi({ example: 'req_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
+    action: z.enum(REQUEST_ACTIONS),
+    scope: z.enum(['user', 'workspace']),
+    subjectKind: z.enum(['user_id', 'email', 'workspace']),
+    status: z.enum(REQUEST_STATUSES),
+    outcome: z.enum(OUTCOMES).nullable(),
+    errorCode: z.string().nullable(),
+    externalRequestId: z.string().nullable(),
+    upstreamRef: z.string().nullable(),
+    source: z.string(),
+    actor: z.object({ type: z.string(), id: z.string().nullable() }),
+    auditRecordId: z.string().nullable(),
+    attempts: z.number().int(),
+    createdAt: z.string(),
+    startedAt: z.string().nullable(),
+    finishedAt: z.string().nullable(),
+  })
+  .openapi('PrivacyRequest');
+
+const AuditView = z
+  .object({
+    id: z.string().openapi({ example: 'aud_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
+    requestId: z.string(),
+    action: z.enum(REQUEST_ACTIONS),
+    scope: z.enum(['user', 'workspace']),
+    subjectKind: z.enum(['user_id', 'email', 'workspace']),
+    subjectDigest: z.string().openapi({ description: 'Keyed HMAC-SHA256 of the subject identifier' }),
+    actor: z.object({ type: z.string(), id: z.string().nullable() }),
+    upstreamRef: z.string().nullable(),
+    status: z.enum(['complete', 'failed']),
+    outcome: z.enum(OUTCOMES),
+    counts: z.record(z.string(), z.number()),
+    errorCode: z.string().nullable(),
+    startedAt: z.string(),
+    finishedAt: z.string(),
+    recordedAt: z.string(),
+  })
+  .openapi('AuditRecord');
+
+const ItemResult = z
+  .object({
+    index: z.number().int(),
+    accepted: z.boolean(),
+    requestId: z.string().optional(),
+    status: z.enum(REQUEST_STATUSES).optional(),
+    replayed: z.boolean().optional().openapi({ description: 'Same externalRequestId seen before: the original' }),
+    reason: z.enum(['invalid', 'duplicate_pending']).optional(),
+    existingRequestId: z.string().optional(),
+    details: z.array(z.object({ path: z.string(), message: z.string() })).optional(),
+  })
+  .openapi('PrivacyRequestResult');
+
+const iso = (d: Date | null) => (d ? d.toISOString() : null);
+
+export function requestView(r: DsrRequest): z.infer<typeof RequestView> {
+  return {
+    id: r.id,
+    action: r.action,
+    scope: r.scope,
+    subjectKind: r.subjectKind,
+    status: r.status,
+    outcome: r.outcome,
+    errorCode: r.errorCode,
+    externalRequestId: r.externalRequestId,
+    upstreamRef: r.upstreamRef,
+    source: r.source,
+    actor: { type: r.actorType, id: r.actorId },
+    auditRecordId: r.auditRecordId,
+    attempts: r.attempts,
+    createdAt: r.createdAt.toISOString(),
+    startedAt: iso(r.startedAt),
+    finishedAt: iso(r.finishedAt),
+  };
+}
+
+export function auditView(a: AuditRecord): z.infer<typeof AuditView> {
+  return {
+    id: a.id,
+    requestId: a.requestId,
+    action: a.action,
+    scope: a.scope,
+    subjectKind: a.subjectKind,
+    subjectDigest: a.subjectDigest,
+    actor: { type: a.actorType, id: a.actorId },
+    upstreamRef: a.upstreamRef,
+    status: a.status,
+    outcome: a.outcome,
+    counts: a.counts as Record<string, number>,
+    errorCode: a.errorCode,
+    startedAt: a.startedAt.toISOString(),
+    finishedAt: a.finishedAt.toISOString(),
+    recordedAt: a.recordedAt.toISOString(),
+  };
+}
+
+const json = <T extends z.ZodType>(schema: T, description: string) => ({
+  description,
+  content: { 'application/json': { schema } },
+});
+
+const createRequests = createRoute({
+  method: 'post',
+  path: '/v1/privacy/requests',
+  summary: `Create one erase/suppress/unsuppress request, or a batch of up to ${MAX_PRIVACY_BATCH}`,
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: {
+    body: {
+      required: true,
+      content: {
+        'application/json': {
+          schema: z.union([
+            PrivacyRequestInput,
+            z.object({
+              requests: z
+                .array(z.unknown())
+                .min(1)
+                .max(MAX_PRIVACY_BATCH)
+                .openapi({ description: 'Items shaped like PrivacyRequestInput; invalid ones are answered per item' }),
+            }),
+          ]),
+        },
+      },
+    },
+  },
+  responses: {
+    202: json(z.object({ results: z.array(ItemResult) }), 'Per-item result'),
+    ...commonErrors,
+  },
+});
+
+const getRequest = createRoute({
+  method: 'get',
+  path: '/v1/privacy/requests/{id}',
+  summary: 'One request',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: { params: z.object({ id: z.string().max(100) }) },
+  responses: { 200: json(RequestView, 'The request'), ...commonErrors, ...notFoundError },
+});
+
+const listRequests = createRoute({
+  method: 'get',
+  path: '/v1/privacy/requests',
+  summary: 'Requests, newest first; filter by status, external id, user id or email',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: {
+    query: Pagination.extend({
+      status: z.enum(REQUEST_STATUSES).optional(),
+      externalRequestId: z.string().max(200).optional(),
+      userId: z.string().max(256).optional(),
+      email: z.string().trim().max(320).pipe(z.email()).optional(),
+    }),
+  },
+  responses: {
+    200: json(z.object({ data: z.array(RequestView), nextCursor: z.string().nullable() }), 'A page'),
+    ...commonErrors,
+  },
+});
+
+const getAudit = createRoute({
+  method: 'get',
+  path: '/v1/privacy/audit/{id}',
+  summary: 'One audit record',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: { params: z.object({ id: z.string().max(100) }) },
+  responses: { 200: json(AuditView, 'The audit record'), ...commonErrors, ...notFoundError },
+});
+
+const listAudit = createRoute({
+  method: 'get',
+  path: '/v1/privacy/audit',
+  summary: 'Audit records, newest first',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: {
+    query: Pagination.extend({
+      requestId: z.string().max(100).optional(),
+      action: z.enum(REQUEST_ACTIONS).optional(),
+      status: z.enum(['complete', 'failed']).optional(),
+      outcome: z.enum(OUTCOMES).optional(),
+      userId: z.string().max(256).optional(),
+      email: z.string().trim().max(320).pipe(z.email()).optional(),
+    }),
+  },
+  responses: {
+    200: json(z.object({ data: z.array(AuditView), nextCursor: z.string().nullable() }), 'A page'),
+    ...commonErrors,
+  },
+});
+
+type Item = z.infer<typeof ItemResult>;
+
+export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
+  app.use('/v1/privacy/*', requireKey(deps, 'privacy'));
+
+  app.openapi(createRequests, async (c) => {
+    const body = c.req.valid('json');
+    const auth = c.get('auth');
+    const actor: Actor = { type: 'api_key', id: auth.keyId, source: 'api' };
+    const items: unknown[] = 'requests' in body ? body.requests : [body];
+    const results: Item[] = [];
+    for (const [index, raw] of items.entries()) {
+      const parsed = PrivacyRequestInput.safeParse(raw);
+      if (!parsed.success) {
+        results.push({ index, accepted: false, reason: 'invalid', details: issuesToDetails(parsed.error.issues) });
+        continue;
+      }
+      const v = parsed.data;
+      const out = await intake({
+        ctx: deps,
+        actor,
+        input: {
+          workspaceId: auth.workspaceId,
+          action: v.action,
+          scope: v.scope,
+          subject: v.userId ? { kind: 'user_id', value: v.userId } : v.email ? { kind: 'email', value: v.email } : null,
+          externalRequestId: v.externalRequestId,
+        },
+      });
+      results.push(
+        out.result === 'duplicate_pending'
+          ? {
+              index,
+              accepted: false,
+              reason: 'duplicate_pending',
+              existingRequestId: out.request.id,
+              status: out.request.status,
+            }
+          : {
+              index,
+              accepted: true,
+              requestId: out.request.id,
+              status: out.request.status,
+              ...(out.result === 'existing' ? { replayed: true } : {}),
+            },
+      );
+    }
+    return c.json({ results }, 202);
+  });
+
+  app.openapi(getRequest, async (c) => {
+    const [row] = await deps.db
+      .select()
+      .from(dsrRequests)
+      .where(and(eq(dsrRequests.id, c.req.valid('param').id), eq(dsrRequests.workspaceId, c.get('auth').workspaceId)));
+    if (!row) throw new ApiError('not_found', 'no such request in this workspace');
+    return c.json(requestView(row), 200);
+  });
+
+  app.openapi(listRequests, async (c) => {
+    const q = c.req.valid('query');
+    const ws = c.get('auth').workspaceId;
+    const conds: (SQL | undefined)[] = [
+      eq(dsrRequests.workspaceId, ws),
+      q.status ? eq(dsrRequests.status, q.status) : undefined,
+      q.externalRequestId ? eq(dsrRequests.externalRequestId, q.externalRequestId) : undefined,
+      q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
+      q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
+      cursorCondition(q.cursor, dsrRequests.id),
+    ];
+    const rows = await deps.db
+      .select()
+      .from(dsrRequests)
+      .where(and(...conds))
+      .orderBy(newestFirst(dsrRequests.id))
+      .limit(q.limit + 1);
+    const p = page(rows, q.limit);
+    return c.json({ data: p.data.map(requestView), nextCursor: p.nextCursor }, 200);
+  });
+
+  app.openapi(getAudit, async (c) => {
+    const [row] = await deps.db
+      .select()
+      .from(auditRecords)
+      .where(and(eq(auditRecords.id, c.req.valid('param').id), eq(auditRecords.workspaceId, c.get('auth').workspaceId)));
+    if (!row) throw new ApiError('not_found', 'no such audit record in this workspace');
+    return c.json(auditView(row), 200);
+  });
+
+  app.openapi(listAudit, async (c) => {
+    const q = c.req.valid('query');
+    const ws = c.get('auth').workspaceId;
+    const conds: (SQL | undefined)[] = [
+      eq(auditRecords.workspaceId, ws),
+      q.requestId ? eq(auditRecords.requestId, q.requestId) : undefined,
+      q.action ? eq(auditRecords.action, q.action) : undefined,
+      q.status ? eq(auditRecords.status, q.status) : undefined,
+      q.outcome ? eq(auditRecords.outcome, q.outcome) : undefined,
+      q.userId ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
+      q.email ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
+      cursorCondition(q.cursor, auditRecords.id),
+    ];
+    const rows = await deps.db
+      .select()
+      .from(auditRecords)
+      .where(and(...conds))
+      .orderBy(newestFirst(auditRecords.id))
+      .limit(q.limit + 1);
+    const p = page(rows, q.limit);
+    return c.json({ data: p.data.map(auditView), nextCursor: p.nextCursor }, 200);
+  });
+}

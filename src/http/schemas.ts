@@ -1,0 +1,30 @@
+import { z } from '@hono/zod-openapi';
+
+export const ErrorBody = z
+  .object({
+    error: z.object({
+      code: z.string().openapi({ example: 'validation_failed' }),
+      message: z.string(),
+      requestId: z.string(),
+      details: z.array(z.object({ path: z.string(), message: z.string() })).optional(),
+    }),
+  })
+  .openapi('Error');
+
+const err = (description: string) => ({ description, content: { 'application/json': { schema: ErrorBody } } });
+
+/** The error responses every authenticated JSON route can give. */
+export const commonErrors = {
+  400: err('Invalid input; `details` names the fields'),
+  401: err('Missing or invalid API key'),
+  403: err('API key of the wrong scope'),
+  413: err('Body too large'),
+  415: err('Body is not JSON'),
+} as const;
+
+export const notFoundError = { 404: err('Not found (or not in this workspace)') } as const;
+
+export const Pagination = z.object({
+  limit: z.coerce.number().int().min(1).max(100).default(50).openapi({ param: { name: 'limit', in: 'query' } }),
+  cursor: z.string().max(200).optional().openapi({ param: { name: 'cursor', in: 'query' } }),
+});

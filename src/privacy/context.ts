@@ -1,0 +1,21 @@
+import type { Db } from '../db/client.ts';
+import type { ActorType } from '../db/schema/index.ts';
+import type { Logger } from '../lib/logger.ts';
+
+/** What every privacy verb needs; built once at the entry and passed down. */
+export interface PrivacyDeps {
+  db: Db;
+  digestKey: Buffer;
+  logger: Logger;
+  /** graphile-worker attempts for execute_request before a transient failure is declared final. */
+  executeMaxAttempts: number;
+}
+
+/** Who asked: lands on the request and on its audit record. */
+export interface Actor {
+  type: ActorType;
+  /** API key id, admin id, connector id; null for the system. */
+  id: string | null;
+  /** Channel the request came through: api, admin, cli, connector, system. */
+  source: string;
+}

@@ -1,0 +1,308 @@
+import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
+import type { Tx } from '../db/client.ts';
+import { lockKeys } from '../db/locks.ts';
+import {
+  auditRecords,
+  conversations,
+  dsrRequests,
+  endUsers,
+  erasureMarkers,
+  events,
+  messages,
+  suppressions,
+  topicQuestions,
+  workspaces,
+  type AuditCounts,
+  type Outcome,
+} from '../db/schema/index.ts';
+import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
+import { DomainError } from '../lib/errors.ts';
+import { newId } from '../lib/ids.ts';
+import type { PrivacyDeps } from './context.ts';
+import type { DsrRequest } from './intake.ts';
+
+export type AuditRecord = typeof auditRecords.$inferSelect;
+
+export interface ExecuteOptions {
+  /** graphile-worker's attempt number for this run (1-based) and the job's limit. */
+  attempt: number;
+  maxAttempts: number;
+}
+
+export type ExecuteResult =
+  | { kind: 'skipped'; reason: 'missing' | 'terminal' }
+  | { kind: 'complete'; request: DsrRequest; audit: AuditRecord }
+  | { kind: 'failed'; request: DsrRequest; audit: AuditRecord; errorCode: string };
+
+/** Errors worth another attempt: serialisation/deadlock, connection loss, resource exhaustion, shutdown. */
+export function isTransient(err: unknown): boolean {
+  const code = pgCode(err);
+  if (code) return /^(40|08|53|57P0|55P03)/.test(code);
+  const sysCode = (err as { code?: unknown })?.code;
+  return typeof sysCode === 'string' && /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|CONNECTION_)/.test(sysCode);
+}
+
+function pgCode(err: unknown): string | undefined {
+  for (let e: unknown = err, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    const severity = (e as { severity?: unknown }).severity;
+    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) && severity) return code;
+  }
+  return undefined;
+}
+
+/** A stable code with no personal data in it: database messages can quote row values, so only SQLSTATEs survive. */
+export function errorCodeOf(err: unknown): string {
+  if (err instanceof DomainError) return err.code;
+  const code = pgCode(err);
+  return code ? `db_${code}` : 'internal_error';
+}
+
+interface Applied {
+  outcome: Outcome;
+  counts: AuditCounts;
+}
+
+/**
+ * Runs one request: resolve the subject, apply the action, write the audit record and complete the request, all in
+ * one transaction. A failure rolls the data back completely; a transient one is rethrown for graphile-worker to
+ * retry while attempts remain, anything else is recorded as a failed request with a failed audit record.
+ */
+export async function executeRequest(
+  ctx: PrivacyDeps,
+  requestId: string,
+  opts: ExecuteOptions,
+): Promise<ExecuteResult> {
+  const [running] = await ctx.db
+    .update(dsrRequests)
+    .set({
+      status: 'running',
+      startedAt: sql`coalesce(${dsrRequests.startedAt}, now())`,
+      attempts: sql`${dsrRequests.attempts} + 1`,
+      updatedAt: sql`now()`,
+    })
+    .where(and(eq(dsrRequests.id, requestId), inArray(dsrRequests.status, ['queued', 'running'])))
+    .returning();
+  if (!running) {
+    const [exists] = await ctx.db.select({ id: dsrRequests.id }).from(dsrRequests).where(eq(dsrRequests.id, requestId));
+    return { kind: 'skipped', reason: exists ? 'terminal' : 'missing' };
+  }
+  const log = ctx.logger.child({ requestId, action: running.action, scope: running.scope });
+  const startedAt = running.startedAt ?? new Date();
+
+  try {
+    const done = await ctx.db.transaction(async (tx) => {
+      const applied = await apply(tx, ctx, running);
+      return finish(tx, running, startedAt, { status: 'complete', ...applied, errorCode: null });
+    });
+    log.info({ outcome: done.audit.outcome, auditRecordId: done.audit.id, counts: done.audit.counts }, 'request complete');
+    return { kind: 'complete', ...done };
+  } catch (err) {
+    const errorCode = errorCodeOf(err);
+    if (isTransient(err) && opts.attempt < opts.maxAttempts) {
+      log.warn({ errorCode, attempt: opts.attempt }, 'transient failure; will retry');
+      throw err;
+    }
+    log.error({ errorCode, attempt: opts.attempt }, 'request failed');
+    const done = await ctx.db.transaction((tx) =>
+      finish(tx, running, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
+    );
+    return { kind: 'failed', ...done, errorCode };
+  }
+}
+
+async function finish(
+  tx: Tx,
+  req: DsrRequest,
+  startedAt: Date,
+  result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
+): Promise<{ request: DsrRequest; audit: AuditRecord }> {
+  const [audit] = await tx
+    .insert(auditRecords)
+    .values({
+      id: newId('aud'),
+      workspaceId: req.workspaceId,
+      requestId: req.id,
+      action: req.action,
+      scope: req.scope,
+      subjectKind: req.subjectKind,
+      subjectDigest: req.subjectDigest,
+      actorType: req.actorType,
+      actorId: req.actorId,
+      upstreamRef: req.upstreamRef,
+      status: result.status,
+      outcome: result.outcome,
+      counts: result.counts,
+      errorCode: result.errorCode,
+      startedAt,
+      finishedAt: sql`clock_timestamp()`,
+    })
+    .returning();
+  // Terminal: the raw identifier goes; the digest stays for lookups.
+  const [request] = await tx
+    .update(dsrRequests)
+    .set({
+      status: result.status,
+      outcome: result.outcome,
+      errorCode: result.errorCode,
+      auditRecordId: audit!.id,
+      subjectValue: null,
+      finishedAt: audit!.finishedAt,
+      updatedAt: sql`now()`,
+    })
+    .where(eq(dsrRequests.id, req.id))
+    .returning();
+  return { request: request!, audit: audit! };
+}
+
+async function apply(tx: Tx, ctx: PrivacyDeps, req: DsrRequest): Promise<Applied> {
+  if (req.scope === 'workspace') {
+    await lockKeys(tx, 'exclusive', [workspaceLockKey(req.workspaceId)]);
+    switch (req.action) {
+      case 'erase':
+        return eraseWorkspace(tx, req.workspaceId);
+      case 'suppress':
+      case 'unsuppress':
+        return setSuppression(tx, req.workspaceId, null, req);
+    }
+  }
+  await lockKeys(tx, 'shared', [workspaceLockKey(req.workspaceId)]);
+  const users = await resolveAndLock(tx, req);
+  if (users.length === 0) return { outcome: 'not_found', counts: {} };
+  switch (req.action) {
+    case 'erase':
+      return eraseUsers(tx, ctx, req.workspaceId, users);
+    case 'suppress':
+    case 'unsuppress':
+      return setSuppression(tx, req.workspaceId, users, req);
+  }
+}
+
+interface ResolvedUser {
+  id: number;
+  externalId: string;
+}
+
+/** Finds the subject's profiles (an email may match several) and takes their exclusive locks before acting. */
+async function resolveAndLock(tx: Tx, req: DsrRequest): Promise<ResolvedUser[]> {
+  if (req.subjectValue === null) throw new DomainError('subject_missing', 'request has no subject identifier');
+  const value = req.subjectValue;
+  const find = () =>
+    tx
+      .select({ id: endUsers.id, externalId: endUsers.externalId })
+      .from(endUsers)
+      .where(
+        and(
+          eq(endUsers.workspaceId, req.workspaceId),
+          req.subjectKind === 'email'
+            ? eq(endUsers.emailNormalized, normalizeEmail(value))
+            : eq(endUsers.externalId, value),
+        ),
+      );
+  const locked = new Set<string>();
+  // An external id is known up front; an email is resolved first, then re-resolved under the locks.
+  if (req.subjectKind === 'user_id') {
+    await lockKeys(tx, 'exclusive', [userLockKey(req.workspaceId, value)]);
+    locked.add(value);
+  }
+  for (let round = 0; round < 5; round++) {
+    const users = await find();
+    const missing = users.filter((u) => !locked.has(u.externalId));
+    if (missing.length === 0) return users;
+    await lockKeys(
+      tx,
+      'exclusive',
+      missing.map((u) => userLockKey(req.workspaceId, u.externalId)),
+    );
+    for (const u of missing) locked.add(u.externalId);
+  }
+  throw new DomainError('subject_unstable', 'subject profiles kept changing during resolution');
+}
+
+async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[]): Promise<Applied> {
+  const ids = users.map((u) => u.id);
+  const counts: AuditCounts = {
+    messages: (await tx.delete(messages).where(inArray(messages.userId, ids))).count,
+    conversations: (await tx.delete(conversations).where(inArray(conversations.userId, ids))).count,
+    events: (await tx.delete(events).where(inArray(events.userId, ids))).count,
+    topicQuestions: (await tx.delete(topicQuestions).where(inArray(topicQuestions.userId, ids))).count,
+    suppressions: (await tx.delete(suppressions).where(inArray(suppressions.userId, ids))).count,
+    profiles: (await tx.delete(endUsers).where(inArray(endUsers.id, ids))).count,
+  };
+  const externalIds = users.map((u) => u.externalId);
+  const [left] = await tx.execute<{ remaining: number }>(sql`
+    select (
+      (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId}
+         and (${inArray(endUsers.id, ids)} or ${inArray(endUsers.externalId, externalIds)}))
+      + (select count(*) from ${events} where ${inArray(events.userId, ids)})
+      + (select count(*) from ${messages} where ${inArray(messages.userId, ids)})
+      + (select count(*) from ${conversations} where ${inArray(conversations.userId, ids)})
+      + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})
+      + (select count(*) from ${suppressions} where ${inArray(suppressions.userId, ids)})
+    )::int as remaining`);
+  if (!left || left.remaining !== 0) {
+    throw new DomainError('erasure_verification_failed', 'data of the subject remained after erasure');
+  }
+  // Ingest that waited on our lock sees these markers and drops its write instead of resurrecting the profile.
+  await tx
+    .insert(erasureMarkers)
+    .values(
+      externalIds.map((ext) => ({
+        workspaceId,
+        userDigest: subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext),
+        erasedAt: sql`clock_timestamp()`,
+      })),
+    )
+    .onConflictDoUpdate({
+      target: [erasureMarkers.workspaceId, erasureMarkers.userDigest],
+      set: { erasedAt: sql`excluded.erased_at` },
+    });
+  return { outcome: 'erased', counts };
+}
+
+async function eraseWorkspace(tx: Tx, workspaceId: string): Promise<Applied> {
+  const counts: AuditCounts = {
+    messages: (await tx.delete(messages).where(eq(messages.workspaceId, workspaceId))).count,
+    conversations: (await tx.delete(conversations).where(eq(conversations.workspaceId, workspaceId))).count,
+    events: (await tx.delete(events).where(eq(events.workspaceId, workspaceId))).count,
+    topicQuestions: (await tx.delete(topicQuestions).where(eq(topicQuestions.workspaceId, workspaceId))).count,
+    suppressions: (await tx.delete(suppressions).where(eq(suppressions.workspaceId, workspaceId))).count,
+    profiles: (await tx.delete(endUsers).where(eq(endUsers.workspaceId, workspaceId))).count,
+  };
+  await tx.delete(erasureMarkers).where(eq(erasureMarkers.workspaceId, workspaceId));
+  const [left] = await tx.execute<{ remaining: number }>(sql`
+    select (
+      (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId})
+      + (select count(*) from ${events} where ${events.workspaceId} = ${workspaceId})
+      + (select count(*) from ${messages} where ${messages.workspaceId} = ${workspaceId})
+      + (select count(*) from ${conversations} where ${conversations.workspaceId} = ${workspaceId})
+      + (select count(*) from ${topicQuestions} where ${topicQuestions.workspaceId} = ${workspaceId})
+      + (select count(*) from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId})
+    )::int as remaining`);
+  if (!left || left.remaining !== 0) {
+    throw new DomainError('erasure_verification_failed', 'workspace data remained after erasure');
+  }
+  // The row stays as a tombstone so audit records keep their link.
+  await tx.update(workspaces).set({ erasedAt: sql`clock_timestamp()` }).where(eq(workspaces.id, workspaceId));
+  return { outcome: 'erased', counts };
+}
+
+async function setSuppression(
+  tx: Tx,
+  workspaceId: string,
+  users: ResolvedUser[] | null,
+  req: DsrRequest,
+): Promise<Applied> {
+  if (req.action === 'suppress') {
+    const rows = users
+      ? users.map((u) => ({ workspaceId, userId: u.id, requestId: req.id }))
+      : [{ workspaceId, userId: null, requestId: req.id }];
+    const added = await tx.insert(suppressions).values(rows).onConflictDoNothing();
+    return { outcome: 'suppressed', counts: { suppressions: added.count } };
+  }
+  const where = users
+    ? and(eq(suppressions.workspaceId, workspaceId), inArray(suppressions.userId, users.map((u) => u.id)))
+    : and(eq(suppressions.workspaceId, workspaceId), isNull(suppressions.userId));
+  const removed = await tx.delete(suppressions).where(where);
+  return { outcome: 'unsuppressed', counts: { suppressions: removed.count } };
+}

@@ -1,0 +1,242 @@
+import { and, eq, inArray, sql } from 'drizzle-orm';
+import { z } from 'zod';
+import type { Db, Tx } from '../db/client.ts';
+import { lockKeys } from '../db/locks.ts';
+import {
+  conversations,
+  endUsers,
+  erasureMarkers,
+  events,
+  messages,
+  suppressions,
+  topicQuestions,
+  workspaceCounters,
+  workspaces,
+} from '../db/schema/index.ts';
+import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
+import { ApiError } from '../lib/errors.ts';
+
+const userId = z.string().min(1).max(256);
+const timestamp = z.iso.datetime({ offset: true }).optional();
+const jsonObject = z.record(z.string(), z.unknown());
+
+export const identifySchema = z.object({
+  userId,
+  email: z.string().trim().max(320).pipe(z.email()).optional(),
+  name: z.string().max(500).optional(),
+  role: z.string().max(200).optional(),
+  plan: z.string().max(200).optional(),
+  traits: jsonObject.optional(),
+  timestamp,
+});
+export const trackSchema = z.object({
+  userId,
+  event: z.string().min(1).max(200),
+  properties: jsonObject.optional(),
+  timestamp,
+});
+export const messageSchema = z.object({
+  userId,
+  conversationId: z.string().min(1).max(256),
+  role: z.enum(['user', 'assistant']),
+  content: z.string().min(1).max(32_000),
+  timestamp,
+});
+export const topicQuestionSchema = z.object({
+  userId,
+  question: z.string().min(1).max(8_000),
+  timestamp,
+});
+
+export const ingestItemSchema = z.discriminatedUnion('type', [
+  identifySchema.extend({ type: z.literal('identify') }),
+  trackSchema.extend({ type: z.literal('track') }),
+  messageSchema.extend({ type: z.literal('message') }),
+  topicQuestionSchema.extend({ type: z.literal('topic_question') }),
+]);
+export type IngestItem = z.infer<typeof ingestItemSchema>;
+
+export const MAX_BATCH = 500;
+
+export interface IngestResult {
+  stored: boolean;
+  suppressed: boolean;
+  /** Why nothing was stored: the user or workspace is suppressed, or it was erased while this write waited. */
+  reason?: 'suppressed' | 'erased';
+}
+
+export interface IngestDeps {
+  db: Db;
+  digestKey: Buffer;
+}
+
+/**
+ * Records product data for one workspace in one transaction. Shares the advisory locks that erasure and suppression
+ * take exclusively, then re-checks suppression flags and erasure markers with a fresh snapshot: a write that waited
+ * on an erasure is dropped rather than recreating part of an erased profile.
+ */
+export async function ingest(deps: IngestDeps, workspaceId: string, items: IngestItem[]): Promise<IngestResult[]> {
+  if (items.length === 0) return [];
+  const externalIds = [...new Set(items.map((i) => i.userId))];
+  const digests = new Map(externalIds.map((e) => [subjectDigest(deps.digestKey, workspaceId, 'user_id', e), e]));
+
+  return deps.db.transaction(async (tx) => {
+    await lockKeys(tx, 'shared', [workspaceLockKey(workspaceId)]);
+    await lockKeys(
+      tx,
+      'shared',
+      externalIds.map((e) => userLockKey(workspaceId, e)),
+    );
+
+    const [ws] = await tx
+      .select({
+        erasedDuringWrite: sql<boolean>`coalesce(${workspaces.erasedAt} >= now(), false)`,
+        suppressed: sql<boolean>`exists(select 1 from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId}
+                                         and ${suppressions.userId} is null)`,
+      })
+      .from(workspaces)
+      .where(eq(workspaces.id, workspaceId));
+    if (!ws) throw new ApiError('not_found', 'workspace not found');
+    if (ws.erasedDuringWrite) return items.map(() => ({ stored: false, suppressed: false, reason: 'erased' as const }));
+    if (ws.suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
+
+    const suppressedRows = await tx
+      .select({ externalId: endUsers.externalId })
+      .from(suppressions)
+      .innerJoin(endUsers, eq(endUsers.id, suppressions.userId))
+      .where(and(eq(endUsers.workspaceId, workspaceId), inArray(endUsers.externalId, externalIds)));
+    const suppressedUsers = new Set(suppressedRows.map((r) => r.externalId));
+    // now() is this transaction's start: a marker newer than that means an erasure committed while we waited.
+    const erasedRows = await tx
+      .select({ digest: erasureMarkers.userDigest })
+      .from(erasureMarkers)
+      .where(
+        and(
+          eq(erasureMarkers.workspaceId, workspaceId),
+          inArray(erasureMarkers.userDigest, [...digests.keys()]),
+          sql`${erasureMarkers.erasedAt} >= now()`,
+        ),
+      );
+    const erasedUsers = new Set(erasedRows.map((r) => digests.get(r.digest)!));
+
+    const results: IngestResult[] = items.map((i) =>
+      erasedUsers.has(i.userId)
+        ? { stored: false, suppressed: false, reason: 'erased' }
+        : suppressedUsers.has(i.userId)
+          ? { stored: false, suppressed: true, reason: 'suppressed' }
+          : { stored: true, suppressed: false },
+    );
+    const kept = items.filter((_, idx) => results[idx]!.stored);
+    if (kept.length > 0) await store(tx, workspaceId, kept);
+    return results;
+  });
+}
+
+async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<void> {
+  const userIds = new Map<string, number>();
+  const seen = (i: IngestItem) => (i.timestamp ? new Date(i.timestamp) : new Date());
+  let profilesCreated = 0;
+
+  // Profiles first, in item order, so a later identify in a batch wins over an earlier one.
+  for (const item of items) {
+    const lastSeen = seen(item);
+    const base = { workspaceId, externalId: item.userId, lastSeenAt: lastSeen };
+    const set: Record<string, unknown> = {
+      lastSeenAt: sql`greatest(${endUsers.lastSeenAt}, excluded.last_seen_at)`,
+      updatedAt: sql`now()`,
+    };
+    let values: typeof endUsers.$inferInsert = base;
+    if (item.type === 'identify') {
+      values = {
+        ...base,
+        email: item.email ?? null,
+        emailNormalized: item.email ? normalizeEmail(item.email) : null,
+        displayName: item.name ?? null,
+        role: item.role ?? null,
+        plan: item.plan ?? null,
+        traits: item.traits ?? {},
+      };
+      if (item.email !== undefined) {
+        set.email = sql`excluded.email`;
+        set.emailNormalized = sql`excluded.email_normalized`;
+      }
+      if (item.name !== undefined) set.displayName = sql`excluded.display_name`;
+      if (item.role !== undefined) set.role = sql`excluded.role`;
+      if (item.plan !== undefined) set.plan = sql`excluded.plan`;
+      if (item.traits !== undefined) set.traits = sql`${endUsers.traits} || excluded.traits`;
+    } else if (userIds.has(item.userId)) {
+      continue;
+    }
+    const [row] = await tx
+      .insert(endUsers)
+      .values(values)
+      .onConflictDoUpdate({ target: [endUsers.workspaceId, endUsers.externalId], set })
+      .returning({ id: endUsers.id, created: sql<boolean>`(xmax = 0)` });
+    if (row!.created) profilesCreated++;
+    userIds.set(item.userId, row!.id);
+  }
+
+  const uid = (i: IngestItem) => userIds.get(i.userId)!;
+  const tracks = items.filter((i) => i.type === 'track');
+  const msgs = items.filter((i) => i.type === 'message');
+  const questions = items.filter((i) => i.type === 'topic_question');
+
+  if (tracks.length > 0) {
+    await tx.insert(events).values(
+      tracks.map((t) => ({
+        workspaceId,
+        userId: uid(t),
+        name: t.event,
+        properties: t.properties ?? {},
+        occurredAt: seen(t),
+      })),
+    );
+  }
+  if (msgs.length > 0) {
+    const convIds = new Map<string, number>();
+    for (const m of msgs) {
+      if (convIds.has(m.conversationId)) continue;
+      const [conv] = await tx
+        .insert(conversations)
+        .values({ workspaceId, userId: uid(m), externalId: m.conversationId })
+        .onConflictDoUpdate({
+          target: [conversations.workspaceId, conversations.externalId],
+          set: { externalId: sql`excluded.external_id` },
+        })
+        .returning({ id: conversations.id, userId: conversations.userId });
+      if (conv!.userId !== uid(m)) {
+        throw new ApiError('conflict', 'conversationId belongs to another user', [
+          { path: 'conversationId', message: 'conversation belongs to another user' },
+        ]);
+      }
+      convIds.set(m.conversationId, conv!.id);
+    }
+    await tx.insert(messages).values(
+      msgs.map((m) => {
+        const conversationId = convIds.get(m.conversationId)!;
+        return { workspaceId, conversationId, userId: uid(m), role: m.role, content: m.content, createdAt: seen(m) };
+      }),
+    );
+  }
+  if (questions.length > 0) {
+    await tx
+      .insert(topicQuestions)
+      .values(questions.map((q) => ({ workspaceId, userId: uid(q), question: q.question, createdAt: seen(q) })));
+  }
+
+  const increments = Object.entries({
+    events_recorded: tracks.length,
+    messages_recorded: msgs.length,
+    topic_questions_recorded: questions.length,
+    profiles_created: profilesCreated,
+  }).filter(([, n]) => n > 0);
+  if (increments.length > 0) {
+    await tx
+      .insert(workspaceCounters)
+      .values(increments.map(([name, value]) => ({ workspaceId, name, value })))
+      .onConflictDoUpdate({
+        target: [workspaceCounters.workspaceId, workspaceCounters.name],
+        set: { value: sql`${workspaceCounters.value} + excluded.value` },
+      });
+  }
+}

@@ -1,0 +1,60 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import type { Env } from './config.ts';
+import { startEmbeddedPostgres, type EmbeddedPostgres } from './db/embedded.ts';
+import { migrateDatabase } from './db/migrate.ts';
+import type { Logger } from './lib/logger.ts';
+
+export interface Runtime {
+  databaseUrl: string;
+  digestKey: Buffer;
+  embedded?: EmbeddedPostgres;
+  /** Human-readable description of the database, with no password in it. */
+  databaseLabel: string;
+}
+
+/**
+ * Settles the database (DATABASE_URL, or embedded PostgreSQL persisted under DATA_DIR), the digest key and the
+ * schema. Shared by the server and the CLI.
+ */
+export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: boolean } = {}): Promise<Runtime> {
+  const digestKey = await loadDigestKey(env, logger);
+  let embedded: EmbeddedPostgres | undefined;
+  let databaseUrl = env.DATABASE_URL;
+  if (!databaseUrl) {
+    embedded = await startEmbeddedPostgres({
+      dataDir: env.DATA_DIR,
+      port: env.EMBEDDED_PG_PORT,
+      log: (msg) => logger.info(msg),
+    });
+    databaseUrl = embedded.url;
+  }
+  const u = new URL(databaseUrl);
+  const databaseLabel = `${embedded ? 'embedded ' : ''}postgres://${u.hostname}:${u.port || 5432}${u.pathname}`;
+  try {
+    if (opts.migrate !== false) await migrateDatabase(databaseUrl, logger);
+  } catch (err) {
+    await embedded?.stop();
+    throw err;
+  }
+  return { databaseUrl, digestKey, embedded, databaseLabel };
+}
+
+/** DSR_DIGEST_KEY, or a key generated once under DATA_DIR (mode 0600) for local use. */
+async function loadDigestKey(env: Env, logger: Logger): Promise<Buffer> {
+  if (env.DSR_DIGEST_KEY) return Buffer.from(env.DSR_DIGEST_KEY, 'base64');
+  const file = path.resolve(env.DATA_DIR, 'digest.key');
+  if (!existsSync(file)) {
+    await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+    await writeFile(file, randomBytes(32).toString('base64'), { mode: 0o600, flag: 'wx' }).catch((err: unknown) => {
+      if ((err as { code?: string }).code !== 'EEXIST') throw err;
+    });
+    logger.warn({ file }, 'generated a subject digest key; set DSR_DIGEST_KEY in production and keep it stable');
+  }
+  if (env.DATABASE_URL) {
+    logger.warn('DATABASE_URL is set but DSR_DIGEST_KEY is not: using the local key file; every process must share it');
+  }
+  return Buffer.from((await readFile(file, 'utf8')).trim(), 'base64');
+}

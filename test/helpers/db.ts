@@ -1,0 +1,108 @@
+import { randomBytes } from 'node:crypto';
+import { Writable } from 'node:stream';
+import { runOnce } from 'graphile-worker';
+import postgres from 'postgres';
+import { inject } from 'vitest';
+import { createWorkspace, type CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { newApp } from '../../src/app.ts';
+import { createDatabase, type Database } from '../../src/db/client.ts';
+import { quoteIdent } from '../../src/db/embedded.ts';
+import type { AppDeps } from '../../src/http/env.ts';
+import { graphileLogger } from '../../src/jobs/logger.ts';
+import { taskList } from '../../src/jobs/tasks.ts';
+import { createLogger } from '../../src/lib/logger.ts';
+import { withDatabase } from './global-setup.ts';
+
+/** Every log line the service wrote during a test, for assertions (e.g. that no personal data leaks). */
+export class LogCapture extends Writable {
+  lines: string[] = [];
+  override _write(chunk: Buffer, _enc: string, cb: () => void) {
+    this.lines.push(...chunk.toString('utf8').split('\n').filter(Boolean));
+    cb();
+  }
+  text() {
+    return this.lines.join('\n');
+  }
+}
+
+export interface TestEnv {
+  url: string;
+  database: Database;
+  deps: AppDeps;
+  logs: LogCapture;
+  app: ReturnType<typeof newApp>;
+  /** Superuser-ish raw connection for arranging and inspecting state. */
+  sql: postgres.Sql;
+  newWorkspace(name?: string): Promise<CreatedWorkspace>;
+  /** Runs every queued job to completion with a real graphile-worker, then returns. */
+  runJobs(): Promise<void>;
+  close(): Promise<void>;
+}
+
+let counter = 0;
+
+/** A fresh database cloned from the migrated template, plus the service's dependencies wired to it. */
+export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promise<TestEnv> {
+  const { adminUrl, template, prefix } = inject('pg');
+  const name = `${prefix}_${process.pid}_${++counter}_${randomBytes(2).toString('hex')}`;
+  const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
+  await admin.unsafe(`create database ${quoteIdent(name)} template ${quoteIdent(template)}`);
+  await admin.end();
+  const url = withDatabase(adminUrl, name);
+  const database = createDatabase(url, { max: 10 });
+  const logs = new LogCapture();
+  const logger = createLogger('debug', logs);
+  const deps: AppDeps = {
+    db: database.db,
+    sql: database.sql,
+    digestKey: randomBytes(32),
+    logger,
+    bodyLimitBytes: 64 * 1024,
+    executeMaxAttempts: opts.maxAttempts ?? 3,
+  };
+  const sql = postgres(url, { max: 4, onnotice: () => {} });
+  return {
+    url,
+    database,
+    deps,
+    logs,
+    sql,
+    app: newApp(deps),
+    newWorkspace: (n = 'Test workspace') => createWorkspace(database.db, { name: n }),
+    runJobs: () =>
+      runOnce({ connectionString: url, taskList: taskList(deps), logger: graphileLogger(logger), crontab: '' }),
+    async close() {
+      await sql.end({ timeout: 5 });
+      await database.close();
+      const a = postgres(adminUrl, { max: 1, onnotice: () => {} });
+      await a.unsafe(`drop database if exists ${quoteIdent(name)} with (force)`);
+      await a.end();
+    },
+  };
+}
+
+/** JSON request against the in-process app. */
+export async function call(
+  env: TestEnv,
+  method: string,
+  path: string,
+  opts: { key?: string; body?: unknown; headers?: Record<string, string> } = {},
+) {
+  const headers: Record<string, string> = { ...opts.headers };
+  if (opts.key) headers.authorization = `Bearer ${opts.key}`;
+  let body: string | undefined;
+  if (opts.body !== undefined) {
+    body = typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body);
+    headers['content-type'] ??= 'application/json';
+  }
+  const res = await env.app.request(path, { method, headers, body });
+  const text = await res.text();
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = undefined;
+  }
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  return { status: res.status, json: json as any, text, headers: res.headers };
+}
