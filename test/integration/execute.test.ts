@@ -1,0 +1,358 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { intake } from '../../src/privacy/intake.ts';
+import { executeRequest } from '../../src/privacy/execute.ts';
+import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
+
+let env: TestEnv;
+beforeAll(async () => {
+  env = await createTestEnv({ maxAttempts: 3 });
+});
+afterAll(() => env.close());
+
+const actor = { type: 'system' as const, id: null, source: 'test' };
+
+async function request(
+  workspaceId: string,
+  action: 'erase' | 'suppress' | 'unsuppress',
+  subject: { kind: 'user_id' | 'email'; value: string } | null,
+) {
+  const out = await intake({
+    ctx: env.deps,
+    actor,
+    input: { workspaceId, action, scope: subject ? 'user' : 'workspace', subject },
+  });
+  expect(out.result).toBe('created');
+  return out.request.id;
+}
+
+describe('erase, user scope', () => {
+  it('removes every kind of the user’s data in one go and audits the counts', async () => {
+    const ws = await env.newWorkspace();
+    const other = await env.newWorkspace();
+    const victim = await seedUser(env, ws.ingestKey, { events: 5 });
+    const bystander = await seedUser(env, ws.ingestKey);
+    // The same external id in another workspace is another person.
+    await seedUser(env, other.ingestKey, { userId: victim.userId, email: victim.email });
+    const counters = await env.sql`select name, value from workspace_counters where workspace_id = ${ws.workspaceId} order by name`;
+
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: victim.userId });
+    await env.runJobs();
+
+    expect(await userFootprint(env, ws.workspaceId, victim.userId)).toEqual({
+      profiles: 0, events: 0, messages: 0, convs: 0, questions: 0, flags: 0,
+    });
+    expect(await userFootprint(env, ws.workspaceId, bystander.userId)).toMatchObject({ profiles: 1, events: 3, messages: 2 });
+    expect(await userFootprint(env, other.workspaceId, victim.userId)).toMatchObject({ profiles: 1, events: 3 });
+
+    const req = await requestRow(env, id);
+    expect(req).toMatchObject({ status: 'complete', outcome: 'erased', subject_value: null, error_code: null });
+    const [audit, ...more] = await auditRows(env, id);
+    expect(more).toHaveLength(0);
+    expect(audit).toMatchObject({
+      id: req.audit_record_id,
+      status: 'complete',
+      outcome: 'erased',
+      actor_type: 'system',
+      subject_digest: req.subject_digest,
+      counts: { profiles: 1, events: 5, conversations: 1, messages: 2, topicQuestions: 1, suppressions: 0 },
+    });
+    expect(JSON.stringify(audit)).not.toContain(victim.userId);
+    // Aggregates survive.
+    expect(await env.sql`select name, value from workspace_counters where workspace_id = ${ws.workspaceId} order by name`).toEqual(counters);
+  });
+
+  it('resolves an email trimmed and case-insensitively, across every profile that carries it', async () => {
+    const ws = await env.newWorkspace();
+    const email = `${uniq('mixed')}@Example.TEST`;
+    const a = await seedUser(env, ws.ingestKey, { email });
+    const b = await seedUser(env, ws.ingestKey, { email: email.toLowerCase() });
+    const id = await request(ws.workspaceId, 'erase', { kind: 'email', value: `  ${email.toUpperCase()} ` });
+    await env.runJobs();
+    expect((await userFootprint(env, ws.workspaceId, a.userId)).profiles).toBe(0);
+    expect((await userFootprint(env, ws.workspaceId, b.userId)).profiles).toBe(0);
+    const [audit] = await auditRows(env, id);
+    expect(audit!.counts).toMatchObject({ profiles: 2, events: 6, messages: 4 });
+    expect(JSON.stringify(audit).toLowerCase()).not.toContain(email.toLowerCase());
+  });
+
+  it('treats an unknown subject as the explicit outcome not_found, with its own audit record', async () => {
+    const ws = await env.newWorkspace();
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: 'nobody' });
+    await env.runJobs();
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'not_found' });
+    const audits = await auditRows(env, id);
+    expect(audits).toHaveLength(1);
+    expect(audits[0]).toMatchObject({ status: 'complete', outcome: 'not_found', counts: {} });
+  });
+
+  it('clears the user’s suppression flag along with the profile', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    await request(ws.workspaceId, 'suppress', { kind: 'user_id', value: u.userId });
+    await env.runJobs();
+    expect((await userFootprint(env, ws.workspaceId, u.userId)).flags).toBe(1);
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+    await env.runJobs();
+    const [audit] = await auditRows(env, id);
+    expect(audit!.counts).toMatchObject({ suppressions: 1, profiles: 1 });
+    expect(await env.sql`select * from suppressions where workspace_id = ${ws.workspaceId}`).toHaveLength(0);
+  });
+
+  it('running a finished request again does nothing (no second audit record)', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+    await env.runJobs();
+    const again = await executeRequest(env.deps, id, { attempt: 1, maxAttempts: 3 });
+    expect(again).toEqual({ kind: 'skipped', reason: 'terminal' });
+    expect(await auditRows(env, id)).toHaveLength(1);
+    expect(await executeRequest(env.deps, 'req_doesnotexist000000000000000', { attempt: 1, maxAttempts: 1 })).toEqual({
+      kind: 'skipped',
+      reason: 'missing',
+    });
+  });
+});
+
+describe('erase, workspace scope', () => {
+  it('removes every user’s data and workspace flags, keeps the tombstone, counters and earlier audit records', async () => {
+    const ws = await env.newWorkspace();
+    const other = await env.newWorkspace();
+    const users = [await seedUser(env, ws.ingestKey), await seedUser(env, ws.ingestKey), await seedUser(env, ws.ingestKey)];
+    const kept = await seedUser(env, other.ingestKey);
+    const first = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: users[0]!.userId });
+    await request(ws.workspaceId, 'suppress', null);
+    await env.runJobs();
+    const counters = await env.sql`select name, value from workspace_counters where workspace_id = ${ws.workspaceId} order by name`;
+
+    const id = await request(ws.workspaceId, 'erase', null);
+    await env.runJobs();
+
+    const [left] = await env.sql<{ n: number }[]>`
+      select ((select count(*) from end_users where workspace_id = ${ws.workspaceId})
+        + (select count(*) from events where workspace_id = ${ws.workspaceId})
+        + (select count(*) from messages where workspace_id = ${ws.workspaceId})
+        + (select count(*) from conversations where workspace_id = ${ws.workspaceId})
+        + (select count(*) from topic_questions where workspace_id = ${ws.workspaceId})
+        + (select count(*) from suppressions where workspace_id = ${ws.workspaceId}))::int as n`;
+    expect(left!.n).toBe(0);
+    const [tomb] = await env.sql`select * from workspaces where id = ${ws.workspaceId}`;
+    expect(tomb!.erased_at).toBeInstanceOf(Date);
+    expect(await userFootprint(env, other.workspaceId, kept.userId)).toMatchObject({ profiles: 1, events: 3 });
+    const [audit] = await auditRows(env, id);
+    expect(audit).toMatchObject({
+      scope: 'workspace',
+      outcome: 'erased',
+      counts: { profiles: 2, events: 6, messages: 4, conversations: 2, topicQuestions: 2, suppressions: 1 },
+    });
+    expect(await auditRows(env, first)).toHaveLength(1);
+    expect(await env.sql`select name, value from workspace_counters where workspace_id = ${ws.workspaceId} order by name`).toEqual(counters);
+  });
+});
+
+describe('suppress and unsuppress', () => {
+  it('sets and clears user and workspace flags, each audited', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const s1 = await request(ws.workspaceId, 'suppress', { kind: 'email', value: u.email });
+    const s2 = await request(ws.workspaceId, 'suppress', null);
+    await env.runJobs();
+    expect(await env.sql`select user_id is null as ws_level from suppressions where workspace_id = ${ws.workspaceId} order by ws_level`).toEqual([
+      { ws_level: false },
+      { ws_level: true },
+    ]);
+    expect((await auditRows(env, s1))[0]).toMatchObject({ outcome: 'suppressed', counts: { suppressions: 1 } });
+    expect((await auditRows(env, s2))[0]).toMatchObject({ outcome: 'suppressed', scope: 'workspace' });
+    // Data is kept.
+    expect(await userFootprint(env, ws.workspaceId, u.userId)).toMatchObject({ profiles: 1, events: 3 });
+
+    const u1 = await request(ws.workspaceId, 'unsuppress', { kind: 'user_id', value: u.userId });
+    const u2 = await request(ws.workspaceId, 'unsuppress', null);
+    await env.runJobs();
+    expect(await env.sql`select * from suppressions where workspace_id = ${ws.workspaceId}`).toHaveLength(0);
+    expect((await auditRows(env, u1))[0]).toMatchObject({ outcome: 'unsuppressed', counts: { suppressions: 1 } });
+    expect((await auditRows(env, u2))[0]).toMatchObject({ outcome: 'unsuppressed', counts: { suppressions: 1 } });
+  });
+
+  it('suppressing an unknown user is not_found', async () => {
+    const ws = await env.newWorkspace();
+    const id = await request(ws.workspaceId, 'suppress', { kind: 'user_id', value: 'ghost' });
+    await env.runJobs();
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'not_found' });
+  });
+});
+
+describe('failures', () => {
+  it('a failure mid-erasure rolls everything back and records a failed audit record', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey, { events: 4 });
+    const before = await userFootprint(env, ws.workspaceId, u.userId);
+    // Topic questions are deleted after messages, conversations and events: those deletes must be undone.
+    await env.sql.unsafe(`
+      create function fail_topic_delete() returns trigger language plpgsql as $$
+      begin raise exception 'injected failure for %', old.question; end $$;
+      create trigger fail_topic_delete before delete on topic_questions
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function fail_topic_delete();`);
+    try {
+      const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+      await env.runJobs();
+      expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
+      const req = await requestRow(env, id);
+      expect(req).toMatchObject({ status: 'failed', outcome: 'failed', error_code: 'db_P0001', subject_value: null });
+      const audits = await auditRows(env, id);
+      expect(audits).toHaveLength(1);
+      expect(audits[0]).toMatchObject({ status: 'failed', outcome: 'failed', error_code: 'db_P0001', counts: {} });
+      // The database message quoted row data; none of it may reach logs or the audit trail.
+      expect(env.logs.text()).not.toContain('how do I export');
+      expect(env.logs.text()).not.toContain('injected failure');
+      // Not a transient error: failed at once, not retried.
+      expect(req.attempts).toBe(1);
+    } finally {
+      await env.sql.unsafe('drop trigger fail_topic_delete on topic_questions; drop function fail_topic_delete();');
+    }
+  });
+
+  it('a transient database error is retried by graphile-worker, then completes once', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    await env.sql.unsafe(`
+      create sequence flaky_seq;
+      create function flaky_delete() returns trigger language plpgsql as $$
+      begin
+        if nextval('flaky_seq') = 1 then raise exception 'flaky' using errcode = 'serialization_failure'; end if;
+        return old;
+      end $$;
+      create trigger flaky_delete before delete on topic_questions
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function flaky_delete();`);
+    try {
+      const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+      await env.runJobs();
+      expect(await requestRow(env, id)).toMatchObject({ status: 'running', attempts: 1 });
+      const [job] = await env.sql`select attempts, last_error is not null as has_error from graphile_worker.jobs where key = ${id}`;
+      expect(job).toMatchObject({ attempts: 1, has_error: true });
+      expect(await userFootprint(env, ws.workspaceId, u.userId)).toMatchObject({ profiles: 1, events: 3 });
+      // Skip graphile-worker's backoff delay instead of sleeping.
+      await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${id}`;
+      await env.runJobs();
+      expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'erased', attempts: 2 });
+      expect(await auditRows(env, id)).toHaveLength(1);
+      expect(await env.sql`select 1 from graphile_worker.jobs where key = ${id}`).toHaveLength(0);
+    } finally {
+      await env.sql.unsafe('drop trigger flaky_delete on topic_questions; drop function flaky_delete(); drop sequence flaky_seq;');
+    }
+  });
+
+  it('a transient error on the last attempt is declared failed with its code', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    await env.sql.unsafe(`
+      create function always_deadlock() returns trigger language plpgsql as $$
+      begin raise exception 'stuck' using errcode = 'deadlock_detected'; end $$;
+      create trigger always_deadlock before delete on events
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function always_deadlock();`);
+    try {
+      const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+      for (let i = 0; i < 3; i++) {
+        await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${id}`;
+        await env.runJobs();
+      }
+      expect(await requestRow(env, id)).toMatchObject({ status: 'failed', error_code: 'db_40P01', attempts: 3 });
+      const audits = await auditRows(env, id);
+      expect(audits).toHaveLength(1);
+      expect(audits[0]).toMatchObject({ status: 'failed', error_code: 'db_40P01' });
+      expect(await userFootprint(env, ws.workspaceId, u.userId)).toMatchObject({ profiles: 1, events: 3 });
+    } finally {
+      await env.sql.unsafe('drop trigger always_deadlock on events; drop function always_deadlock();');
+    }
+  });
+});
+
+describe('audit records', () => {
+  it('are immutable in the database: UPDATE, DELETE and TRUNCATE are rejected', async () => {
+    const ws = await env.newWorkspace();
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: 'whoever' });
+    await env.runJobs();
+    const { audit_record_id: auditId } = await requestRow(env, id);
+    await expect(env.sql`update audit_records set outcome = 'erased' where id = ${auditId}`).rejects.toMatchObject({
+      code: '42501',
+    });
+    await expect(env.sql`delete from audit_records where id = ${auditId}`).rejects.toMatchObject({ code: '42501' });
+    await expect(env.sql`truncate audit_records`).rejects.toMatchObject({ code: '42501' });
+    expect(await env.sql`select outcome from audit_records where id = ${auditId}`).toEqual([{ outcome: 'not_found' }]);
+  });
+});
+
+describe('ingest racing an erasure', () => {
+  it('an event sent during the erasure neither survives it nor recreates the profile', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey, { events: 50 });
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+
+    // Hold the erasure part-way: events are deleted, then it blocks on topic_questions until we let go.
+    const blocker = await env.sql.reserve();
+    await blocker`begin`;
+    await blocker`lock table topic_questions in access exclusive mode`;
+    const jobs = env.runJobs();
+    await waitFor(async () => {
+      const rows = await env.sql`select 1 from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'relation'
+        and query ilike '%topic_questions%'`;
+      return rows.length > 0;
+    });
+
+    // The racing ingest must wait for the erasure (advisory lock), not slip in before it.
+    const racing = call(env, 'POST', '/v1/track', { key: ws.ingestKey, body: { userId: u.userId, event: 'racing' } });
+    await waitFor(async () => {
+      const rows = await env.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
+        and database = (select oid from pg_database where datname = current_database())`;
+      return rows.length > 0;
+    });
+
+    await blocker`commit`;
+    blocker.release();
+    await jobs;
+    const res = await racing;
+
+    expect(res.status).toBe(200);
+    expect(res.json).toMatchObject({ accepted: true, stored: false, reason: 'erased' });
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual({
+      profiles: 0, events: 0, messages: 0, convs: 0, questions: 0, flags: 0,
+    });
+
+    // Once the erasure is over, the product may record the user afresh.
+    const later = await call(env, 'POST', '/v1/track', { key: ws.ingestKey, body: { userId: u.userId, event: 'after' } });
+    expect(later.json).toMatchObject({ stored: true });
+    expect(await userFootprint(env, ws.workspaceId, u.userId)).toMatchObject({ profiles: 1, events: 1 });
+  });
+
+  it('an identify waiting on a workspace erasure is dropped too', async () => {
+    const ws = await env.newWorkspace();
+    await seedUser(env, ws.ingestKey);
+    await request(ws.workspaceId, 'erase', null);
+    const blocker = await env.sql.reserve();
+    await blocker`begin`;
+    await blocker`lock table topic_questions in access exclusive mode`;
+    const jobs = env.runJobs();
+    await waitFor(async () =>
+      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query ilike '%topic_questions%'`).length > 0,
+    );
+    const racing = call(env, 'POST', '/v1/identify', { key: ws.ingestKey, body: { userId: uniq('new'), name: 'Late' } });
+    await waitFor(async () => (await env.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
+        and database = (select oid from pg_database where datname = current_database())`).length > 0);
+    await blocker`commit`;
+    blocker.release();
+    await jobs;
+    expect((await racing).json).toMatchObject({ stored: false, reason: 'erased' });
+    expect(await env.sql`select 1 from end_users where workspace_id = ${ws.workspaceId}`).toHaveLength(0);
+  });
+});
+
+async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (Date.now() < until) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error('condition not reached in time');
+}
