@@ -15,6 +15,10 @@ export default tseslint.config(
       'no-console': 'error',
     },
   },
-  { files: ['src/cli.ts', 'bench/**', 'src/main.ts', 'bin/**', 'test/helpers/**'], rules: { 'no-console': 'off' } },
-  { files: ['bin/**', 'eslint.config.js'], ...tseslint.configs.disableTypeChecked },
+  { files: ['src/cli.ts', 'bench/**', 'src/main.ts', 'bin/**', '.ci/**', 'test/helpers/**'], rules: { 'no-console': 'off' } },
+  {
+    files: ['bin/**', '.ci/**', '**/*.mjs', 'eslint.config.js'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: { parserOptions: { projectService: false }, globals: { process: 'readonly', console: 'readonly' } },
+  },
 );

@@ -1,0 +1,63 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+
+export interface Service {
+  proc: ChildProcess;
+  output: () => string;
+  /** Resolves with the base URL printed at start-up. */
+  ready: Promise<string>;
+  exited: Promise<number | null>;
+}
+
+/** `npm start` as a newcomer runs it (tsx src/main.ts), with its own environment. */
+export function startService(env: NodeJS.ProcessEnv, args: string[] = []): Service {
+  const proc = spawn(process.execPath, ['--import', 'tsx', 'src/main.ts', ...args], {
+    cwd: ROOT,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  const ready = new Promise<string>((resolve, reject) => {
+    const onData = (chunk: Buffer) => {
+      out += chunk.toString();
+      const m = /API\s+(http:\/\/\S+)\/v1/.exec(out);
+      if (m) resolve(m[1]!);
+      if (/\(worker\) on /.test(out)) resolve('');
+    };
+    proc.stdout!.on('data', onData);
+    proc.stderr!.on('data', onData);
+    void exited.then((code) => reject(new Error(`service exited early (${code}):\n${out}`)));
+  });
+  ready.catch(() => {});
+  return { proc, output: () => out, ready, exited };
+}
+
+export function runCli(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const proc = spawn(process.execPath, ['bin/dsr-connector.mjs', ...args], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    proc.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+    proc.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+    proc.once('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** Environment for a child: ours minus anything that would point it at another database. */
+export function childEnv(extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const { DATABASE_URL: _omit, ...rest } = process.env;
+  return { ...rest, LOG_LEVEL: 'warn', ...extra };
+}
+
+export async function poll<T>(fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > until) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
