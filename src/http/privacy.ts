@@ -91,7 +91,10 @@ const ItemResult = z
     requestId: z.string().optional(),
     status: z.enum(REQUEST_STATUSES).optional(),
     replayed: z.boolean().optional().openapi({ description: 'Same externalRequestId seen before: the original' }),
-    reason: z.enum(['invalid', 'duplicate_pending']).optional(),
+    reason: z
+      .enum(['invalid', 'duplicate_pending', 'conflict'])
+      .optional()
+      .openapi({ description: 'conflict: the externalRequestId was already used for a different request' }),
     existingRequestId: z.string().optional(),
     details: z.array(z.object({ path: z.string(), message: z.string() })).optional(),
   })
@@ -268,11 +271,11 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
         },
       });
       results.push(
-        out.result === 'duplicate_pending'
+        out.result === 'duplicate_pending' || out.result === 'conflict'
           ? {
               index,
               accepted: false,
-              reason: 'duplicate_pending',
+              reason: out.result,
               existingRequestId: out.request.id,
               status: out.request.status,
             }

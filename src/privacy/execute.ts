@@ -58,6 +58,13 @@ export function errorCodeOf(err: unknown): string {
   return code ? `db_${code}` : 'internal_error';
 }
 
+export class TransientFailure extends Error {
+  constructor(readonly code: string) {
+    super(`transient failure (${code}); will retry`);
+    this.name = 'TransientFailure';
+  }
+}
+
 interface Applied {
   outcome: Outcome;
   counts: AuditCounts;
@@ -101,7 +108,8 @@ export async function executeRequest(
     const errorCode = errorCodeOf(err);
     if (isTransient(err) && opts.attempt < opts.maxAttempts) {
       log.warn({ errorCode, attempt: opts.attempt }, 'transient failure; will retry');
-      throw err;
+      // graphile-worker logs and stores the thrown message: give it our code, not the database's wording.
+      throw new TransientFailure(errorCode);
     }
     log.error({ errorCode, attempt: opts.attempt }, 'request failed');
     const done = await ctx.db.transaction((tx) =>

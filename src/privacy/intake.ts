@@ -40,7 +40,9 @@ export type IntakeResult =
   /** Same dedupe key seen before: the original request, unchanged (idempotent replay). */
   | { result: 'existing'; request: DsrRequest }
   /** Another request for the same action, scope and subject is still queued or running. */
-  | { result: 'duplicate_pending'; request: DsrRequest };
+  | { result: 'duplicate_pending'; request: DsrRequest }
+  /** The dedupe key (e.g. externalRequestId) was already used for a different action, scope or subject. */
+  | { result: 'conflict'; request: DsrRequest };
 
 /**
  * The only writer of dsr_requests: inserts the request and enqueues its execute_request job (job key = request id)
@@ -88,7 +90,11 @@ export async function intake({ ctx, actor, input }: { ctx: PrivacyDeps; actor: A
         .select()
         .from(dsrRequests)
         .where(and(eq(dsrRequests.workspaceId, v.workspaceId), eq(dsrRequests.dedupeKey, dedupeKey)));
-      if (sameKey) return { result: 'existing', request: sameKey };
+      if (sameKey) {
+        const same =
+          sameKey.action === v.action && sameKey.scope === v.scope && sameKey.subjectDigest === digest;
+        return { result: same ? 'existing' : 'conflict', request: sameKey };
+      }
       const [pending] = await tx
         .select()
         .from(dsrRequests)

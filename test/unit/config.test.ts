@@ -1,0 +1,37 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, parseEnv } from '../../src/config.ts';
+import { issuesToDetails } from '../../src/lib/errors.ts';
+
+describe('parseEnv', () => {
+  it('applies defaults', () => {
+    expect(parseEnv({})).toMatchObject({ PORT: 3000, HOST: '127.0.0.1', DATA_DIR: '.data', EXECUTE_MAX_ATTEMPTS: 5 });
+  });
+
+  it('fails loudly, naming every bad variable', () => {
+    expect(() => parseEnv({ PORT: 'eighty', DSR_DIGEST_KEY: 'c2hvcnQ=' })).toThrow(ConfigError);
+    try {
+      parseEnv({ PORT: 'eighty', DSR_DIGEST_KEY: 'c2hvcnQ=', DATABASE_URL: 'not a url' });
+    } catch (err) {
+      const msg = (err as Error).message;
+      expect(msg).toContain('PORT');
+      expect(msg).toContain('DSR_DIGEST_KEY: must be base64 of at least 32 bytes');
+      expect(msg).toContain('DATABASE_URL');
+      // The value itself (which could be a secret) is not echoed.
+      expect(msg).not.toContain('c2hvcnQ=');
+    }
+  });
+});
+
+describe('issuesToDetails', () => {
+  it('formats nested paths the way clients write them', () => {
+    expect(
+      issuesToDetails([
+        { path: ['batch', 3, 'userId'], message: 'Required' },
+        { path: [], message: 'bad body' },
+      ]),
+    ).toEqual([
+      { path: 'batch[3].userId', message: 'Required' },
+      { path: '(body)', message: 'bad body' },
+    ]);
+  });
+});
