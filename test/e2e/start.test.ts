@@ -1,23 +1,13 @@
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import postgres from 'postgres';
 import { afterAll, describe, expect, it } from 'vitest';
 import { inject } from 'vitest';
 import { quoteIdent } from '../../src/db/embedded.ts';
-import { withDatabase } from '../helpers/global-setup.ts';
+import { freePort, withDatabase } from '../helpers/global-setup.ts';
 import { childEnv, poll, runCli, startService, type Service } from '../helpers/process.ts';
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const srv = net.createServer().listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 async function json(url: string, init: RequestInit = {}) {
   const res = await fetch(url, init);
