@@ -43,6 +43,16 @@ export const PrivacyRequestInput = z
   })
   .openapi('PrivacyRequestInput');
 
+const PrivacyBatchInput = z
+  .object({
+    requests: z
+      .array(z.unknown())
+      .min(1)
+      .max(MAX_PRIVACY_BATCH)
+      .openapi({ description: 'Items shaped like PrivacyRequestInput; invalid ones are answered per item' }),
+  })
+  .strict();
+
 const RequestView = z
   .object({
     id: z.string().openapi({ example: 'req_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
@@ -159,16 +169,7 @@ const createRequests = createRoute({
       required: true,
       content: {
         'application/json': {
-          schema: z.union([
-            PrivacyRequestInput,
-            z.object({
-              requests: z
-                .array(z.unknown())
-                .min(1)
-                .max(MAX_PRIVACY_BATCH)
-                .openapi({ description: 'Items shaped like PrivacyRequestInput; invalid ones are answered per item' }),
-            }),
-          ]),
+          schema: z.union([PrivacyRequestInput, PrivacyBatchInput]),
         },
       },
     },
@@ -246,7 +247,9 @@ type Item = z.infer<typeof ItemResult>;
 export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
   app.use('/v1/privacy/*', requireKey(deps, 'privacy'));
 
-  app.openapi(createRequests, async (c) => {
+  app.openapi(
+    createRequests,
+    async (c) => {
     const body = c.req.valid('json');
     const auth = c.get('auth');
     const actor: Actor = { type: 'api_key', id: auth.keyId, source: 'api' };
@@ -289,7 +292,18 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       );
     }
     return c.json({ results }, 202);
-  });
+    },
+    // A union names no field when both branches fail: report the errors of the shape the client meant.
+    (result) => {
+      if (result.success) return undefined;
+      // The validator passes the raw input along with the error (not reflected in the hook's type).
+      const raw = (result as { data?: unknown }).data;
+      const meant = raw && typeof raw === 'object' && 'requests' in raw ? PrivacyBatchInput : PrivacyRequestInput;
+      const parsed = meant.safeParse(raw);
+      const issues = parsed.success ? result.error.issues : parsed.error.issues;
+      throw new ApiError('validation_failed', 'request failed validation', issuesToDetails(issues));
+    },
+  );
 
   app.openapi(getRequest, async (c) => {
     const [row] = await deps.db

@@ -194,8 +194,13 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
   }
   if (msgs.length > 0) {
     const convIds = new Map<string, number>();
+    const convOwners = new Map<string, number>();
     for (const m of msgs) {
-      if (convIds.has(m.conversationId)) continue;
+      const owner = convOwners.get(m.conversationId);
+      if (owner !== undefined) {
+        if (owner !== uid(m)) throw conversationConflict();
+        continue;
+      }
       const [conv] = await tx
         .insert(conversations)
         .values({ workspaceId, userId: uid(m), externalId: m.conversationId })
@@ -204,12 +209,9 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
           set: { externalId: sql`excluded.external_id` },
         })
         .returning({ id: conversations.id, userId: conversations.userId });
-      if (conv!.userId !== uid(m)) {
-        throw new ApiError('conflict', 'conversationId belongs to another user', [
-          { path: 'conversationId', message: 'conversation belongs to another user' },
-        ]);
-      }
+      if (conv!.userId !== uid(m)) throw conversationConflict();
       convIds.set(m.conversationId, conv!.id);
+      convOwners.set(m.conversationId, conv!.userId);
     }
     await tx.insert(messages).values(
       msgs.map((m) => {
@@ -239,4 +241,11 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
         set: { value: sql`${workspaceCounters.value} + excluded.value` },
       });
   }
+}
+
+/** A conversation belongs to one end user; messages of another user cannot join it (erasure relies on this). */
+function conversationConflict(): ApiError {
+  return new ApiError('conflict', 'conversationId belongs to another user', [
+    { path: 'conversationId', message: 'conversation belongs to another user' },
+  ]);
 }
