@@ -5,7 +5,7 @@ import { HTTPException } from 'hono/http-exception';
 import { requestId } from 'hono/request-id';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { ZodError } from 'zod';
-import { isTransient } from './privacy/execute.ts';
+import { isTransient, pgCode } from './db/errors.ts';
 import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
 import type { App, AppDeps, AppEnv } from './http/env.ts';
 import { registerHealthRoutes } from './http/health.ts';
@@ -87,6 +87,14 @@ export function newApp(deps: AppDeps): App {
     if (err instanceof HTTPException) return errorBody(c, codeForHttpException(err), err.message);
     if (err instanceof ZodError) {
       return errorBody(c, 'validation_failed', 'request failed validation', issuesToDetails(err.issues));
+    }
+    // Class 22 (data exception): a value the client sent that PostgreSQL cannot store, e.g. a NUL character.
+    if (pgCode(err)?.startsWith('22')) {
+      return errorBody(
+        c,
+        'validation_failed',
+        'a value in the request cannot be stored (for example a NUL character or an out-of-range number)',
+      );
     }
     if (isTransient(err)) {
       deps.logger.warn({ requestId: c.get('requestId'), errorCode: (err as { code?: string }).code }, 'database unavailable');

@@ -16,6 +16,7 @@ import {
   type Outcome,
 } from '../db/schema/index.ts';
 import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
+import { errorCodeOf, isTransient } from '../db/errors.ts';
 import { DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { PrivacyDeps } from './context.ts';
@@ -33,30 +34,6 @@ export type ExecuteResult =
   | { kind: 'skipped'; reason: 'missing' | 'terminal' }
   | { kind: 'complete'; request: DsrRequest; audit: AuditRecord }
   | { kind: 'failed'; request: DsrRequest; audit: AuditRecord; errorCode: string };
-
-/** Errors worth another attempt: serialisation/deadlock, connection loss, resource exhaustion, shutdown. */
-export function isTransient(err: unknown): boolean {
-  const code = pgCode(err);
-  if (code) return /^(40|08|53|57P0|55P03)/.test(code);
-  const sysCode = (err as { code?: unknown })?.code;
-  return typeof sysCode === 'string' && /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|CONNECTION_)/.test(sysCode);
-}
-
-function pgCode(err: unknown): string | undefined {
-  for (let e: unknown = err, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
-    const code = (e as { code?: unknown }).code;
-    const severity = (e as { severity?: unknown }).severity;
-    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code) && severity) return code;
-  }
-  return undefined;
-}
-
-/** A stable code with no personal data in it: database messages can quote row values, so only SQLSTATEs survive. */
-export function errorCodeOf(err: unknown): string {
-  if (err instanceof DomainError) return err.code;
-  const code = pgCode(err);
-  return code ? `db_${code}` : 'internal_error';
-}
 
 export class TransientFailure extends Error {
   constructor(readonly code: string) {

@@ -683,3 +683,19 @@ describe('suppression', () => {
     expect(await rowCounts(ws.workspaceId)).toMatchObject({ users: before.users + 1, events: before.events + 1 });
   });
 });
+
+describe('values PostgreSQL cannot store', () => {
+  it('a NUL character in a string or in traits is a 400, not a 500, and nothing is stored', async () => {
+    const ws = await env.newWorkspace();
+    const a = await call(env, 'POST', '/v1/identify', { key: ws.ingestKey, body: { userId: 'nul-1', name: 'a\u0000b' } });
+    expect(a.status).toBe(400);
+    expect(a.json.error.code).toBe('validation_failed');
+    const b = await call(env, 'POST', '/v1/identify', {
+      key: ws.ingestKey,
+      body: { userId: 'nul-2', traits: { note: 'x\u0000y' } },
+    });
+    expect(b.status).toBe(400);
+    const [n] = await env.sql`select count(*)::int as n from end_users where workspace_id = ${ws.workspaceId}`;
+    expect(n!.n).toBe(0);
+  });
+});
