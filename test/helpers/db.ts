@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { runOnce } from 'graphile-worker';
 import postgres from 'postgres';
-import { inject } from 'vitest';
+import { expect, inject } from 'vitest';
 import { createWorkspace, type CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { newApp } from '../../src/app.ts';
 import { createDatabase, type Database } from '../../src/db/client.ts';
@@ -105,4 +105,22 @@ export async function call(
   }
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   return { status: res.status, json: json as any, text, headers: res.headers };
+}
+
+export type Res = Awaited<ReturnType<typeof call>>;
+
+/** Every error answers `{ error: { code, message, requestId, details? } }` with the id echoed in X-Request-Id. */
+export function expectError(res: Res, status: number, code: string) {
+  expect(res.status, res.text).toBe(status);
+  expect(res.headers.get('content-type')).toMatch(/^application\/json/);
+  expect(Object.keys(res.json)).toEqual(['error']);
+  const err = res.json.error;
+  expect(err.code).toBe(code);
+  expect(typeof err.message).toBe('string');
+  expect(err.message.length).toBeGreaterThan(0);
+  expect(typeof err.requestId).toBe('string');
+  expect(err.requestId.length).toBeGreaterThan(0);
+  expect(res.headers.get('x-request-id')).toBe(err.requestId);
+  for (const k of Object.keys(err)) expect(['code', 'message', 'requestId', 'details']).toContain(k);
+  return err as { code: string; message: string; requestId: string; details?: { path: string; message: string }[] };
 }

@@ -1,6 +1,6 @@
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 
 let env: TestEnv;
 beforeAll(async () => {
@@ -8,22 +8,6 @@ beforeAll(async () => {
 });
 afterAll(() => env.close());
 
-type Res = Awaited<ReturnType<typeof call>>;
-
-function expectError(res: Res, status: number, code: string) {
-  expect(res.status, res.text).toBe(status);
-  expect(res.headers.get('content-type')).toMatch(/^application\/json/);
-  expect(Object.keys(res.json)).toEqual(['error']);
-  const err = res.json.error;
-  expect(err.code).toBe(code);
-  expect(typeof err.message).toBe('string');
-  expect(err.message.length).toBeGreaterThan(0);
-  expect(typeof err.requestId).toBe('string');
-  expect(err.requestId.length).toBeGreaterThan(0);
-  expect(res.headers.get('x-request-id')).toBe(err.requestId);
-  for (const k of Object.keys(err)) expect(['code', 'message', 'requestId', 'details']).toContain(k);
-  return err as { code: string; message: string; requestId: string; details?: { path: string; message: string }[] };
-}
 
 const REQ_ID = /^req_[0-9a-z]{25}$/;
 const AUD_ID = /^aud_[0-9a-z]{25}$/;
