@@ -215,11 +215,14 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
     profiles: (await tx.delete(endUsers).where(inArray(endUsers.id, ids))).count,
   };
   const externalIds = users.map((u) => u.externalId);
+  // Proof that nothing of the subject remains. Events, the one big table, are proven by the profile delete above:
+  // events_user_fk is a plain (non-deferrable) foreign key, so that DELETE fails with 23503 if a single event
+  // still points at the profile. Counting them again would walk the 100k just-deleted index entries a second time
+  // (about a fifth of the whole erasure; see bench/erase.ts). The other tables are small and re-queried directly.
   const [left] = await tx.execute<{ remaining: number }>(sql`
     select (
       (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId}
          and (${inArray(endUsers.id, ids)} or ${inArray(endUsers.externalId, externalIds)}))
-      + (select count(*) from ${events} where ${inArray(events.userId, ids)})
       + (select count(*) from ${messages} where ${inArray(messages.userId, ids)})
       + (select count(*) from ${conversations} where ${inArray(conversations.userId, ids)})
       + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})

@@ -360,3 +360,44 @@ async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promi
   }
   throw new Error('condition not reached in time');
 }
+
+describe('proof that nothing remains', () => {
+  // A BEFORE DELETE trigger returning NULL makes PostgreSQL skip the row silently: the erasure's DELETE "succeeds"
+  // with a row left behind. The request must fail and roll back rather than report a partial erasure.
+  for (const table of ['events', 'messages', 'topic_questions'] as const) {
+    it(`a ${table} row silently left behind fails the request and undoes the erasure`, async () => {
+      const ws = await env.newWorkspace();
+      const u = await seedUser(env, ws.ingestKey);
+      const before = await userFootprint(env, ws.workspaceId, u.userId);
+      await env.sql.unsafe(`
+        create function keep_one_row() returns trigger language plpgsql as $$ begin return null; end $$;
+        create trigger keep_one_row before delete on ${table}
+          for each row when (old.workspace_id = '${ws.workspaceId}') execute function keep_one_row();`);
+      try {
+        const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+        await env.runJobs();
+        const req = await requestRow(env, id);
+        expect(req.status).toBe('failed');
+        // events: the foreign key stops the profile delete; the others: the re-query catches it.
+        expect(['db_23503', 'erasure_verification_failed']).toContain(req.error_code);
+        expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
+        expect((await auditRows(env, id))[0]).toMatchObject({ status: 'failed', error_code: req.error_code });
+      } finally {
+        await env.sql.unsafe(`drop trigger keep_one_row on ${table}; drop function keep_one_row();`);
+      }
+    });
+  }
+
+  it('every table holding user data references end_users through a non-deferrable foreign key', async () => {
+    const rows = await env.sql<{ table: string; deferrable: boolean }[]>`
+      select conrelid::regclass::text as table, condeferrable as deferrable
+      from pg_constraint where contype = 'f' and confrelid = 'end_users'::regclass order by 1`;
+    expect(rows).toEqual([
+      { table: 'conversations', deferrable: false },
+      { table: 'events', deferrable: false },
+      { table: 'messages', deferrable: false },
+      { table: 'suppressions', deferrable: false },
+      { table: 'topic_questions', deferrable: false },
+    ]);
+  });
+});
