@@ -2,7 +2,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/**', '.data/**', 'drizzle/**', 'coverage/**', 'scratch/**'] },
+  { ignores: ['node_modules/**', '.data/**', 'drizzle/**', 'coverage/**', 'scratch/**', '.wrangler/**'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -2,6 +2,7 @@ import { parseArgs } from 'node:util';
 import { serve, type ServerType } from '@hono/node-server';
 import type { Runner } from 'graphile-worker';
 import { newApp } from './app.ts';
+import { readDocsAsset } from './http/docs-assets.ts';
 import { ConfigError, parseEnv, type Role } from './config.ts';
 import { createDatabase } from './db/client.ts';
 import { startWorker } from './jobs/worker.ts';
@@ -26,6 +27,7 @@ async function main(): Promise<void> {
     logger,
     bodyLimitBytes: env.BODY_LIMIT_BYTES,
     executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
+    docsAsset: readDocsAsset,
   };
 
   let runner: Runner | undefined;

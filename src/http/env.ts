@@ -11,6 +11,8 @@ export interface AppDeps {
   logger: Logger;
   bodyLimitBytes: number;
   executeMaxAttempts: number;
+  /** Reads a swagger-ui-dist file for the docs page; the runtime decides how (file system, Workers assets). */
+  docsAsset?: (file: string) => Promise<Uint8Array<ArrayBuffer> | null>;
 }
 
 export interface AppEnv {

@@ -1,7 +1,4 @@
-import { readFile } from 'node:fs/promises';
-import path from 'node:path';
 import { createRoute, z } from '@hono/zod-openapi';
-import { createRequire } from 'node:module';
 import type { App, AppDeps } from './env.ts';
 
 const Health = z.object({ status: z.enum(['ok', 'degraded']), database: z.enum(['ok', 'unreachable']) });
@@ -33,12 +30,11 @@ async function databaseReachable(deps: AppDeps): Promise<boolean> {
   }
 }
 
-// The docs page uses swagger-ui from the installed package, so it works without reaching a CDN.
+// The docs page uses swagger-ui from the installed package (deps.docsAsset), so it works without reaching a CDN.
 const SWAGGER_ASSETS: Record<string, string> = {
   'swagger-ui.css': 'text/css; charset=utf-8',
   'swagger-ui-bundle.js': 'text/javascript; charset=utf-8',
 };
-const swaggerDir = () => path.dirname(createRequire(import.meta.url).resolve('swagger-ui-dist/package.json'));
 
 const DOCS_HTML = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dsr-connector API</title>
@@ -75,7 +71,8 @@ export function registerHealthRoutes(app: App, deps: AppDeps): void {
     const file = c.req.param('file');
     const type = SWAGGER_ASSETS[file];
     if (!type) return c.notFound();
-    const body = await readFile(path.join(swaggerDir(), file));
+    const body = await deps.docsAsset?.(file);
+    if (!body) return c.notFound();
     return c.body(body, 200, { 'content-type': type, 'cache-control': 'public, max-age=86400' });
   });
 }

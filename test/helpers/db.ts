@@ -7,6 +7,7 @@ import { createWorkspace, type CreatedWorkspace } from '../../src/accounts/works
 import { newApp } from '../../src/app.ts';
 import { createDatabase, type Database } from '../../src/db/client.ts';
 import { quoteIdent } from '../../src/db/embedded.ts';
+import { readDocsAsset } from '../../src/http/docs-assets.ts';
 import type { AppDeps } from '../../src/http/env.ts';
 import { graphileLogger } from '../../src/jobs/logger.ts';
 import { taskList } from '../../src/jobs/tasks.ts';
@@ -59,6 +60,7 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
     logger,
     bodyLimitBytes: 64 * 1024,
     executeMaxAttempts: opts.maxAttempts ?? 3,
+    docsAsset: readDocsAsset,
   };
   const sql = postgres(url, { max: 4, onnotice: () => {} });
   return {
