@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import postgres from 'postgres';
@@ -65,7 +65,30 @@ describe('npm start with no database configured', () => {
     expect(keys.workspaceId).toMatch(/^ws_/);
     const requestId = await eraseThroughApi(base, keys, 'user-start-1');
 
+    // Ctrl-C while an erasure is running: the worker drains it before the process and PostgreSQL stop.
+    const password = (await readFile(path.join(dataDir, 'pg-password'), 'utf8')).trim();
+    const db = postgres(`postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${env.EMBEDDED_PG_PORT}/dsr`, {
+      max: 2,
+      onnotice: () => {},
+    });
+    const auth = (key: string) => ({ authorization: `Bearer ${key}`, 'content-type': 'application/json' });
+    await json(`${base}/v1/track`, { method: 'POST', headers: auth(keys.ingestKey), body: JSON.stringify({ userId: 'u-drain', event: 'e' }) });
+    const blocker = await db.reserve();
+    await blocker`begin`;
+    await blocker`lock table topic_questions in access exclusive mode`;
+    const draining = await json(`${base}/v1/privacy/requests`, {
+      method: 'POST',
+      headers: auth(keys.privacyKey),
+      body: JSON.stringify({ action: 'erase', userId: 'u-drain' }),
+    });
+    const drainId = draining.body.results![0]!.requestId;
+    await poll(async () => ((await db`select status from dsr_requests where id = ${drainId}`)[0]?.status === 'running' ? true : undefined));
     first.proc.kill('SIGINT');
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(first.proc.exitCode).toBeNull(); // still draining: the erasure holds it open
+    await blocker`commit`;
+    blocker.release();
+    await db.end();
     expect(await first.exited).toBe(0);
     expect(existsSync(path.join(dataDir, 'pg', 'postmaster.pid'))).toBe(false);
 
@@ -76,6 +99,10 @@ describe('npm start with no database configured', () => {
       headers: { authorization: `Bearer ${keys.privacyKey}` },
     });
     expect(again.body).toMatchObject({ id: requestId, status: 'complete' });
+    const drained = await json(`${base2}/v1/privacy/requests/${drainId}`, {
+      headers: { authorization: `Bearer ${keys.privacyKey}` },
+    });
+    expect(drained.body).toMatchObject({ status: 'complete', outcome: 'erased', attempts: 1 });
     second.proc.kill('SIGTERM');
     expect(await second.exited).toBe(0);
     expect(existsSync(path.join(dataDir, 'pg', 'postmaster.pid'))).toBe(false);

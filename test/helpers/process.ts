@@ -23,9 +23,10 @@ export function startService(env: NodeJS.ProcessEnv, args: string[] = []): Servi
   const ready = new Promise<string>((resolve, reject) => {
     const onData = (chunk: Buffer) => {
       out += chunk.toString();
+      // The banner ends with the Ctrl-C hint; wait for all of it (stdout may arrive in pieces).
+      if (!/Ctrl-C to stop/.test(out)) return;
       const m = /API\s+(http:\/\/\S+)\/v1/.exec(out);
-      if (m) resolve(m[1]!);
-      if (/\(worker\) on /.test(out)) resolve('');
+      resolve(m ? m[1]! : '');
     };
     proc.stdout!.on('data', onData);
     proc.stderr!.on('data', onData);
