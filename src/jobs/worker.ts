@@ -14,6 +14,8 @@ export function startWorker(deps: PrivacyDeps, opts: WorkerOptions): Promise<Run
   return run({
     connectionString: opts.connectionString,
     concurrency: opts.concurrency,
+    // One connection per concurrent job plus one for LISTEN and one spare; graphile-worker's default is 10.
+    maxPoolSize: opts.concurrency + 2,
     pollInterval: opts.pollInterval ?? 2_000,
     noHandleSignals: true,
     crontab: '',

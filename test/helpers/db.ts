@@ -50,7 +50,8 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
   await admin.unsafe(`create database ${quoteIdent(name)} template ${quoteIdent(template)}`);
   await admin.end();
   const url = withDatabase(adminUrl, name);
-  const database = createDatabase(url, { max: 10 });
+  // Small pools: test files run in parallel against one server, whose max_connections may be only 100.
+  const database = createDatabase(url, { max: 4 });
   const logs = new LogCapture();
   const logger = createLogger('debug', logs);
   const deps: AppDeps = {
@@ -62,7 +63,7 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
     executeMaxAttempts: opts.maxAttempts ?? 3,
     docsAsset: readDocsAsset,
   };
-  const sql = postgres(url, { max: 4, onnotice: () => {} });
+  const sql = postgres(url, { max: 3, onnotice: () => {} });
   return {
     url,
     database,
@@ -72,7 +73,13 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
     app: newApp(deps),
     newWorkspace: (n = 'Test workspace') => createWorkspace(database.db, { name: n }),
     runJobs: () =>
-      runOnce({ connectionString: url, taskList: taskList(deps), logger: graphileLogger(logger), crontab: '' }),
+      runOnce({
+        connectionString: url,
+        taskList: taskList(deps),
+        logger: graphileLogger(logger),
+        crontab: '',
+        maxPoolSize: 2,
+      }),
     async close() {
       await sql.end({ timeout: 5 });
       await database.close();

@@ -50,7 +50,7 @@ export function runCli(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: 
 /** Environment for a child: ours minus anything that would point it at another database. */
 export function childEnv(extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   const { DATABASE_URL: _omit, ...rest } = process.env;
-  return { ...rest, LOG_LEVEL: 'warn', ...extra };
+  return { ...rest, LOG_LEVEL: 'warn', DB_POOL_MAX: '3', WORKER_CONCURRENCY: '2', ...extra };
 }
 
 export async function poll<T>(fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
