@@ -18,14 +18,14 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { runOnce, type Task, type TaskList } from 'graphile-worker';
+import type { Task, TaskList } from 'graphile-worker';
 import postgres from 'postgres';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
 import { createDatabase, withDatabase } from '../src/db/client.ts';
 import { quoteIdent, startEmbeddedPostgres } from '../src/db/embedded.ts';
 import { migrateDatabase } from '../src/db/migrate.ts';
 import type { AuditCounts } from '../src/db/schema/index.ts';
-import { graphileLogger } from '../src/jobs/logger.ts';
+import { runDueJobs } from '../src/jobs/run-once.ts';
 import { taskList } from '../src/jobs/tasks.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { freePort } from '../src/lib/net.ts';
@@ -509,13 +509,7 @@ async function runJob(
 
     await dbs.checkpoint();
     const t0 = performance.now();
-    await runOnce({
-      connectionString: url,
-      taskList: tasks,
-      crontab: '',
-      logger: graphileLogger(logger),
-      noHandleSignals: true,
-    });
+    await runDueJobs(database.sql, { connectionString: url, taskList: tasks, logger });
     const ms = performance.now() - t0;
 
     await verifyJob(database.sql, sc, seeded, created.request.id);

@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto';
 import { Writable } from 'node:stream';
-import { runOnce } from 'graphile-worker';
 import postgres from 'postgres';
 import { expect, inject } from 'vitest';
 import { createWorkspace, type CreatedWorkspace } from '../../src/accounts/workspaces.ts';
@@ -9,7 +8,7 @@ import { createDatabase, type Database } from '../../src/db/client.ts';
 import { quoteIdent } from '../../src/db/embedded.ts';
 import { readDocsAsset } from '../../src/http/docs-assets.ts';
 import type { AppDeps } from '../../src/http/env.ts';
-import { graphileLogger } from '../../src/jobs/logger.ts';
+import { runDueJobs } from '../../src/jobs/run-once.ts';
 import { taskList } from '../../src/jobs/tasks.ts';
 import { createLogger } from '../../src/lib/logger.ts';
 import { withDatabase } from './global-setup.ts';
@@ -72,14 +71,7 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
     sql,
     app: newApp(deps),
     newWorkspace: (n = 'Test workspace') => createWorkspace(database.db, { name: n }),
-    runJobs: () =>
-      runOnce({
-        connectionString: url,
-        taskList: taskList(deps),
-        logger: graphileLogger(logger),
-        crontab: '',
-        maxPoolSize: 2,
-      }),
+    runJobs: () => runDueJobs(sql, { connectionString: url, taskList: taskList(deps), logger }),
     async close() {
       await sql.end({ timeout: 5 });
       await database.close();
