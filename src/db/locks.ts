@@ -1,4 +1,4 @@
-import { sql } from 'drizzle-orm';
+import { sql, type SQL } from 'drizzle-orm';
 import type { Tx } from './client.ts';
 
 /**
@@ -10,11 +10,18 @@ import type { Tx } from './client.ts';
  */
 export async function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: string[]): Promise<void> {
   if (keys.length === 0) return;
+  await tx.execute(sql`select ${lockList(mode, keys)}`);
+}
+
+/**
+ * The target-list entries that take these locks in ascending key order (entries are evaluated left to right), for
+ * one round trip; callers may put other columns after them in the same SELECT.
+ */
+export function lockList(mode: 'shared' | 'exclusive', keys: string[]): SQL {
   const fn = mode === 'shared' ? sql`pg_advisory_xact_lock_shared` : sql`pg_advisory_xact_lock`;
   const sorted = [...new Set(keys)].sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
-  // Target-list entries are evaluated left to right, so one round trip takes the locks in order.
-  await tx.execute(sql`select ${sql.join(
+  return sql.join(
     sorted.map((k) => sql`${fn}(${k}::bigint)`),
     sql`, `,
-  )}`);
+  );
 }

@@ -1,7 +1,7 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
 import { z } from 'zod';
 import type { Db, Tx } from '../db/client.ts';
-import { lockKeys } from '../db/locks.ts';
+import { lockList } from '../db/locks.ts';
 import {
   conversations,
   endUsers,
@@ -71,34 +71,41 @@ export interface IngestDeps {
 }
 
 /**
- * Records product data for one workspace in one transaction. Shares the advisory locks that erasure and suppression
- * take exclusively, then re-checks suppression flags and erasure markers with a fresh snapshot: a write that waited
- * on an erasure is dropped rather than recreating part of an erased profile.
+ * Records product data for one workspace in one transaction, serialised with erasure and suppression: it shares the
+ * advisory locks they take exclusively. The statement that takes the locks also reads the erasure state as of its
+ * own start (READ COMMITTED takes the snapshot before any lock wait); the next statement reads it again. If an
+ * erasure of the workspace or of one of these users committed in between, this write was in flight while it ran and
+ * is dropped rather than recreating part of what was erased. Suppression flags are read after the locks too.
  */
 export async function ingest(deps: IngestDeps, workspaceId: string, items: IngestItem[]): Promise<IngestResult[]> {
   if (items.length === 0) return [];
   const externalIds = [...new Set(items.map((i) => i.userId))];
   const digests = new Map(externalIds.map((e) => [subjectDigest(deps.digestKey, workspaceId, 'user_id', e), e]));
+  const digestList = [...digests.keys()];
+  const erasureState = sql`
+    (select ${workspaces.erasedAt}::text from ${workspaces} where ${workspaces.id} = ${workspaceId}) as ws_erased_at,
+    (select coalesce(json_object_agg(${erasureMarkers.userDigest}, ${erasureMarkers.erasedAt}::text), '{}'::json)
+       from ${erasureMarkers}
+      where ${erasureMarkers.workspaceId} = ${workspaceId} and ${inArray(erasureMarkers.userDigest, digestList)}
+    ) as markers`;
+  type ErasureState = { ws_erased_at: string | null; markers: Record<string, string> };
 
   return deps.db.transaction(async (tx) => {
-    await lockKeys(tx, 'shared', [workspaceLockKey(workspaceId)]);
-    await lockKeys(
-      tx,
-      'shared',
-      externalIds.map((e) => userLockKey(workspaceId, e)),
-    );
-
-    const [ws] = await tx
-      .select({
-        erasedDuringWrite: sql<boolean>`coalesce(${workspaces.erasedAt} >= now(), false)`,
-        suppressed: sql<boolean>`exists(select 1 from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId}
-                                         and ${suppressions.userId} is null)`,
-      })
-      .from(workspaces)
-      .where(eq(workspaces.id, workspaceId));
-    if (!ws) throw new ApiError('not_found', 'workspace not found');
-    if (ws.erasedDuringWrite) return items.map(() => ({ stored: false, suppressed: false, reason: 'erased' as const }));
-    if (ws.suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
+    // Workspace key first, then user keys: the order every locker uses (src/db/locks.ts).
+    const [before] = await tx.execute<ErasureState>(sql`
+      select ${lockList('shared', [workspaceLockKey(workspaceId)])},
+             ${lockList('shared', externalIds.map((e) => userLockKey(workspaceId, e)))},
+             ${erasureState}`);
+    const [after] = await tx.execute<ErasureState & { exists: boolean; ws_suppressed: boolean }>(sql`
+      select exists(select 1 from ${workspaces} where ${workspaces.id} = ${workspaceId}) as exists,
+             exists(select 1 from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId}
+                      and ${suppressions.userId} is null) as ws_suppressed,
+             ${erasureState}`);
+    if (!before || !after?.exists) throw new ApiError('not_found', 'workspace not found');
+    if (after.ws_erased_at !== before.ws_erased_at) {
+      return items.map(() => ({ stored: false, suppressed: false, reason: 'erased' as const }));
+    }
+    if (after.ws_suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
 
     const suppressedRows = await tx
       .select({ externalId: endUsers.externalId })
@@ -106,18 +113,9 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
       .innerJoin(endUsers, eq(endUsers.id, suppressions.userId))
       .where(and(eq(endUsers.workspaceId, workspaceId), inArray(endUsers.externalId, externalIds)));
     const suppressedUsers = new Set(suppressedRows.map((r) => r.externalId));
-    // now() is this transaction's start: a marker newer than that means an erasure committed while we waited.
-    const erasedRows = await tx
-      .select({ digest: erasureMarkers.userDigest })
-      .from(erasureMarkers)
-      .where(
-        and(
-          eq(erasureMarkers.workspaceId, workspaceId),
-          inArray(erasureMarkers.userDigest, [...digests.keys()]),
-          sql`${erasureMarkers.erasedAt} >= now()`,
-        ),
-      );
-    const erasedUsers = new Set(erasedRows.map((r) => digests.get(r.digest)!));
+    const erasedUsers = new Set(
+      digestList.filter((d) => after.markers[d] !== before.markers[d]).map((d) => digests.get(d)!),
+    );
 
     const results: IngestResult[] = items.map((i) =>
       erasedUsers.has(i.userId)

@@ -292,15 +292,16 @@ describe('ingest racing an erasure', () => {
     const u = await seedUser(env, ws.ingestKey, { events: 50 });
     const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
 
-    // Hold the erasure part-way: events are deleted, then it blocks on topic_questions until we let go.
+    // Hold the erasure at its very end: data deleted and the erasure marker written, blocked on the audit insert
+    // until we let go. An ingest that starts now began after the marker was written, yet before it committed.
     const blocker = await env.sql.reserve();
     await blocker`begin`;
-    await blocker`lock table topic_questions in access exclusive mode`;
+    await blocker`lock table audit_records in access exclusive mode`;
     const jobs = env.runJobs();
     await waitFor(async () => {
       const rows = await env.sql`select 1 from pg_stat_activity
         where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'relation'
-        and query ilike '%topic_questions%'`;
+        and query ilike '%audit_records%'`;
       return rows.length > 0;
     });
 
@@ -336,10 +337,10 @@ describe('ingest racing an erasure', () => {
     await request(ws.workspaceId, 'erase', null);
     const blocker = await env.sql.reserve();
     await blocker`begin`;
-    await blocker`lock table topic_questions in access exclusive mode`;
+    await blocker`lock table audit_records in access exclusive mode`;
     const jobs = env.runJobs();
     await waitFor(async () =>
-      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query ilike '%topic_questions%'`).length > 0,
+      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query ilike '%audit_records%'`).length > 0,
     );
     const racing = call(env, 'POST', '/v1/identify', { key: ws.ingestKey, body: { userId: uniq('new'), name: 'Late' } });
     await waitFor(async () => (await env.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
