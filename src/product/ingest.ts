@@ -1,4 +1,4 @@
-import { and, eq, inArray, sql } from 'drizzle-orm';
+import { inArray, sql } from 'drizzle-orm';
 import { z } from 'zod';
 import type { Db, Tx } from '../db/client.ts';
 import { lockList } from '../db/locks.ts';
@@ -75,7 +75,7 @@ export interface IngestDeps {
  * advisory locks they take exclusively. The statement that takes the locks also reads the erasure state as of its
  * own start (READ COMMITTED takes the snapshot before any lock wait); the next statement reads it again. If an
  * erasure of the workspace or of one of these users committed in between, this write was in flight while it ran and
- * is dropped rather than recreating part of what was erased. Suppression flags are read after the locks too.
+ * is dropped rather than recreating part of what was erased. Suppression flags are read in that second statement.
  */
 export async function ingest(deps: IngestDeps, workspaceId: string, items: IngestItem[]): Promise<IngestResult[]> {
   if (items.length === 0) return [];
@@ -96,10 +96,16 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
       select ${lockList('shared', [workspaceLockKey(workspaceId)])},
              ${lockList('shared', externalIds.map((e) => userLockKey(workspaceId, e)))},
              ${erasureState}`);
-    const [after] = await tx.execute<ErasureState & { exists: boolean; ws_suppressed: boolean }>(sql`
+    const [after] = await tx.execute<
+      ErasureState & { exists: boolean; ws_suppressed: boolean; suppressed_users: string[] }
+    >(sql`
       select exists(select 1 from ${workspaces} where ${workspaces.id} = ${workspaceId}) as exists,
              exists(select 1 from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId}
                       and ${suppressions.userId} is null) as ws_suppressed,
+             (select coalesce(json_agg(${endUsers.externalId}), '[]'::json)
+                from ${suppressions} join ${endUsers} on ${endUsers.id} = ${suppressions.userId}
+               where ${endUsers.workspaceId} = ${workspaceId} and ${inArray(endUsers.externalId, externalIds)}
+             ) as suppressed_users,
              ${erasureState}`);
     if (!before || !after?.exists) throw new ApiError('not_found', 'workspace not found');
     if (after.ws_erased_at !== before.ws_erased_at) {
@@ -107,12 +113,7 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     }
     if (after.ws_suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
 
-    const suppressedRows = await tx
-      .select({ externalId: endUsers.externalId })
-      .from(suppressions)
-      .innerJoin(endUsers, eq(endUsers.id, suppressions.userId))
-      .where(and(eq(endUsers.workspaceId, workspaceId), inArray(endUsers.externalId, externalIds)));
-    const suppressedUsers = new Set(suppressedRows.map((r) => r.externalId));
+    const suppressedUsers = new Set(after.suppressed_users);
     const erasedUsers = new Set(
       digestList.filter((d) => after.markers[d] !== before.markers[d]).map((d) => digests.get(d)!),
     );
