@@ -1,0 +1,77 @@
+/** Helpers every adapter uses, so the three vendors verify, parse and classify responses the same way. */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { z } from 'zod';
+import { issuesToDetails } from '../src/lib/errors.ts';
+import { OutboundError, retryAfterMs, type OutboundResponse } from '../src/lib/outbound.ts';
+import { WebhookPayloadError, type ReportResult, type TestCheck } from './types.ts';
+
+/** Constant-time equality of two strings of any length (both are hashed first, so lengths leak nothing either). */
+export function safeEqual(a: string, b: string): boolean {
+  const ha = createHash('sha256').update(a, 'utf8').digest();
+  const hb = createHash('sha256').update(b, 'utf8').digest();
+  return timingSafeEqual(ha, hb);
+}
+
+/** JSON.parse with a 400 that says so; the body itself never appears in the error. */
+export function parseJson(rawBody: string): unknown {
+  try {
+    return JSON.parse(rawBody) as unknown;
+  } catch {
+    throw new WebhookPayloadError('malformed_json', 'the body is not valid JSON');
+  }
+}
+
+/** Validates with zod; failures become a 400 naming the fields (never echoing their values). */
+export function parseWith<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
+  const result = schema.safeParse(value);
+  if (!result.success) {
+    throw new WebhookPayloadError('validation_failed', `${what} failed validation`, issuesToDetails(result.error.issues));
+  }
+  return result.data;
+}
+
+/**
+ * The usual meaning of a vendor's answer to a report: 2xx delivered; 408, 425, 429 and 5xx worth retrying (honouring
+ * Retry-After); any other 4xx permanent. Adapters handle their vendor's exceptions (e.g. 409) before calling this.
+ */
+export function classifyResponse(res: OutboundResponse, what: string): ReportResult {
+  if (res.status >= 200 && res.status < 300) return { kind: 'delivered' };
+  const error = `${what}: HTTP ${res.status}`;
+  if (res.status === 408 || res.status === 425 || res.status === 429 || res.status >= 500) {
+    const wait = retryAfterMs(res.headers);
+    return wait === null ? { kind: 'retry', error } : { kind: 'retry', error, retryAfterMs: wait };
+  }
+  return { kind: 'permanent', error };
+}
+
+/** A call that threw: network trouble and timeouts are retried, refused addresses and URLs are not. */
+export function classifyOutboundError(err: unknown, what: string): ReportResult {
+  if (err instanceof OutboundError) {
+    const error = `${what}: ${err.message}`;
+    return err.retryable ? { kind: 'retry', error } : { kind: 'permanent', error };
+  }
+  throw err;
+}
+
+/** Runs one check of a connector test, turning a thrown error into a failed check with a safe message. */
+export async function check(name: string, fn: () => Promise<string>): Promise<TestCheck> {
+  try {
+    return { name, ok: true, detail: await fn() };
+  } catch (err) {
+    const detail = err instanceof OutboundError || err instanceof CheckFailed ? err.message : 'unexpected error';
+    return { name, ok: false, detail };
+  }
+}
+
+/** A failed test check with a message fit for the admin (no secrets). */
+export class CheckFailed extends Error {}
+
+/** Host pattern match: `*.example.com` matches sub-domains (not the apex); anything else matches exactly. */
+export function hostAllowed(host: string, patterns: readonly string[]): boolean {
+  const h = host.toLowerCase().replace(/\.$/, '');
+  return patterns.some((p) => {
+    const pattern = p.toLowerCase();
+    if (pattern.startsWith('*.')) return h.endsWith(pattern.slice(1)) && h.length > pattern.length - 1;
+    return h === pattern;
+  });
+}

@@ -1,0 +1,277 @@
+/**
+ * Transcend server-webhook integration: one signed webhook per identifier of a request (or, in pull mode, Sombra's
+ * pending-requests list), each job completed with `PUT /v1/data-silo` and that job's nonce.
+ */
+import { createHash } from 'node:crypto';
+import { z } from 'zod';
+import { check, classifyOutboundError, classifyResponse, parseJson, parseWith, safeEqual } from '../shared.ts';
+import {
+  WebhookAuthError,
+  WebhookPayloadError,
+  type AdapterContext,
+  type Connector,
+  type DsrTicket,
+  type JsonValue,
+  type ParseResult,
+  type RawWebhook,
+  type ReportResult,
+  type StoredTicket,
+  type TicketOutcome,
+  type Verified,
+} from '../types.ts';
+import {
+  actionFor,
+  configSchema,
+  secretsSchema,
+  subjectFor,
+  type Config,
+  type Secrets,
+  type TranscendAction,
+  type TranscendConnector,
+} from './config.ts';
+import { authHeaders, SombraError, sombraGet, sombraUrl } from './sombra.ts';
+import { fetchSigningKey, importSigningKey, verifyToken } from './verify.ts';
+
+const PAGE_SIZE = 50;
+const MAX_PAGES = 20;
+
+const idString = z.string().min(1).max(200);
+
+const webhookBody = z.looseObject({
+  type: z.string().min(1),
+  coreIdentifier: z.looseObject({ value: z.string().min(1) }),
+  isTest: z.boolean().optional(),
+  extras: z
+    .looseObject({
+      profile: z.looseObject({ identifier: z.string().min(1), type: idString }).optional(),
+      request: z.looseObject({ id: idString }).optional(),
+      dataSilo: z.looseObject({ id: idString }).optional(),
+    })
+    .optional(),
+});
+
+const pendingPage = z.looseObject({ items: z.array(z.unknown()) });
+
+const pendingItem = z.looseObject({
+  identifier: z.string().min(1),
+  type: idString,
+  requestId: idString,
+  nonce: z.string().min(1),
+  dataSiloId: idString.optional(),
+});
+
+interface JobRef {
+  requestId: string | undefined;
+  /** The identifier's type name (`email`, a custom identifier name), absent when the body carries no profile. */
+  profileType: string | undefined;
+  dataSiloId: string | undefined;
+  nonce: string;
+}
+
+/**
+ * Keys and references of a Transcend job, shared by webhooks and pull mode so a job seen both ways is one ticket.
+ * One job per identifier: two webhooks of a request are two tickets.
+ */
+function ticketFields(job: JobRef): Pick<DsrTicket, 'ticketKey' | 'upstreamRef' | 'upstream' | 'secret'> {
+  const upstream: Record<string, JsonValue> = {
+    requestId: job.requestId ?? null,
+    profileType: job.profileType ?? null,
+    ...(job.dataSiloId ? { dataSiloId: job.dataSiloId } : {}),
+  };
+  if (job.requestId) {
+    return {
+      ticketKey: `${job.requestId}:${job.profileType ?? 'core'}`,
+      upstreamRef: job.requestId,
+      upstream,
+      secret: job.nonce,
+    };
+  }
+  // Without a request id the nonce is the only stable handle; only a digest of it may leave this function.
+  const short = createHash('sha256').update(job.nonce).digest('hex').slice(0, 32);
+  return {
+    ticketKey: `nonce:${short}`,
+    upstreamRef: `transcend-request-${short.slice(0, 12)}`,
+    upstream,
+    secret: job.nonce,
+  };
+}
+
+function parse(req: RawWebhook, conn: TranscendConnector, verified: Verified): ParseResult {
+  const body = parseWith(webhookBody, parseJson(req.rawBody), 'Transcend webhook body');
+  const claimed = verified.claims?.value;
+  if (typeof claimed !== 'string' || !safeEqual(claimed, body.coreIdentifier.value)) {
+    throw new WebhookAuthError("x-sombra-token: token does not match the body's coreIdentifier");
+  }
+  const action = actionFor(body.type);
+  const nonce = req.header('x-transcend-nonce');
+  if (!nonce) {
+    throw new WebhookPayloadError('validation_failed', 'header x-transcend-nonce is required', [
+      { path: 'x-transcend-nonce', message: 'header missing' },
+    ]);
+  }
+  const profile = body.extras?.profile;
+  const ticket: DsrTicket = {
+    ...ticketFields({
+      requestId: body.extras?.request?.id,
+      profileType: profile?.type,
+      dataSiloId: body.extras?.dataSilo?.id,
+      nonce,
+    }),
+    action,
+    subject: subjectFor(conn.config, profile, body.coreIdentifier.value),
+    isTest: body.isTest === true,
+  };
+  return { kind: 'tickets', tickets: [ticket] };
+}
+
+const DONE_VERB = { erased: 'Erased', suppressed: 'Suppressed', unsuppressed: 'Unsuppressed' } as const;
+
+/**
+ * The one place an outcome becomes Transcend's job status. "No data found" is SKIPPED (what Transcend records when a
+ * silo has no user for the profile); the audit record id goes in `message`, which the Transcend dashboard shows.
+ */
+export function reportBody(outcome: TicketOutcome): {
+  profileStatus: 'RESOLVED' | 'SKIPPED' | 'ERROR';
+  message: string;
+} {
+  const audit = `Audit record ${outcome.auditRecordId}`;
+  if (outcome.status === 'failed' || outcome.outcome === 'failed') {
+    return { profileStatus: 'ERROR', message: `Failed (${outcome.errorCode ?? 'unknown_error'}). ${audit}` };
+  }
+  if (outcome.outcome === 'not_found') {
+    return { profileStatus: 'SKIPPED', message: `No data found for this subject. ${audit}` };
+  }
+  return {
+    profileStatus: 'RESOLVED',
+    message: `${DONE_VERB[outcome.outcome]} by dsr-connector. ${audit} (request ${outcome.requestId})`,
+  };
+}
+
+async function report(
+  ticket: StoredTicket,
+  outcome: TicketOutcome,
+  conn: TranscendConnector,
+  ctx: AdapterContext,
+): Promise<ReportResult> {
+  const what = 'Transcend PUT /v1/data-silo';
+  if (!ticket.secret) return { kind: 'permanent', error: `${what}: the job's x-transcend-nonce is not stored` };
+  let headers: Record<string, string>;
+  try {
+    headers = authHeaders(conn);
+  } catch (err) {
+    if (err instanceof SombraError) return { kind: 'permanent', error: `${what}: ${err.message}` };
+    throw err;
+  }
+  try {
+    const res = await ctx.http.request(sombraUrl(conn.config, '/v1/data-silo'), {
+      method: 'PUT',
+      headers: { ...headers, 'x-transcend-nonce': ticket.secret, 'content-type': 'application/json' },
+      json: reportBody(outcome),
+    });
+    // 409: the job was already completed or revoked upstream; there is nothing left to tell it.
+    if (res.status === 409) return { kind: 'delivered' };
+    return classifyResponse(res, what);
+  } catch (err) {
+    return classifyOutboundError(err, what);
+  }
+}
+
+/** One page of pending jobs; any failure is a SombraError with an admin-safe message. */
+async function pendingRequests(
+  conn: TranscendConnector,
+  ctx: AdapterContext,
+  action: TranscendAction,
+  limit: number,
+  offset: number,
+): Promise<unknown[]> {
+  const what = `Transcend pending-requests ${action}`;
+  const silo = conn.config.pull.dataSiloId;
+  if (!silo) throw new SombraError(`${what}: pull.dataSiloId is not set`);
+  const path = `/v1/data-silo/${encodeURIComponent(silo)}/pending-requests/${action}?limit=${limit}&offset=${offset}`;
+  const res = await sombraGet(conn, ctx, path, what);
+  let json: unknown;
+  try {
+    json = JSON.parse(res.text);
+  } catch {
+    throw new SombraError(`${what}: the response is not JSON`);
+  }
+  const page = pendingPage.safeParse(json);
+  if (!page.success) throw new SombraError(`${what}: the response has no items list`);
+  return page.data.items;
+}
+
+async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrTicket[]> {
+  // Keyed by ticketKey: offset paging over a list that changes between pages may show a job twice.
+  const tickets = new Map<string, DsrTicket>();
+  for (const transcendAction of new Set(conn.config.pull.actions)) {
+    const action = actionFor(transcendAction);
+    for (let page = 0; ; page++) {
+      if (page === MAX_PAGES) {
+        ctx.logger.warn(
+          { connectorId: conn.id, action: transcendAction, read: MAX_PAGES * PAGE_SIZE },
+          'transcend: more pending requests than one poll reads; the rest follow in later polls',
+        );
+        break;
+      }
+      const items = await pendingRequests(conn, ctx, transcendAction, PAGE_SIZE, page * PAGE_SIZE);
+      items.forEach((raw, i) => {
+        const item = pendingItem.safeParse(raw);
+        if (!item.success) {
+          ctx.logger.warn(
+            {
+              connectorId: conn.id,
+              action: transcendAction,
+              position: page * PAGE_SIZE + i,
+              invalid: item.error.issues.map((issue) => issue.path.join('.')),
+            },
+            'transcend: skipped an invalid pending request',
+          );
+          return;
+        }
+        const { identifier, type, requestId, nonce, dataSiloId } = item.data;
+        const fields = ticketFields({
+          requestId,
+          profileType: type,
+          dataSiloId: dataSiloId ?? conn.config.pull.dataSiloId,
+          nonce,
+        });
+        const subject = subjectFor(conn.config, { identifier, type }, identifier);
+        tickets.set(fields.ticketKey, { ...fields, action, subject });
+      });
+      if (items.length < PAGE_SIZE) break;
+    }
+  }
+  return [...tickets.values()];
+}
+
+async function test(conn: TranscendConnector, ctx: AdapterContext) {
+  const checks = [
+    await check('signing key', async () => {
+      await importSigningKey(await fetchSigningKey(conn, ctx));
+      const host = new URL(conn.config.sombraUrl).host;
+      return `fetched Sombra's ES384 signing key from ${host}; the audience is checked on the first webhook`;
+    }),
+  ];
+  const firstAction = conn.config.pull.actions[0];
+  if (conn.config.pull.enabled && firstAction) {
+    checks.push(
+      await check('pending requests', async () => {
+        await pendingRequests(conn, ctx, firstAction, 1, 0);
+        return `listed pending ${firstAction} requests of the data silo`;
+      }),
+    );
+  }
+  return { ok: checks.every((c) => c.ok), checks };
+}
+
+export const transcend: Connector<Config, Secrets> = {
+  vendor: 'transcend',
+  configSchema,
+  secretsSchema,
+  verify: verifyToken,
+  parse,
+  report,
+  test,
+  poll,
+  pollIntervalMinutes: (config) => (config.pull.enabled ? config.pull.intervalMinutes : null),
+};

@@ -1,0 +1,170 @@
+/**
+ * The contract every vendor adapter implements. The core (routes, intake, jobs) only ever talks to a `Connector`;
+ * a vendor's quirks live in its own folder, and an adapter never touches a table.
+ */
+import type { z } from 'zod';
+import type { Logger } from '../src/lib/logger.ts';
+import type { HttpClient } from '../src/lib/outbound.ts';
+
+export type Vendor = 'transcend' | 'onetrust' | 'datagrail';
+
+/** Actions an adapter may ask for; `access` is recognised so it can be refused with a clear message. */
+export type TicketAction = 'erase' | 'suppress' | 'unsuppress';
+
+export type JsonValue = string | number | boolean | null | JsonValue[] | { [k: string]: JsonValue };
+
+/** A connector as an adapter sees it: its validated config and its decrypted secrets. */
+export interface ConnectorInstance<C = unknown, S = unknown> {
+  id: string;
+  workspaceId: string;
+  config: C;
+  secrets: S;
+}
+
+/** The inbound HTTP request, before anything is parsed. */
+export interface RawWebhook {
+  /** Exactly the bytes received (as UTF-8), for signatures computed over the raw body. */
+  rawBody: string;
+  /** Header lookup, case-insensitive. */
+  header(name: string): string | undefined;
+  receivedAt: Date;
+}
+
+/** A per-process memo adapters use for signing keys and access tokens (never for deduplication). */
+export interface ConnectorCache {
+  get<T>(key: string): T | undefined;
+  set<T>(key: string, value: T, ttlMs: number): void;
+  delete(key: string): void;
+}
+
+export interface AdapterContext {
+  http: HttpClient;
+  cache: ConnectorCache;
+  logger: Logger;
+  now(): Date;
+}
+
+/** What verification established, handed to parse(). */
+export interface Verified {
+  /** Id of the signed token (e.g. a JWT `jti`): the core refuses the same token on a different body. */
+  tokenId?: string;
+  /** When the token stops being valid; the core keeps its replay record until then. */
+  tokenExpiresAt?: Date;
+  /** Verified claims parse() must agree with (e.g. the JWT's identifier). */
+  claims?: Record<string, unknown>;
+}
+
+export type SubjectRef = { kind: 'user_id' | 'email'; value: string };
+
+/** One normalised ticket: what the core turns into (or joins to) an erase/suppress/unsuppress request. */
+export interface DsrTicket {
+  /** The vendor's stable id for this ticket; a redelivery carries the same key. No personal data. */
+  ticketKey: string;
+  action: TicketAction;
+  subject: SubjectRef;
+  /** Human reference shown on the request and its audit record (e.g. the vendor's request id). No personal data. */
+  upstreamRef: string;
+  /** Non-secret facts report() needs later (vendor ids, callback URL). No personal data. */
+  upstream: Record<string, JsonValue>;
+  /** A per-ticket capability report() must send back (e.g. a nonce): stored sealed, wiped once delivered. */
+  secret?: string;
+  isTest?: boolean;
+}
+
+export type ParseResult = { kind: 'tickets'; tickets: DsrTicket[] } | { kind: 'health_check' };
+
+/** A ticket as stored, handed back to report(). */
+export interface StoredTicket {
+  id: string;
+  ticketKey: string;
+  upstreamRef: string;
+  upstream: Record<string, JsonValue>;
+  secret: string | null;
+  action: TicketAction;
+  /** 1 on the first delivery attempt. */
+  attempt: number;
+}
+
+/** The finished request a ticket reports. `outcome` not_found is "no data found", never a failure. */
+export interface TicketOutcome {
+  requestId: string;
+  auditRecordId: string;
+  status: 'complete' | 'failed';
+  outcome: 'erased' | 'suppressed' | 'unsuppressed' | 'not_found' | 'failed';
+  counts: Record<string, number>;
+  errorCode: string | null;
+}
+
+export type ReportResult =
+  | { kind: 'delivered' }
+  /** Try again later (network, 429, 5xx); `retryAfterMs` when the vendor said how long to wait. */
+  | { kind: 'retry'; error: string; retryAfterMs?: number }
+  /** Will never succeed as is (400/401/403/404…): stop and show the error. */
+  | { kind: 'permanent'; error: string };
+
+export interface TestCheck {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+export interface TestResult {
+  ok: boolean;
+  checks: TestCheck[];
+}
+
+export interface Connector<C = unknown, S = unknown> {
+  vendor: Vendor;
+  /** Non-secret settings, validated on every write. Must produce defaults for everything optional. */
+  configSchema: z.ZodType<C>;
+  /** Secret settings (API keys, shared secrets), validated on every write; stored sealed, never shown. */
+  secretsSchema: z.ZodType<S>;
+  /** Throws WebhookAuthError (401) when the sender cannot be verified. Runs before the body is parsed. */
+  verify(req: RawWebhook, conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<Verified>;
+  /** Throws WebhookPayloadError (4xx with a clear reason) for bad input. */
+  parse(req: RawWebhook, conn: ConnectorInstance<C, S>, verified: Verified): ParseResult;
+  /** Delivers the proof (the audit record id) to the upstream ticket. Must not throw for HTTP outcomes. */
+  report(
+    ticket: StoredTicket,
+    outcome: TicketOutcome,
+    conn: ConnectorInstance<C, S>,
+    ctx: AdapterContext,
+  ): Promise<ReportResult>;
+  /** Checks the credentials against the vendor where it can, and says what it could not check. */
+  test(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<TestResult>;
+  /**
+   * Pull mode, for connectors configured to poll instead of receiving webhooks: the pending tickets now waiting
+   * upstream. Absent when the vendor has no pull mode.
+   */
+  poll?(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<DsrTicket[]>;
+  /** Whether this connector's config asks for polling (and how often, in minutes). */
+  pollIntervalMinutes?(config: C): number | null;
+}
+
+/** Sender not verified: 401, nothing stored. The message is generic on purpose (no oracle) but names the check. */
+export class WebhookAuthError extends Error {
+  override name = 'WebhookAuthError';
+}
+
+/** The vendor cannot be reached to verify the sender (e.g. signing key fetch failed): 503, the vendor retries. */
+export class WebhookUnavailableError extends Error {
+  override name = 'WebhookUnavailableError';
+}
+
+export type PayloadErrorCode =
+  | 'malformed_json'
+  | 'validation_failed'
+  | 'unsupported_request_type'
+  | 'action_not_implemented';
+
+/** Bad input: a 4xx naming what was wrong. Never include personal data from the body in the message. */
+export class WebhookPayloadError extends Error {
+  override name = 'WebhookPayloadError';
+  constructor(
+    readonly code: PayloadErrorCode,
+    message: string,
+    readonly details?: { path: string; message: string }[],
+  ) {
+    super(message);
+  }
+}
