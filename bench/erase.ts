@@ -29,7 +29,9 @@ import { runDueJobs } from '../src/jobs/run-once.ts';
 import { taskList } from '../src/jobs/tasks.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { freePort } from '../src/lib/net.ts';
-import type { PrivacyDeps } from '../src/privacy/context.ts';
+import { parseEnv } from '../src/config.ts';
+import { createNodeDeps } from '../src/deps-node.ts';
+import { Sealer } from '../src/lib/sealing.ts';
 import { intake, type IntakeInput } from '../src/privacy/intake.ts';
 import type { BenchContext } from './run.ts';
 
@@ -490,8 +492,8 @@ async function runJob(
   const { name, url } = await dbs.clone(template);
   const logger = createLogger('silent');
   const database = createDatabase(url, { max: 10 });
+  const deps = createNodeDeps({ env: parseEnv({}), database, digestKey, sealer: new Sealer(randomBytes(32)), logger });
   try {
-    const deps: PrivacyDeps = { db: database.db, digestKey, logger, executeMaxAttempts: 3 };
     const created = await intake({ ctx: deps, actor: SYSTEM_ACTOR, input: sc.input });
     if (created.result !== 'created') throw new VerificationError(`intake returned ${created.result}`);
 
@@ -515,6 +517,7 @@ async function runJob(
     await verifyJob(database.sql, sc, seeded, created.request.id);
     return { ms, bodyMs };
   } finally {
+    await deps.http.close();
     await database.close();
     await dbs.drop(name);
   }

@@ -8,9 +8,11 @@ import { ZodError } from 'zod';
 import { isTransient, pgCode } from './db/errors.ts';
 import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
 import type { App, AppDeps, AppEnv } from './http/env.ts';
+import { registerAdminRoutes } from './http/admin.ts';
 import { registerHealthRoutes } from './http/health.ts';
 import { registerIngestRoutes } from './http/ingest.ts';
 import { registerPrivacyRoutes } from './http/privacy.ts';
+import { registerWebhookRoutes } from './http/webhooks.ts';
 
 export type { AppDeps };
 
@@ -70,7 +72,10 @@ export function newApp(deps: AppDeps): App {
     }),
   );
   app.use(async (c, next) => {
-    if (c.req.method === 'POST' || c.req.method === 'PUT' || c.req.method === 'PATCH') {
+    const length = c.req.header('content-length');
+    const hasBody = (length !== undefined && length !== '0') || c.req.header('transfer-encoding') !== undefined;
+    // Action routes (e.g. POST …/disable) take no body and need no content type.
+    if (hasBody && (c.req.method === 'POST' || c.req.method === 'PUT' || c.req.method === 'PATCH')) {
       const type = (c.req.header('content-type') ?? '').split(';')[0]!.trim();
       if (!JSON_TYPE.test(type)) throw new ApiError('unsupported_media_type', 'send the body as application/json');
     }
@@ -80,6 +85,8 @@ export function newApp(deps: AppDeps): App {
   registerHealthRoutes(app, deps);
   registerIngestRoutes(app, deps);
   registerPrivacyRoutes(app, deps);
+  registerAdminRoutes(app, deps);
+  registerWebhookRoutes(app, deps);
 
   app.notFound((c) => errorBody(c, 'not_found', 'no such route'));
   app.onError((err, c) => {

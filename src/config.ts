@@ -4,6 +4,10 @@ const base64Key = z
   .string()
   .refine((v) => Buffer.from(v, 'base64').length >= 32, 'must be base64 of at least 32 bytes');
 
+const exactKey = z
+  .string()
+  .refine((v) => Buffer.from(v, 'base64').length === 32, 'must be base64 of exactly 32 bytes');
+
 const envSchema = z.object({
   DATABASE_URL: z.url().optional(),
   PORT: z.coerce.number().int().min(0).max(65535).default(3000),
@@ -12,6 +16,28 @@ const envSchema = z.object({
   EMBEDDED_PG_PORT: z.coerce.number().int().min(1).max(65535).default(54329),
   /** Key for the HMAC digests that identify subjects in lookups and audit records. */
   DSR_DIGEST_KEY: base64Key.optional(),
+  /** AES-256-GCM master key for connector secrets (base64, 32 bytes). */
+  DSR_ENCRYPTION_KEY: exactKey.optional(),
+  /** Earlier master keys, comma-separated: still open old ciphertexts during a rotation, never seal. */
+  DSR_ENCRYPTION_KEYS_PREVIOUS: z
+    .string()
+    .optional()
+    .transform((v) => (v ? v.split(',').map((s) => s.trim()).filter(Boolean) : []))
+    .pipe(z.array(exactKey)),
+  /** Base URL the vendors reach this server at; used to show each connector's webhook URL. */
+  PUBLIC_BASE_URL: z.url().optional(),
+  /**
+   * Outbound calls to private, loopback and link-local addresses (and plain http) are refused unless this is true:
+   * a webhook body or a connector config must never make the server call into its own network. Tests and local
+   * development set it.
+   */
+  OUTBOUND_ALLOW_PRIVATE_NETWORKS: z.stringbool().default(false),
+  OUTBOUND_TIMEOUT_MS: z.coerce.number().int().min(100).max(120_000).default(15_000),
+  OUTBOUND_MAX_RESPONSE_BYTES: z.coerce.number().int().min(1024).default(1024 * 1024),
+  /** Delivery attempts of one report to a vendor; with the default backoff they span about a day. */
+  REPORT_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(14),
+  REPORT_BACKOFF_BASE_MS: z.coerce.number().int().min(1).default(30_000),
+  REPORT_BACKOFF_MAX_MS: z.coerce.number().int().min(1).default(4 * 60 * 60 * 1000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   BODY_LIMIT_BYTES: z.coerce.number().int().positive().default(1024 * 1024),
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
@@ -43,4 +69,21 @@ export interface AppConfig {
   dbPoolMax: number;
   workerConcurrency: number;
   executeMaxAttempts: number;
+}
+
+/** How outbound calls and report deliveries behave; derived from the environment. */
+export function outboundSettings(env: Env) {
+  return {
+    allowPrivateNetworks: env.OUTBOUND_ALLOW_PRIVATE_NETWORKS,
+    timeoutMs: env.OUTBOUND_TIMEOUT_MS,
+    maxResponseBytes: env.OUTBOUND_MAX_RESPONSE_BYTES,
+  };
+}
+
+export function reportSettings(env: Env) {
+  return {
+    maxAttempts: env.REPORT_MAX_ATTEMPTS,
+    backoffBaseMs: env.REPORT_BACKOFF_BASE_MS,
+    backoffMaxMs: env.REPORT_BACKOFF_MAX_MS,
+  };
 }

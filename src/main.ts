@@ -5,6 +5,7 @@ import { newApp } from './app.ts';
 import { readDocsAsset } from './http/docs-assets.ts';
 import { ConfigError, parseEnv, type Role } from './config.ts';
 import { createDatabase } from './db/client.ts';
+import { createNodeDeps } from './deps-node.ts';
 import { startWorker } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
 import { openRuntime } from './runtime.ts';
@@ -20,15 +21,14 @@ async function main(): Promise<void> {
   const logger = createLogger(env.LOG_LEVEL);
   const rt = await openRuntime(env, logger);
   const database = createDatabase(rt.databaseUrl, { max: env.DB_POOL_MAX });
-  const deps = {
-    db: database.db,
-    sql: database.sql,
+  const deps = createNodeDeps({
+    env,
+    database,
     digestKey: rt.digestKey,
+    sealer: rt.sealer,
     logger,
-    bodyLimitBytes: env.BODY_LIMIT_BYTES,
-    executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
     docsAsset: readDocsAsset,
-  };
+  });
 
   let runner: Runner | undefined;
   let server: ServerType | undefined;
@@ -66,6 +66,7 @@ async function main(): Promise<void> {
         })
       : Promise.resolve();
     await Promise.all([closeServer, runner?.stop()]);
+    await deps.http.close();
     await database.close();
     await rt.embedded?.stop();
     logger.info('stopped');

@@ -5,11 +5,13 @@ import path from 'node:path';
 import type { Env } from './config.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './db/embedded.ts';
 import { migrateDatabase } from './db/migrate.ts';
+import { sealerFor, type Sealer } from './lib/sealing.ts';
 import type { Logger } from './lib/logger.ts';
 
 export interface Runtime {
   databaseUrl: string;
   digestKey: Buffer;
+  sealer: Sealer;
   embedded?: EmbeddedPostgres;
   /** Human-readable description of the database, with no password in it. */
   databaseLabel: string;
@@ -21,6 +23,7 @@ export interface Runtime {
  */
 export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: boolean } = {}): Promise<Runtime> {
   const digestKey = await loadDigestKey(env, logger);
+  const sealer = sealerFor(await loadEncryptionKey(env, logger), env.DSR_ENCRYPTION_KEYS_PREVIOUS);
   let embedded: EmbeddedPostgres | undefined;
   let databaseUrl = env.DATABASE_URL;
   if (!databaseUrl) {
@@ -39,22 +42,38 @@ export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: bo
     await embedded?.stop();
     throw err;
   }
-  return { databaseUrl, digestKey, embedded, databaseLabel };
+  return { databaseUrl, digestKey, sealer, embedded, databaseLabel };
 }
 
 /** DSR_DIGEST_KEY, or a key generated once under DATA_DIR (mode 0600) for local use. */
-async function loadDigestKey(env: Env, logger: Logger): Promise<Buffer> {
-  if (env.DSR_DIGEST_KEY) return Buffer.from(env.DSR_DIGEST_KEY, 'base64');
-  const file = path.resolve(env.DATA_DIR, 'digest.key');
+function loadDigestKey(env: Env, logger: Logger): Promise<Buffer> {
+  return loadKey(env, logger, env.DSR_DIGEST_KEY, 'DSR_DIGEST_KEY', 'digest.key', 'a subject digest key');
+}
+
+/** DSR_ENCRYPTION_KEY (the master key sealing connector secrets), or one generated once under DATA_DIR. */
+function loadEncryptionKey(env: Env, logger: Logger): Promise<Buffer> {
+  return loadKey(env, logger, env.DSR_ENCRYPTION_KEY, 'DSR_ENCRYPTION_KEY', 'encryption.key', 'an encryption master key');
+}
+
+async function loadKey(
+  env: Env,
+  logger: Logger,
+  fromEnv: string | undefined,
+  variable: string,
+  fileName: string,
+  what: string,
+): Promise<Buffer> {
+  if (fromEnv) return Buffer.from(fromEnv, 'base64');
+  const file = path.resolve(env.DATA_DIR, fileName);
   if (!existsSync(file)) {
     await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
     await writeFile(file, randomBytes(32).toString('base64'), { mode: 0o600, flag: 'wx' }).catch((err: unknown) => {
       if ((err as { code?: string }).code !== 'EEXIST') throw err;
     });
-    logger.warn({ file }, 'generated a subject digest key; set DSR_DIGEST_KEY in production and keep it stable');
+    logger.warn({ file }, `generated ${what} (mode 0600); set ${variable} in production and keep it stable`);
   }
   if (env.DATABASE_URL) {
-    logger.warn('DATABASE_URL is set but DSR_DIGEST_KEY is not: using the local key file; every process must share it');
+    logger.warn(`DATABASE_URL is set but ${variable} is not: using the local key file; every process must share it`);
   }
   return Buffer.from((await readFile(file, 'utf8')).trim(), 'base64');
 }

@@ -4,8 +4,13 @@
  * secrets, parsed once per isolate; the database is reached through a Hyperdrive binding or DATABASE_URL.
  */
 import { newApp } from './app.ts';
-import { ConfigError, parseEnv, type Env as ParsedEnv } from './config.ts';
+import { ConfigError, outboundSettings, parseEnv, type Env as ParsedEnv } from './config.ts';
 import { createDatabase } from './db/client.ts';
+import { createDeps } from './deps.ts';
+import type { HttpClient } from './lib/outbound.ts';
+import { createFetchHttpClient } from './lib/outbound-fetch.ts';
+import { sealerFor, type Sealer } from './lib/sealing.ts';
+import { MemoryCache } from './upstream/cache.ts';
 import { createLogger, type Logger } from './lib/logger.ts';
 
 interface WorkerBindings {
@@ -18,7 +23,18 @@ interface ExecutionContext {
   waitUntil(promise: Promise<unknown>): void;
 }
 
-let settled: { env: ParsedEnv; logger: Logger; digestKey: Buffer; databaseUrl: string } | undefined;
+interface Settled {
+  env: ParsedEnv;
+  logger: Logger;
+  digestKey: Buffer;
+  sealer: Sealer;
+  databaseUrl: string;
+  /** Per isolate, not per request: keep-alive connections and cached signing keys and tokens. */
+  http: HttpClient;
+  cache: MemoryCache;
+}
+
+let settled: Settled | undefined;
 
 function settle(bindings: WorkerBindings) {
   if (settled) return settled;
@@ -30,29 +46,41 @@ function settle(bindings: WorkerBindings) {
   const databaseUrl = bindings.HYPERDRIVE?.connectionString ?? env.DATABASE_URL;
   if (!databaseUrl) throw new ConfigError('Invalid configuration:\n  DATABASE_URL: set it or bind HYPERDRIVE');
   if (!env.DSR_DIGEST_KEY) throw new ConfigError('Invalid configuration:\n  DSR_DIGEST_KEY: required on Workers');
-  settled = { env, logger: createLogger(env.LOG_LEVEL), digestKey: Buffer.from(env.DSR_DIGEST_KEY, 'base64'), databaseUrl };
+  if (!env.DSR_ENCRYPTION_KEY) throw new ConfigError('Invalid configuration:\n  DSR_ENCRYPTION_KEY: required on Workers');
+  settled = {
+    env,
+    logger: createLogger(env.LOG_LEVEL),
+    digestKey: Buffer.from(env.DSR_DIGEST_KEY, 'base64'),
+    sealer: sealerFor(Buffer.from(env.DSR_ENCRYPTION_KEY, 'base64'), env.DSR_ENCRYPTION_KEYS_PREVIOUS),
+    databaseUrl,
+    http: createFetchHttpClient(outboundSettings(env)),
+    cache: new MemoryCache(),
+  };
   return settled;
 }
 
 export default {
   async fetch(request: Request, bindings: WorkerBindings, ctx: ExecutionContext): Promise<Response> {
-    const { env, logger, digestKey, databaseUrl } = settle(bindings);
+    const { env, logger, digestKey, sealer, databaseUrl, http, cache } = settle(bindings);
     // Workers cannot share sockets between requests: one small client per request (Hyperdrive pools upstream).
     const database = createDatabase(databaseUrl, { max: 1 });
-    const app = newApp({
-      db: database.db,
-      sql: database.sql,
-      digestKey,
-      logger,
-      bodyLimitBytes: env.BODY_LIMIT_BYTES,
-      executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
-      docsAsset: bindings.ASSETS
-        ? async (file) => {
-            const res = await bindings.ASSETS!.fetch(new Request(`https://assets.local/${encodeURIComponent(file)}`));
-            return res.ok ? new Uint8Array(await res.arrayBuffer()) : null;
-          }
-        : undefined,
-    });
+    const app = newApp(
+      createDeps({
+        env,
+        database,
+        digestKey,
+        sealer,
+        logger,
+        http,
+        cache,
+        docsAsset: bindings.ASSETS
+          ? async (file) => {
+              const res = await bindings.ASSETS!.fetch(new Request(`https://assets.local/${encodeURIComponent(file)}`));
+              return res.ok ? new Uint8Array(await res.arrayBuffer()) : null;
+            }
+          : undefined,
+      }),
+    );
     try {
       return await app.fetch(request);
     } finally {

@@ -1,16 +1,13 @@
 import type { OpenAPIHono } from '@hono/zod-openapi';
 import type postgres from 'postgres';
 import type { AuthInfo } from '../accounts/keys.ts';
-import type { Db } from '../db/client.ts';
-import type { Logger } from '../lib/logger.ts';
+import type { UpstreamDeps } from '../upstream/context.ts';
 
-export interface AppDeps {
-  db: Db;
+export interface AppDeps extends UpstreamDeps {
   sql: postgres.Sql;
-  digestKey: Buffer;
-  logger: Logger;
   bodyLimitBytes: number;
-  executeMaxAttempts: number;
+  /** Where vendors reach this server; shown as each connector's webhook URL. */
+  publicBaseUrl?: string;
   /** Reads a swagger-ui-dist file for the docs page; the runtime decides how (file system, Workers assets). */
   docsAsset?: (file: string) => Promise<Uint8Array<ArrayBuffer> | null>;
 }

@@ -1,6 +1,15 @@
 import { createRoute, z } from '@hono/zod-openapi';
-import { and, eq, type SQL } from 'drizzle-orm';
-import { auditRecords, dsrRequests, OUTCOMES, REQUEST_ACTIONS, REQUEST_STATUSES } from '../db/schema/index.ts';
+import { and, asc, eq, exists, inArray, sql, type SQL } from 'drizzle-orm';
+import {
+  auditRecords,
+  dsrRequests,
+  OUTCOMES,
+  REQUEST_ACTIONS,
+  REQUEST_STATUSES,
+  UPSTREAM_STATUSES,
+  upstreamTickets,
+} from '../db/schema/index.ts';
+import type { TicketRow } from '../upstream/tickets.ts';
 import { subjectDigest } from '../lib/digest.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
@@ -53,6 +62,19 @@ const PrivacyBatchInput = z
   })
   .strict();
 
+const UpstreamView = z
+  .object({
+    ticketId: z.string(),
+    connectorId: z.string(),
+    upstreamRef: z.string().openapi({ description: "The vendor's ticket reference" }),
+    status: z.enum(UPSTREAM_STATUSES),
+    attempts: z.number().int(),
+    lastError: z.string().nullable(),
+    nextAttemptAt: z.string().nullable(),
+    deliveredAt: z.string().nullable(),
+  })
+  .openapi('UpstreamTicket');
+
 const RequestView = z
   .object({
     id: z.string().openapi({ example: 'req_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
@@ -71,6 +93,11 @@ const RequestView = z
     createdAt: z.string(),
     startedAt: z.string().nullable(),
     finishedAt: z.string().nullable(),
+    upstreamStatus: z
+      .enum(UPSTREAM_STATUSES)
+      .nullable()
+      .openapi({ description: 'Delivery of the proof to the vendor ticket(s): failed if any failed, pending if any is still pending; null when no vendor ticket' }),
+    upstream: z.array(UpstreamView),
   })
   .openapi('PrivacyRequest');
 
@@ -112,7 +139,8 @@ const ItemResult = z
 
 const iso = (d: Date | null) => (d ? d.toISOString() : null);
 
-export function requestView(r: DsrRequest): z.infer<typeof RequestView> {
+export function requestView(r: DsrRequest, tickets: TicketRow[] = []): z.infer<typeof RequestView> {
+  const statuses = new Set(tickets.map((t) => t.status));
   return {
     id: r.id,
     action: r.action,
@@ -130,7 +158,31 @@ export function requestView(r: DsrRequest): z.infer<typeof RequestView> {
     createdAt: r.createdAt.toISOString(),
     startedAt: iso(r.startedAt),
     finishedAt: iso(r.finishedAt),
+    upstreamStatus: statuses.has('failed') ? 'failed' : statuses.has('pending') ? 'pending' : statuses.size ? 'delivered' : null,
+    upstream: tickets.map((t) => ({
+      ticketId: t.id,
+      connectorId: t.connectorId,
+      upstreamRef: t.upstreamRef,
+      status: t.status,
+      attempts: t.attempts,
+      lastError: t.lastError,
+      nextAttemptAt: iso(t.nextAttemptAt),
+      deliveredAt: iso(t.deliveredAt),
+    })),
   };
+}
+
+/** The vendor tickets of these requests, grouped by request id. */
+async function ticketsOf(deps: AppDeps, requestIds: string[]): Promise<Map<string, TicketRow[]>> {
+  const byRequest = new Map<string, TicketRow[]>();
+  if (requestIds.length === 0) return byRequest;
+  const rows = await deps.db
+    .select()
+    .from(upstreamTickets)
+    .where(inArray(upstreamTickets.requestId, requestIds))
+    .orderBy(asc(upstreamTickets.id));
+  for (const t of rows) byRequest.set(t.requestId, [...(byRequest.get(t.requestId) ?? []), t]);
+  return byRequest;
 }
 
 export function auditView(a: AuditRecord): z.infer<typeof AuditView> {
@@ -202,6 +254,8 @@ const listRequests = createRoute({
       externalRequestId: z.string().max(200).optional(),
       userId: z.string().max(256).optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
+      upstreamRef: z.string().max(500).optional().openapi({ description: "A vendor's ticket reference" }),
+      upstreamStatus: z.enum(UPSTREAM_STATUSES).optional().openapi({ description: 'Requests with a vendor ticket in this state' }),
     }),
   },
   responses: {
@@ -311,7 +365,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       .from(dsrRequests)
       .where(and(eq(dsrRequests.id, c.req.valid('param').id), eq(dsrRequests.workspaceId, c.get('auth').workspaceId)));
     if (!row) throw new ApiError('not_found', 'no such request in this workspace');
-    return c.json(requestView(row), 200);
+    return c.json(requestView(row, (await ticketsOf(deps, [row.id])).get(row.id)), 200);
   });
 
   app.openapi(listRequests, async (c) => {
@@ -323,6 +377,15 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       q.externalRequestId ? eq(dsrRequests.externalRequestId, q.externalRequestId) : undefined,
       q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
       q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
+      q.upstreamRef ? eq(dsrRequests.upstreamRef, q.upstreamRef) : undefined,
+      q.upstreamStatus
+        ? exists(
+            deps.db
+              .select({ one: sql`1` })
+              .from(upstreamTickets)
+              .where(and(eq(upstreamTickets.requestId, dsrRequests.id), eq(upstreamTickets.status, q.upstreamStatus))),
+          )
+        : undefined,
       cursorCondition(q.cursor, dsrRequests.id),
     ];
     const rows = await deps.db
@@ -332,7 +395,8 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       .orderBy(newestFirst(dsrRequests.id))
       .limit(q.limit + 1);
     const p = page(rows, q.limit);
-    return c.json({ data: p.data.map(requestView), nextCursor: p.nextCursor }, 200);
+    const tickets = await ticketsOf(deps, p.data.map((r) => r.id));
+    return c.json({ data: p.data.map((r) => requestView(r, tickets.get(r.id))), nextCursor: p.nextCursor }, 200);
   });
 
   app.openapi(getAudit, async (c) => {

@@ -1,24 +1,46 @@
 import type { TaskList } from 'graphile-worker';
 import { z } from 'zod';
-import type { PrivacyDeps } from '../privacy/context.ts';
 import { executeRequest } from '../privacy/execute.ts';
+import type { UpstreamDeps } from '../upstream/context.ts';
+import { connectorsTick, pollConnector } from '../upstream/poll.ts';
+import { deliverReport } from '../upstream/report.ts';
 
 // Jobs outlive code and may be added from SQL: parse every payload before trusting it.
 const executeRequestPayload = z.object({ requestId: z.string().regex(/^req_[0-9a-z]{25}$/) });
+const reportUpstreamPayload = z.object({
+  ticketId: z.string().regex(/^tkt_[0-9a-z]{25}$/),
+  attempt: z.number().int().min(1),
+});
+const pollConnectorPayload = z.object({ connectorId: z.string().regex(/^con_[0-9a-z]{25}$/) });
 
-export function taskList(deps: PrivacyDeps): TaskList {
+/** Cron entries, in graphile-worker's crontab format: one fan-out task, every minute. */
+export const CRONTAB = '* * * * * connectors_tick';
+
+export function taskList(deps: UpstreamDeps): TaskList {
+  // Retrying cannot fix a malformed payload; log and let the job complete.
+  const parse = <T>(schema: z.ZodType<T>, payload: unknown, task: string, jobId: string): T | undefined => {
+    const parsed = schema.safeParse(payload);
+    if (!parsed.success) deps.logger.error({ task, jobId }, 'malformed job payload; dropping the job');
+    return parsed.success ? parsed.data : undefined;
+  };
   return {
     execute_request: async (payload, helpers) => {
-      const parsed = executeRequestPayload.safeParse(payload);
-      if (!parsed.success) {
-        // Retrying cannot fix a malformed payload; log and let the job complete.
-        helpers.logger.error(`execute_request: malformed payload for job ${helpers.job.id}`);
-        return;
-      }
-      await executeRequest(deps, parsed.data.requestId, {
-        attempt: helpers.job.attempts,
-        maxAttempts: helpers.job.max_attempts,
-      });
+      const p = parse(executeRequestPayload, payload, 'execute_request', helpers.job.id);
+      if (!p) return;
+      await executeRequest(deps, p.requestId, { attempt: helpers.job.attempts, maxAttempts: helpers.job.max_attempts });
+    },
+    report_upstream: async (payload, helpers) => {
+      const p = parse(reportUpstreamPayload, payload, 'report_upstream', helpers.job.id);
+      if (!p) return;
+      await deliverReport(deps, p.ticketId, p.attempt);
+    },
+    poll_connector: async (payload, helpers) => {
+      const p = parse(pollConnectorPayload, payload, 'poll_connector', helpers.job.id);
+      if (!p) return;
+      await pollConnector(deps, p.connectorId);
+    },
+    connectors_tick: async () => {
+      await connectorsTick(deps);
     },
   };
 }

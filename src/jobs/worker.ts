@@ -1,16 +1,18 @@
 import { run, type Runner } from 'graphile-worker';
-import type { PrivacyDeps } from '../privacy/context.ts';
+import type { UpstreamDeps } from '../upstream/context.ts';
 import { graphileLogger } from './logger.ts';
-import { taskList } from './tasks.ts';
+import { CRONTAB, taskList } from './tasks.ts';
 
 export interface WorkerOptions {
   connectionString: string;
   concurrency: number;
   pollInterval?: number;
+  /** Defaults to CRONTAB; tests pass '' to run no cron. */
+  crontab?: string;
 }
 
 /** Starts graphile-worker with our tasks; signals are handled by the caller so shutdown is ordered. */
-export function startWorker(deps: PrivacyDeps, opts: WorkerOptions): Promise<Runner> {
+export function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Promise<Runner> {
   return run({
     connectionString: opts.connectionString,
     concurrency: opts.concurrency,
@@ -18,7 +20,7 @@ export function startWorker(deps: PrivacyDeps, opts: WorkerOptions): Promise<Run
     maxPoolSize: opts.concurrency + 2,
     pollInterval: opts.pollInterval ?? 2_000,
     noHandleSignals: true,
-    crontab: '',
+    crontab: opts.crontab ?? CRONTAB,
     logger: graphileLogger(deps.logger),
     taskList: taskList(deps),
   });

@@ -10,8 +10,11 @@ export const ERROR_STATUS = {
   forbidden: 403,
   not_found: 404,
   conflict: 409,
+  token_replayed: 401,
   payload_too_large: 413,
   unsupported_media_type: 415,
+  unsupported_request_type: 422,
+  action_not_implemented: 400,
   service_unavailable: 503,
   internal_error: 500,
 } as const satisfies Record<string, ContentfulStatusCode>;

@@ -21,6 +21,7 @@ import { DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { PrivacyDeps } from './context.ts';
 import type { DsrRequest } from './intake.ts';
+import { enqueueReports } from '../upstream/tickets.ts';
 
 export type AuditRecord = typeof auditRecords.$inferSelect;
 
@@ -137,6 +138,9 @@ async function finish(
     })
     .where(eq(dsrRequests.id, req.id))
     .returning();
+  // After the row update: a ticket joining this request concurrently holds a share lock on the row, so by now it
+  // has committed and is seen here (or it saw us finished and enqueued its own report).
+  await enqueueReports(tx, { requestId: req.id });
   return { request: request!, audit: audit! };
 }
 

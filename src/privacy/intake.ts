@@ -4,6 +4,7 @@ import { dsrRequests, REQUEST_ACTIONS, REQUEST_SCOPES } from '../db/schema/index
 import { subjectDigest } from '../lib/digest.ts';
 import { DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
+import type { Tx } from '../db/client.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 
 export type DsrRequest = typeof dsrRequests.$inferSelect;
@@ -49,74 +50,79 @@ export type IntakeResult =
  * in one transaction, so a request is never acknowledged without its job, nor a job left without its request.
  */
 export async function intake({ ctx, actor, input }: { ctx: PrivacyDeps; actor: Actor; input: IntakeInput }) {
+  const outcome = await ctx.db.transaction((tx) => intakeInTx(tx, ctx, actor, input));
+  logCreated(ctx, actor, outcome);
+  return outcome;
+}
+
+/** The same verb inside a caller's transaction (a connector stores its ticket with the request, atomically). */
+export async function intakeInTx(tx: Tx, ctx: PrivacyDeps, actor: Actor, input: IntakeInput): Promise<IntakeResult> {
   const v = intakeInputSchema.parse(input);
   const subject = v.subject;
   const digest = subject
     ? subjectDigest(ctx.digestKey, v.workspaceId, subject.kind, subject.value)
     : subjectDigest(ctx.digestKey, v.workspaceId, 'workspace', v.workspaceId);
 
+  // Under READ COMMITTED each statement sees what committed before it, so a retry inside the transaction can find
+  // that a conflicting pending request has meanwhile finished.
   for (let attempt = 0; attempt < 3; attempt++) {
     const id = newId('req');
     const dedupeKey =
       v.dedupeKey ?? (v.externalRequestId ? `${actor.source}:ext:${v.externalRequestId}` : `${actor.source}:id:${id}`);
-    const outcome = await ctx.db.transaction(async (tx): Promise<IntakeResult | null> => {
-      const [created] = await tx
-        .insert(dsrRequests)
-        .values({
-          id,
-          workspaceId: v.workspaceId,
-          source: actor.source,
-          actorType: actor.type,
-          actorId: actor.id,
-          action: v.action,
-          scope: v.scope,
-          subjectKind: subject?.kind ?? 'workspace',
-          subjectValue: subject ? subject.value.trim() : null,
-          subjectDigest: digest,
-          externalRequestId: v.externalRequestId ?? null,
-          upstreamRef: v.upstreamRef ?? null,
-          dedupeKey,
-        })
-        .onConflictDoNothing()
-        .returning();
-      if (created) {
-        await tx.execute(
-          sql`select graphile_worker.add_job('execute_request', json_build_object('requestId', ${id}::text),
-                job_key => ${id}::text, max_attempts => ${ctx.executeMaxAttempts}::int)`,
-        );
-        return { result: 'created', request: created };
-      }
-      const [sameKey] = await tx
-        .select()
-        .from(dsrRequests)
-        .where(and(eq(dsrRequests.workspaceId, v.workspaceId), eq(dsrRequests.dedupeKey, dedupeKey)));
-      if (sameKey) {
-        const same =
-          sameKey.action === v.action && sameKey.scope === v.scope && sameKey.subjectDigest === digest;
-        return { result: same ? 'existing' : 'conflict', request: sameKey };
-      }
-      const [pending] = await tx
-        .select()
-        .from(dsrRequests)
-        .where(
-          and(
-            eq(dsrRequests.workspaceId, v.workspaceId),
-            eq(dsrRequests.action, v.action),
-            eq(dsrRequests.scope, v.scope),
-            eq(dsrRequests.subjectDigest, digest),
-            inArray(dsrRequests.status, ['queued', 'running']),
-          ),
-        );
-      if (pending) return { result: 'duplicate_pending', request: pending };
-      // The conflicting request finished between our insert and our look-up: try again.
-      return null;
-    });
-    if (outcome) {
-      if (outcome.result === 'created') {
-        ctx.logger.info({ requestId: id, action: v.action, scope: v.scope, source: actor.source }, 'request queued');
-      }
-      return outcome;
+    const [created] = await tx
+      .insert(dsrRequests)
+      .values({
+        id,
+        workspaceId: v.workspaceId,
+        source: actor.source,
+        actorType: actor.type,
+        actorId: actor.id,
+        action: v.action,
+        scope: v.scope,
+        subjectKind: subject?.kind ?? 'workspace',
+        subjectValue: subject ? subject.value.trim() : null,
+        subjectDigest: digest,
+        externalRequestId: v.externalRequestId ?? null,
+        upstreamRef: v.upstreamRef ?? null,
+        dedupeKey,
+      })
+      .onConflictDoNothing()
+      .returning();
+    if (created) {
+      await tx.execute(
+        sql`select graphile_worker.add_job('execute_request', json_build_object('requestId', ${id}::text),
+              job_key => ${id}::text, max_attempts => ${ctx.executeMaxAttempts}::int)`,
+      );
+      return { result: 'created', request: created };
     }
+    const [sameKey] = await tx
+      .select()
+      .from(dsrRequests)
+      .where(and(eq(dsrRequests.workspaceId, v.workspaceId), eq(dsrRequests.dedupeKey, dedupeKey)));
+    if (sameKey) {
+      const same = sameKey.action === v.action && sameKey.scope === v.scope && sameKey.subjectDigest === digest;
+      return { result: same ? 'existing' : 'conflict', request: sameKey };
+    }
+    const [pending] = await tx
+      .select()
+      .from(dsrRequests)
+      .where(
+        and(
+          eq(dsrRequests.workspaceId, v.workspaceId),
+          eq(dsrRequests.action, v.action),
+          eq(dsrRequests.scope, v.scope),
+          eq(dsrRequests.subjectDigest, digest),
+          inArray(dsrRequests.status, ['queued', 'running']),
+        ),
+      );
+    if (pending) return { result: 'duplicate_pending', request: pending };
+    // The conflicting request finished between our insert and our look-up: try again.
   }
   throw new DomainError('intake_contention', 'could not settle a conflicting request; retry');
+}
+
+export function logCreated(ctx: PrivacyDeps, actor: Actor, outcome: IntakeResult): void {
+  if (outcome.result !== 'created') return;
+  const r = outcome.request;
+  ctx.logger.info({ requestId: r.id, action: r.action, scope: r.scope, source: actor.source }, 'request queued');
 }

@@ -57,6 +57,9 @@ describe('npm start with no database configured', () => {
     expect(first.output()).toMatch(/Health\s+http:\/\/127\.0\.0\.1:\d+\/healthz/);
     expect((await json(`${base}/healthz`)).body).toEqual({ status: 'ok', database: 'ok' });
     expect((await stat(path.join(dataDir, 'digest.key'))).mode & 0o777).toBe(0o600);
+    // The connector master key is generated once, private to the user, and the operator is told.
+    expect((await stat(path.join(dataDir, 'encryption.key'))).mode & 0o777).toBe(0o600);
+    expect(first.output()).toContain('generated an encryption master key');
 
     // The CLI finds the running embedded server and uses it.
     const cli = await runCli(['workspaces', 'create', '--name', 'Start test', '--json'], env);
@@ -64,6 +67,12 @@ describe('npm start with no database configured', () => {
     const keys = JSON.parse(cli.stdout) as { workspaceId: string; ingestKey: string; privacyKey: string; adminKey: string };
     expect(keys.workspaceId).toMatch(/^ws_/);
     const requestId = await eraseThroughApi(base, keys, 'user-start-1');
+    const connector = await json(`${base}/v1/admin/connectors`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${keys.adminKey}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ vendor: 'datagrail', name: 'DG', secrets: { webhookSecret: 'restart-secret', apiKey: 'restart-key' } }),
+    });
+    expect(connector.status).toBe(201);
 
     // Ctrl-C while an erasure is running: the worker drains it before the process and PostgreSQL stop.
     const password = (await readFile(path.join(dataDir, 'pg-password'), 'utf8')).trim();
@@ -103,6 +112,13 @@ describe('npm start with no database configured', () => {
       headers: { authorization: `Bearer ${keys.privacyKey}` },
     });
     expect(drained.body).toMatchObject({ status: 'complete', outcome: 'erased', attempts: 1 });
+    // Same master key after the restart: the connector's sealed secrets still open (the test reads them).
+    const tested = await json(`${base2}/v1/admin/connectors/${String(connector.body.id)}/test`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${keys.adminKey}` },
+    });
+    expect(tested.status).toBe(200);
+    expect(second.output()).not.toContain('generated an encryption master key');
     second.proc.kill('SIGTERM');
     expect(await second.exited).toBe(0);
     expect(existsSync(path.join(dataDir, 'pg', 'postmaster.pid'))).toBe(false);
@@ -151,7 +167,7 @@ describe('CLI', () => {
     const name = `${prefix}_cli_migrate`;
     const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
     await admin.unsafe(`create database ${quoteIdent(name)}`);
-    const env = childEnv({ DATABASE_URL: withDatabase(adminUrl, name), DATA_DIR: os.tmpdir(), DSR_DIGEST_KEY: Buffer.alloc(32, 7).toString('base64') });
+    const env = childEnv({ DATABASE_URL: withDatabase(adminUrl, name), DATA_DIR: os.tmpdir(), DSR_DIGEST_KEY: Buffer.alloc(32, 7).toString('base64'), DSR_ENCRYPTION_KEY: Buffer.alloc(32, 8).toString('base64') });
     for (let i = 0; i < 2; i++) {
       const out = await runCli(['migrate'], env);
       expect(out.stderr).toBe('');

@@ -1,3 +1,10 @@
+import {
+  DATAGRAIL_CALLBACK_ROUTE,
+  datagrailBody,
+  datagrailWebhook,
+  FAKE_DATAGRAIL_API_KEY,
+  startFakeDataGrail,
+} from '../../connectors/datagrail/fake.ts';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -22,7 +29,7 @@ beforeAll(async () => {
   env = await createTestEnv();
   dir = await mkdtemp(path.join(os.tmpdir(), 'dsr-wrangler-'));
   const envFile = path.join(dir, 'vars.env');
-  await writeFile(envFile, `DATABASE_URL=${env.url}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nLOG_LEVEL=warn\n`);
+  await writeFile(envFile, `DATABASE_URL=${env.url}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nDSR_ENCRYPTION_KEY=${env.encryptionKey.toString('base64')}\nLOG_LEVEL=warn\n`);
   const port = await freePort();
   const proc = spawn(
     process.execPath,
@@ -99,5 +106,43 @@ describe('web role on Workers (wrangler dev)', () => {
     expect(listed.data).toHaveLength(1);
     const [events] = await env.sql`select count(*)::int as n from events where workspace_id = ${ws.workspaceId}`;
     expect(events!.n).toBe(0);
+  });
+
+  it('takes a signed vendor webhook on workerd; the ticket is reported from Node with the secret sealed on Workers', async () => {
+    const ws = await env.newWorkspace();
+    const dg = await startFakeDataGrail();
+    try {
+      const secret = 'workers-webhook-secret';
+      const admin = { authorization: `Bearer ${ws.adminKey}`, 'content-type': 'application/json' };
+      const created = await fetch(`${base}/v1/admin/connectors`, {
+        method: 'POST',
+        headers: admin,
+        body: JSON.stringify({
+          vendor: 'datagrail',
+          name: 'DataGrail',
+          config: { callbackHosts: ['127.0.0.1'] },
+          secrets: { webhookSecret: secret, apiKey: FAKE_DATAGRAIL_API_KEY },
+        }),
+      });
+      expect(created.status).toBe(201);
+      const { id } = (await created.json()) as { id: string };
+      const w = datagrailWebhook({ secret, body: datagrailBody({ callback_url: dg.callbackUrl() }) });
+      const bad = await fetch(`${base}/webhooks/datagrail/${id}`, {
+        method: 'POST',
+        headers: { ...w.headers, 'x-webhook-signature': 'AAAA' },
+        body: w.rawBody,
+      });
+      expect(bad.status).toBe(401);
+      const res = await fetch(`${base}/webhooks/datagrail/${id}`, { method: 'POST', headers: w.headers, body: w.rawBody });
+      expect(res.status).toBe(200);
+      const { received } = (await res.json()) as { received: { requestId: string }[] };
+      await env.runJobs();
+      await env.runJobs();
+      const [ticket] = await env.sql`select status from upstream_tickets where request_id = ${received[0]!.requestId}`;
+      expect(ticket!.status).toBe('delivered');
+      expect(dg.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE)).toHaveLength(1);
+    } finally {
+      await dg.fake.stop();
+    }
   });
 });

@@ -7,7 +7,10 @@ import { newApp } from '../../src/app.ts';
 import { createDatabase, type Database } from '../../src/db/client.ts';
 import { quoteIdent } from '../../src/db/embedded.ts';
 import { readDocsAsset } from '../../src/http/docs-assets.ts';
+import { parseEnv } from '../../src/config.ts';
+import { createNodeDeps } from '../../src/deps-node.ts';
 import type { AppDeps } from '../../src/http/env.ts';
+import { Sealer } from '../../src/lib/sealing.ts';
 import { runDueJobs } from '../../src/jobs/run-once.ts';
 import { taskList } from '../../src/jobs/tasks.ts';
 import { createLogger } from '../../src/lib/logger.ts';
@@ -29,6 +32,8 @@ export interface TestEnv {
   url: string;
   database: Database;
   deps: AppDeps;
+  /** The master key the test's sealer uses (for processes that must open what this one sealed). */
+  encryptionKey: Buffer;
   logs: LogCapture;
   app: ReturnType<typeof newApp>;
   /** Superuser-ish raw connection for arranging and inspecting state. */
@@ -42,7 +47,9 @@ export interface TestEnv {
 let counter = 0;
 
 /** A fresh database cloned from the migrated template, plus the service's dependencies wired to it. */
-export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promise<TestEnv> {
+export async function createTestEnv(
+  opts: { maxAttempts?: number; reportMaxAttempts?: number; reportBackoffMaxMs?: number } = {},
+): Promise<TestEnv> {
   const { adminUrl, template, prefix } = inject('pg');
   const name = `${prefix}_${process.pid}_${++counter}_${randomBytes(2).toString('hex')}`;
   const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
@@ -53,20 +60,30 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
   const database = createDatabase(url, { max: 4 });
   const logs = new LogCapture();
   const logger = createLogger('debug', logs);
-  const deps: AppDeps = {
-    db: database.db,
-    sql: database.sql,
+  const encryptionKey = randomBytes(32);
+  const deps = createNodeDeps({
+    env: parseEnv({
+      OUTBOUND_ALLOW_PRIVATE_NETWORKS: 'true',
+      OUTBOUND_TIMEOUT_MS: '2000',
+      REPORT_MAX_ATTEMPTS: String(opts.reportMaxAttempts ?? 5),
+      REPORT_BACKOFF_BASE_MS: '20',
+      REPORT_BACKOFF_MAX_MS: String(opts.reportBackoffMaxMs ?? 200),
+      EXECUTE_MAX_ATTEMPTS: String(opts.maxAttempts ?? 3),
+      BODY_LIMIT_BYTES: String(64 * 1024),
+      PUBLIC_BASE_URL: 'https://dsr.example.test',
+    }),
+    database,
     digestKey: randomBytes(32),
+    sealer: new Sealer(encryptionKey),
     logger,
-    bodyLimitBytes: 64 * 1024,
-    executeMaxAttempts: opts.maxAttempts ?? 3,
     docsAsset: readDocsAsset,
-  };
+  });
   const sql = postgres(url, { max: 3, onnotice: () => {} });
   return {
     url,
     database,
     deps,
+    encryptionKey,
     logs,
     sql,
     app: newApp(deps),
@@ -74,6 +91,7 @@ export async function createTestEnv(opts: { maxAttempts?: number } = {}): Promis
     runJobs: () => runDueJobs(sql, { connectionString: url, taskList: taskList(deps), logger }),
     async close() {
       await sql.end({ timeout: 5 });
+      await deps.http.close();
       await database.close();
       const a = postgres(adminUrl, { max: 1, onnotice: () => {} });
       await a.unsafe(`drop database if exists ${quoteIdent(name)} with (force)`);

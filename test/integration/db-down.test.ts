@@ -1,7 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, describe, expect, it } from 'vitest';
 import { newApp } from '../../src/app.ts';
+import { parseEnv } from '../../src/config.ts';
 import { createDatabase } from '../../src/db/client.ts';
+import { createNodeDeps } from '../../src/deps-node.ts';
+import { Sealer } from '../../src/lib/sealing.ts';
 import { createLogger } from '../../src/lib/logger.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { LogCapture } from '../helpers/db.ts';
@@ -10,15 +13,18 @@ import { LogCapture } from '../helpers/db.ts';
 const port = await freePort();
 const database = createDatabase(`postgres://nobody@127.0.0.1:${port}/nothing`, { max: 1 });
 const logs = new LogCapture();
-const app = newApp({
-  db: database.db,
-  sql: database.sql,
+const deps = createNodeDeps({
+  env: parseEnv({ BODY_LIMIT_BYTES: '1024', EXECUTE_MAX_ATTEMPTS: '1' }),
+  database,
   digestKey: randomBytes(32),
+  sealer: new Sealer(randomBytes(32)),
   logger: createLogger('debug', logs),
-  bodyLimitBytes: 1024,
-  executeMaxAttempts: 1,
 });
-afterAll(() => database.close());
+const app = newApp(deps);
+afterAll(async () => {
+  await deps.http.close();
+  await database.close();
+});
 
 describe('database unreachable', () => {
   it('healthz answers 503 and says the database is unreachable', async () => {

@@ -469,6 +469,8 @@ describe('GET /v1/privacy/requests/:id', () => {
       createdAt: expect.any(String),
       startedAt: null,
       finishedAt: null,
+      upstreamStatus: null,
+      upstream: [],
     });
     expect(Number.isNaN(Date.parse(own.json.createdAt))).toBe(false);
 

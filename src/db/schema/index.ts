@@ -1,2 +1,3 @@
 export * from './product.ts';
 export * from './privacy.ts';
+export * from './connectors.ts';

@@ -80,6 +80,7 @@ export const dsrRequests = pgTable(
     index('dsr_requests_workspace_id_idx').on(t.workspaceId, t.id),
     index('dsr_requests_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
     index('dsr_requests_workspace_external_idx').on(t.workspaceId, t.externalRequestId),
+    index('dsr_requests_workspace_upstream_idx').on(t.workspaceId, t.upstreamRef),
     check('dsr_requests_status_ck', sql`${t.status} in ('queued', 'running', 'complete', 'failed')`),
     check('dsr_requests_action_ck', sql`${t.action} in ('erase', 'suppress', 'unsuppress')`),
     check('dsr_requests_scope_ck', sql`${t.scope} in ('user', 'workspace')`),

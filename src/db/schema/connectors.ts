@@ -1,0 +1,108 @@
+import { sql } from 'drizzle-orm';
+import {
+  boolean,
+  check,
+  index,
+  integer,
+  jsonb,
+  pgTable,
+  primaryKey,
+  text,
+  timestamp,
+  uniqueIndex,
+} from 'drizzle-orm/pg-core';
+import { dsrRequests } from './privacy.ts';
+import { workspaces } from './product.ts';
+
+const ts = (name: string) => timestamp(name, { withTimezone: true, mode: 'date' });
+
+export const VENDORS = ['transcend', 'onetrust', 'datagrail'] as const;
+export type Vendor = (typeof VENDORS)[number];
+
+/**
+ * A configured link to one privacy platform account. Non-secret settings are plain JSON (validated by the vendor's
+ * schema on every write); secrets are one sealed JSON object (AES-256-GCM under the master key, bound to this row).
+ */
+export const connectors = pgTable(
+  'connectors',
+  {
+    id: text('id').primaryKey(),
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    vendor: text('vendor', { enum: VENDORS }).notNull(),
+    name: text('name').notNull(),
+    config: jsonb('config').$type<Record<string, unknown>>().notNull().default({}),
+    /** Sealed JSON object of secret name → value; null once the connector is deleted. */
+    secretsSealed: text('secrets_sealed'),
+    /** Secret name → keyed fingerprint, so responses can show what is set without the values. */
+    secretFingerprints: jsonb('secret_fingerprints').$type<Record<string, string>>().notNull().default({}),
+    enabled: boolean('enabled').notNull().default(true),
+    createdAt: ts('created_at').notNull().defaultNow(),
+    updatedAt: ts('updated_at').notNull().defaultNow(),
+    secretsRotatedAt: ts('secrets_rotated_at').notNull().defaultNow(),
+    lastPolledAt: ts('last_polled_at'),
+    /** Soft delete: the row stays so requests and audit records that name the connector keep their meaning. */
+    deletedAt: ts('deleted_at'),
+  },
+  (t) => [
+    index('connectors_workspace_idx').on(t.workspaceId, t.id),
+    check('connectors_vendor_ck', sql`${t.vendor} in ('transcend', 'onetrust', 'datagrail')`),
+    check('connectors_deleted_wiped_ck', sql`${t.deletedAt} is null or ${t.secretsSealed} is null`),
+  ],
+);
+
+export const UPSTREAM_STATUSES = ['pending', 'delivered', 'failed'] as const;
+export type UpstreamStatus = (typeof UPSTREAM_STATUSES)[number];
+
+/**
+ * One ticket received from a vendor (one webhook, or one polled item) and the delivery of its proof back upstream.
+ * Several tickets may point at one request (a ticket for a subject whose request is already pending joins it).
+ * Holds no personal data: `upstream` carries only the vendor's ids and callback facts report() needs.
+ */
+export const upstreamTickets = pgTable(
+  'upstream_tickets',
+  {
+    id: text('id').primaryKey(),
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    connectorId: text('connector_id').notNull().references(() => connectors.id),
+    /** The vendor's stable id for this ticket: the deduplication key for redeliveries. */
+    ticketKey: text('ticket_key').notNull(),
+    requestId: text('request_id').notNull().references(() => dsrRequests.id),
+    action: text('action').notNull(),
+    subjectDigest: text('subject_digest').notNull(),
+    upstreamRef: text('upstream_ref').notNull(),
+    upstream: jsonb('upstream').$type<Record<string, unknown>>().notNull().default({}),
+    /** A per-ticket capability the vendor requires on the report (e.g. a nonce), sealed; wiped once delivered. */
+    secretSealed: text('secret_sealed'),
+    status: text('status', { enum: UPSTREAM_STATUSES }).notNull().default('pending'),
+    attempts: integer('attempts').notNull().default(0),
+    lastError: text('last_error'),
+    nextAttemptAt: ts('next_attempt_at'),
+    deliveredAt: ts('delivered_at'),
+    createdAt: ts('created_at').notNull().defaultNow(),
+    updatedAt: ts('updated_at').notNull().defaultNow(),
+  },
+  (t) => [
+    uniqueIndex('upstream_tickets_key_uq').on(t.connectorId, t.ticketKey),
+    index('upstream_tickets_request_idx').on(t.requestId),
+    index('upstream_tickets_workspace_idx').on(t.workspaceId, t.id),
+    index('upstream_tickets_pending_idx')
+      .on(t.nextAttemptAt)
+      .where(sql`${t.status} = 'pending'`),
+    check('upstream_tickets_status_ck', sql`${t.status} in ('pending', 'delivered', 'failed')`),
+  ],
+);
+
+/**
+ * Signed-token ids seen per connector (a JWT `jti`): a token may only ever carry the body it was first seen with.
+ * A redelivery of the same message is harmless and answered as before; the same token on another body is a replay.
+ */
+export const webhookTokens = pgTable(
+  'webhook_tokens',
+  {
+    connectorId: text('connector_id').notNull().references(() => connectors.id),
+    tokenId: text('token_id').notNull(),
+    bodyDigest: text('body_digest').notNull(),
+    expiresAt: ts('expires_at').notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.connectorId, t.tokenId] }), index('webhook_tokens_expires_idx').on(t.expiresAt)],
+);

@@ -1,0 +1,185 @@
+import { createRoute, z } from '@hono/zod-openapi';
+import { VENDORS } from '../db/schema/index.ts';
+import {
+  adapterContext,
+  createConnector,
+  deleteConnector,
+  getConnector,
+  listConnectors,
+  openConnector,
+  replaceSecrets,
+  updateConnector,
+  type ConnectorRow,
+} from '../upstream/store.ts';
+import { bearerSecurity, requireKey } from './auth.ts';
+import type { App, AppDeps } from './env.ts';
+import { commonErrors, notFoundError } from './schemas.ts';
+
+const ConnectorView = z
+  .object({
+    id: z.string().openapi({ example: 'con_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
+    vendor: z.enum(VENDORS),
+    name: z.string(),
+    enabled: z.boolean(),
+    config: z.record(z.string(), z.unknown()),
+    secrets: z
+      .record(z.string(), z.object({ set: z.literal(true), fingerprint: z.string() }))
+      .openapi({ description: 'Which secrets are set, with a short keyed fingerprint; never the values' }),
+    webhookPath: z.string().openapi({ example: '/webhooks/transcend/con_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
+    webhookUrl: z.string().nullable().openapi({ description: 'Full URL when PUBLIC_BASE_URL is configured' }),
+    createdAt: z.string(),
+    updatedAt: z.string(),
+    secretsRotatedAt: z.string(),
+  })
+  .openapi('Connector');
+
+const ConnectorInput = z
+  .object({
+    vendor: z.enum(VENDORS),
+    name: z.string().min(1).max(200),
+    config: z.record(z.string(), z.unknown()).optional().openapi({ description: "Non-secret settings (the vendor's schema)" }),
+    secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Write-only: API keys, shared secrets' }),
+  })
+  .openapi('ConnectorInput');
+
+const ConnectorPatch = z
+  .object({
+    name: z.string().min(1).max(200).optional(),
+    config: z.record(z.string(), z.unknown()).optional().openapi({ description: 'Replaces the whole config' }),
+    enabled: z.boolean().optional(),
+  })
+  .openapi('ConnectorPatch');
+
+const SecretsInput = z
+  .object({ secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Replaces every secret' }) })
+  .openapi('ConnectorSecrets');
+
+const TestResultView = z
+  .object({
+    ok: z.boolean(),
+    checks: z.array(z.object({ name: z.string(), ok: z.boolean(), detail: z.string() })),
+  })
+  .openapi('ConnectorTestResult');
+
+const json = <T extends z.ZodType>(schema: T, description: string) => ({
+  description,
+  content: { 'application/json': { schema } },
+});
+const body = <T extends z.ZodType>(schema: T) => ({ required: true, content: { 'application/json': { schema } } });
+const idParam = { params: z.object({ id: z.string().max(100) }) };
+const route = <M extends 'get' | 'post' | 'patch' | 'put' | 'delete', P extends string>(method: M, path: P, summary: string) => ({
+  method,
+  path,
+  summary,
+  tags: ['admin'],
+  security: bearerSecurity,
+});
+
+function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof ConnectorView> {
+  const webhookPath = `/webhooks/${row.vendor}/${row.id}`;
+  return {
+    id: row.id,
+    vendor: row.vendor,
+    name: row.name,
+    enabled: row.enabled,
+    config: row.config,
+    secrets: Object.fromEntries(
+      Object.entries(row.secretFingerprints).map(([name, fingerprint]) => [name, { set: true as const, fingerprint }]),
+    ),
+    webhookPath,
+    webhookUrl: deps.publicBaseUrl ? `${deps.publicBaseUrl.replace(/\/+$/, '')}${webhookPath}` : null,
+    createdAt: row.createdAt.toISOString(),
+    updatedAt: row.updatedAt.toISOString(),
+    secretsRotatedAt: row.secretsRotatedAt.toISOString(),
+  };
+}
+
+/** Connector administration for the workspace of the admin key; secrets go in and never come out. */
+export function registerAdminRoutes(app: App, deps: AppDeps): void {
+  app.use('/v1/admin/*', requireKey(deps, 'admin'));
+  const ws = (c: { get(k: 'auth'): { workspaceId: string } }) => c.get('auth').workspaceId;
+  const one = { 200: json(ConnectorView, 'The connector'), ...commonErrors, ...notFoundError };
+
+  app.openapi(
+    createRoute({
+      ...route('post', '/v1/admin/connectors', 'Create a connector'),
+      request: { body: body(ConnectorInput) },
+      responses: { 201: json(ConnectorView, 'Created'), ...commonErrors },
+    }),
+    async (c) => c.json(connectorView(deps, await createConnector(deps, ws(c), c.req.valid('json'))), 201),
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('get', '/v1/admin/connectors', "The workspace's connectors"),
+      responses: { 200: json(z.object({ data: z.array(ConnectorView) }), 'All connectors'), ...commonErrors },
+    }),
+    async (c) => c.json({ data: (await listConnectors(deps.db, ws(c))).map((r) => connectorView(deps, r)) }, 200),
+  );
+
+  app.openapi(
+    createRoute({ ...route('get', '/v1/admin/connectors/{id}', 'One connector'), request: idParam, responses: one }),
+    async (c) => c.json(connectorView(deps, await getConnector(deps.db, ws(c), c.req.valid('param').id)), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('patch', '/v1/admin/connectors/{id}', 'Rename, replace the config, enable or disable'),
+      request: { ...idParam, body: body(ConnectorPatch) },
+      responses: one,
+    }),
+    async (c) =>
+      c.json(connectorView(deps, await updateConnector(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('put', '/v1/admin/connectors/{id}/secrets', 'Replace the secrets'),
+      request: { ...idParam, body: body(SecretsInput) },
+      responses: one,
+    }),
+    async (c) =>
+      c.json(connectorView(deps, await replaceSecrets(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200),
+  );
+
+  for (const [action, enabled] of [
+    ['disable', false],
+    ['enable', true],
+  ] as const) {
+    app.openapi(
+      createRoute({
+        ...route('post', `/v1/admin/connectors/{id}/${action}`, `${action === 'disable' ? 'Disable' : 'Enable'} a connector`),
+        request: idParam,
+        responses: one,
+      }),
+      async (c) => c.json(connectorView(deps, await updateConnector(deps, ws(c), c.req.valid('param').id, { enabled })), 200),
+    );
+  }
+
+  app.openapi(
+    createRoute({
+      ...route('delete', '/v1/admin/connectors/{id}', 'Delete a connector (its secrets are wiped)'),
+      request: idParam,
+      responses: { 204: { description: 'Deleted' }, ...commonErrors, ...notFoundError },
+    }),
+    async (c) => {
+      await deleteConnector(deps, ws(c), c.req.valid('param').id);
+      return c.body(null, 204);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('post', '/v1/admin/connectors/{id}/test', 'Check the credentials against the vendor'),
+      request: idParam,
+      responses: { 200: json(TestResultView, 'What was checked and how it went'), ...commonErrors, ...notFoundError },
+    }),
+    async (c) => {
+      const row = await getConnector(deps.db, ws(c), c.req.valid('param').id);
+      const { adapter, instance } = openConnector(deps.sealer, row);
+      const result = await adapter.test(instance, adapterContext(deps));
+      deps.logger.info({ connectorId: row.id, vendor: row.vendor, ok: result.ok }, 'connector tested');
+      return c.json(result, 200);
+    },
+  );
+}

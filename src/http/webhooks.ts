@@ -1,0 +1,86 @@
+import { z } from '@hono/zod-openapi';
+import {
+  WebhookAuthError,
+  WebhookPayloadError,
+  WebhookUnavailableError,
+  type RawWebhook,
+} from '../../connectors/types.ts';
+import { VENDORS } from '../db/schema/index.ts';
+import { ApiError } from '../lib/errors.ts';
+import { adapterContext, findWebhookConnector, openConnector } from '../upstream/store.ts';
+import { receiveTickets } from '../upstream/tickets.ts';
+import type { App, AppDeps } from './env.ts';
+import { ErrorBody } from './schemas.ts';
+
+const WebhookAnswer = z
+  .object({
+    received: z.array(z.object({ ticketId: z.string(), requestId: z.string() })),
+  })
+  .openapi('WebhookAnswer');
+
+/** Turns an adapter's verdict into our error shape; the messages are PII-free by the adapter contract. */
+function toApiError(err: unknown): unknown {
+  if (err instanceof WebhookAuthError) return new ApiError('unauthorized', `webhook not verified: ${err.message}`);
+  if (err instanceof WebhookUnavailableError) return new ApiError('service_unavailable', err.message);
+  if (err instanceof WebhookPayloadError) return new ApiError(err.code, err.message, err.details);
+  return err;
+}
+
+/**
+ * `POST /webhooks/:vendor/:connectorId`: verify the sender with the connector's secrets, parse, store the tickets
+ * and their requests, and only then answer 200. Unknown, disabled, deleted and vendor-mismatched connectors all get
+ * the same 404, so the URL space reveals nothing.
+ */
+export function registerWebhookRoutes(app: App, deps: AppDeps): void {
+  app.openAPIRegistry.registerPath({
+    method: 'post',
+    path: '/webhooks/{vendor}/{connectorId}',
+    summary: 'Receive a DSR ticket from a privacy platform (verified with the connector secrets)',
+    tags: ['webhooks'],
+    request: {
+      params: z.object({ vendor: z.enum(VENDORS), connectorId: z.string() }),
+      body: { content: { 'application/json': { schema: z.object({}).passthrough() } } },
+    },
+    responses: {
+      200: { description: 'Stored (or already stored): the ticket and its request id', content: { 'application/json': { schema: WebhookAnswer } } },
+      ...Object.fromEntries(
+        [
+          [400, 'Malformed body, missing field, or an action not implemented'],
+          [401, 'Sender not verified'],
+          [404, 'No such connector'],
+          [409, 'The ticket id was already used for a different request'],
+          [413, 'Body too large'],
+          [422, 'Request type not mapped to an action'],
+          [503, 'Cannot verify right now (vendor key unreachable) or database unavailable; retry'],
+        ].map(([s, d]) => [s, { description: d as string, content: { 'application/json': { schema: ErrorBody } } }]),
+      ),
+    },
+  });
+
+  app.post('/webhooks/:vendor/:connectorId', async (c) => {
+    const { vendor, connectorId } = c.req.param();
+    const row = await findWebhookConnector(deps.db, vendor, connectorId);
+    if (!row) throw new ApiError('not_found', 'no such webhook');
+    const { adapter, instance } = openConnector(deps.sealer, row);
+    const req: RawWebhook = { rawBody: await c.req.text(), header: (n) => c.req.header(n), receivedAt: new Date() };
+    const log = deps.logger.child({ requestId: c.get('requestId'), connectorId: row.id, vendor: row.vendor });
+    try {
+      const verified = await adapter.verify(req, instance, adapterContext(deps));
+      const parsed = adapter.parse(req, instance, verified);
+      if (parsed.kind === 'health_check') {
+        log.info('health check answered');
+        return c.json({ received: [] }, 200);
+      }
+      const received = await receiveTickets(deps, row, parsed.tickets, verified, req.rawBody);
+      return c.json({ received: received.map((r) => ({ ticketId: r.ticketId, requestId: r.requestId })) }, 200);
+    } catch (err) {
+      const mapped = toApiError(err);
+      if (mapped instanceof ApiError && mapped.status < 500) log.warn({ code: mapped.code, reason: mapped.message }, 'webhook refused');
+      if (mapped instanceof ApiError && mapped.code === 'service_unavailable') {
+        log.warn({ reason: mapped.message }, 'webhook could not be verified now');
+        c.header('Retry-After', '30');
+      }
+      throw mapped;
+    }
+  });
+}

@@ -1,0 +1,19 @@
+import type { ConnectorCache } from '../../connectors/types.ts';
+import type { HttpClient } from '../lib/outbound.ts';
+import type { Sealer } from '../lib/sealing.ts';
+import type { PrivacyDeps } from '../privacy/context.ts';
+
+/** How report deliveries are retried (see REPORT_* in config.ts). */
+export interface ReportPolicy {
+  maxAttempts: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+/** What the connector side of the core needs on top of the privacy verbs. */
+export interface UpstreamDeps extends PrivacyDeps {
+  sealer: Sealer;
+  http: HttpClient;
+  cache: ConnectorCache;
+  reportPolicy: ReportPolicy;
+}

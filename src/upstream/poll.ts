@@ -1,0 +1,74 @@
+import { and, eq, isNull, lt, sql } from 'drizzle-orm';
+import { connectorFor } from '../../connectors/index.ts';
+import { connectors, webhookTokens } from '../db/schema/index.ts';
+import { ApiError } from '../lib/errors.ts';
+import type { UpstreamDeps } from './context.ts';
+import { adapterContext, openConnector } from './store.ts';
+import { receiveTickets, requeueStalledReports } from './tickets.ts';
+
+/** A pending report this long past due has lost its job; the tick adds it again. */
+const STALLED_REPORT_MINUTES = 15;
+
+/**
+ * The cron fan-out (every minute): one poll_connector job per connector in pull mode whose interval has passed,
+ * requeueing of reports whose jobs were lost, and pruning of expired webhook token ids.
+ */
+export async function connectorsTick(
+  deps: UpstreamDeps,
+  now = new Date(),
+): Promise<{ scheduled: string[]; requeued: number }> {
+  await deps.db.delete(webhookTokens).where(lt(webhookTokens.expiresAt, now));
+  const requeued = await requeueStalledReports(deps.db, STALLED_REPORT_MINUTES);
+  if (requeued > 0) deps.logger.warn({ requeued }, 'requeued reports whose jobs were lost');
+  const rows = await deps.db
+    .select({ id: connectors.id, vendor: connectors.vendor, config: connectors.config, lastPolledAt: connectors.lastPolledAt })
+    .from(connectors)
+    .where(and(eq(connectors.enabled, true), isNull(connectors.deletedAt)));
+  const due: string[] = [];
+  for (const row of rows) {
+    const adapter = connectorFor(row.vendor);
+    if (!adapter?.poll || !adapter.pollIntervalMinutes) continue;
+    const parsed = adapter.configSchema.safeParse(row.config);
+    const minutes = parsed.success ? adapter.pollIntervalMinutes(parsed.data) : null;
+    if (minutes === null) continue;
+    if (row.lastPolledAt && row.lastPolledAt.getTime() + minutes * 60_000 > now.getTime() + 1_000) continue;
+    due.push(row.id);
+  }
+  if (due.length > 0) {
+    await deps.db.execute(sql`
+      select graphile_worker.add_job('poll_connector', json_build_object('connectorId', id),
+               job_key => 'poll:' || id, max_attempts => 3)
+      from unnest(${`{${due.join(',')}}`}::text[]) as id`);
+  }
+  return { scheduled: due, requeued };
+}
+
+/**
+ * Pull mode: asks the vendor for pending tickets and feeds each to the same receiving path as webhooks (one
+ * transaction per ticket, so one bad ticket cannot hold back the rest). Tickets already received are no-ops.
+ */
+export async function pollConnector(deps: UpstreamDeps, connectorId: string): Promise<{ received: number; new: number }> {
+  const [row] = await deps.db
+    .select()
+    .from(connectors)
+    .where(and(eq(connectors.id, connectorId), eq(connectors.enabled, true), isNull(connectors.deletedAt)));
+  if (!row) return { received: 0, new: 0 };
+  const { adapter, instance } = openConnector(deps.sealer, row);
+  if (!adapter.poll) return { received: 0, new: 0 };
+  const tickets = await adapter.poll(instance, adapterContext(deps));
+  let fresh = 0;
+  for (const ticket of tickets) {
+    try {
+      const [result] = await receiveTickets(deps, row, [ticket], {}, '');
+      if (result && !result.replayed) fresh++;
+    } catch (err) {
+      // A ticket we refuse (e.g. reused id with another subject) must not hold back the others; transient errors
+      // still fail the job so it is retried.
+      if (!(err instanceof ApiError)) throw err;
+      deps.logger.warn({ connectorId, code: err.code }, 'polled ticket refused');
+    }
+  }
+  await deps.db.update(connectors).set({ lastPolledAt: sql`now()` }).where(eq(connectors.id, connectorId));
+  deps.logger.info({ connectorId, vendor: row.vendor, received: tickets.length, new: fresh }, 'connector polled');
+  return { received: tickets.length, new: fresh };
+}

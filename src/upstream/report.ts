@@ -1,0 +1,116 @@
+import { eq, sql } from 'drizzle-orm';
+import type { JsonValue, ReportResult, StoredTicket, TicketAction, TicketOutcome } from '../../connectors/types.ts';
+import { auditRecords, connectors, dsrRequests, upstreamTickets } from '../db/schema/index.ts';
+import type { ReportPolicy, UpstreamDeps } from './context.ts';
+import { adapterContext, openConnector } from './store.ts';
+import { ticketSecretContext } from './tickets.ts';
+
+export type DeliveryResult =
+  | { kind: 'skipped'; reason: 'missing' | 'not_pending' | 'stale_attempt' | 'request_not_finished' }
+  | { kind: 'delivered' | 'failed'; error?: string }
+  | { kind: 'retry_scheduled'; error: string; delayMs: number };
+
+/** Delay before attempt `attempt + 1`: exponential from the base, capped; a vendor's Retry-After wins (capped too). */
+export function retryDelayMs(policy: ReportPolicy, attempt: number, retryAfterMs?: number, random = Math.random): number {
+  if (retryAfterMs !== undefined) return Math.min(Math.max(retryAfterMs, 0), policy.backoffMaxMs);
+  const exp = policy.backoffBaseMs * 2 ** (attempt - 1);
+  // ±10% jitter so tickets failed by one outage do not all come back in the same second; the cap is a hard limit.
+  return Math.min(Math.round(exp * (0.9 + 0.2 * random())), policy.backoffMaxMs);
+}
+
+/**
+ * One delivery attempt of a ticket's report. Runs only for finished requests (the completion enqueues it). The
+ * outcome is recorded on the ticket in the same transaction that schedules the next attempt, so a report is never
+ * dropped silently: it ends delivered, or failed with its last error for an operator to see.
+ */
+export async function deliverReport(deps: UpstreamDeps, ticketId: string, attempt: number): Promise<DeliveryResult> {
+  const [row] = await deps.db
+    .select({ ticket: upstreamTickets, request: dsrRequests, connector: connectors })
+    .from(upstreamTickets)
+    .innerJoin(dsrRequests, eq(dsrRequests.id, upstreamTickets.requestId))
+    .innerJoin(connectors, eq(connectors.id, upstreamTickets.connectorId))
+    .where(eq(upstreamTickets.id, ticketId));
+  if (!row) return { kind: 'skipped', reason: 'missing' };
+  const { ticket, request, connector } = row;
+  if (ticket.status !== 'pending') return { kind: 'skipped', reason: 'not_pending' };
+  if (ticket.attempts + 1 !== attempt) return { kind: 'skipped', reason: 'stale_attempt' };
+  if ((request.status !== 'complete' && request.status !== 'failed') || !request.auditRecordId) {
+    return { kind: 'skipped', reason: 'request_not_finished' };
+  }
+  const log = deps.logger.child({ ticketId, requestId: request.id, connectorId: connector.id, vendor: connector.vendor, attempt });
+
+  let result: ReportResult;
+  if (connector.deletedAt || !connector.secretsSealed) {
+    result = { kind: 'permanent', error: 'connector_deleted: the connector was deleted before the report was delivered' };
+  } else {
+    const [audit] = await deps.db.select().from(auditRecords).where(eq(auditRecords.id, request.auditRecordId));
+    const outcome: TicketOutcome = {
+      requestId: request.id,
+      auditRecordId: request.auditRecordId,
+      status: request.status,
+      outcome: request.outcome ?? 'failed',
+      counts: (audit?.counts ?? {}) as Record<string, number>,
+      errorCode: request.errorCode,
+    };
+    const stored: StoredTicket = {
+      id: ticket.id,
+      ticketKey: ticket.ticketKey,
+      upstreamRef: ticket.upstreamRef,
+      upstream: ticket.upstream as Record<string, JsonValue>,
+      secret: ticket.secretSealed ? deps.sealer.open(ticket.secretSealed, ticketSecretContext(ticket.id)) : null,
+      action: ticket.action as TicketAction,
+      attempt,
+    };
+    try {
+      const { adapter, instance } = openConnector(deps.sealer, connector);
+      result = await adapter.report(stored, outcome, instance, adapterContext(deps));
+    } catch (err) {
+      // Adapters classify HTTP outcomes themselves; anything thrown is our bug or bad stored config. Retry (it may
+      // be fixed by a deploy or a config change) and say only the error's class, which carries no data.
+      result = { kind: 'retry', error: `adapter error (${err instanceof Error ? err.name : 'unknown'})` };
+    }
+  }
+
+  const policy = deps.reportPolicy;
+  const outOfAttempts = result.kind === 'retry' && attempt >= policy.maxAttempts;
+  const delayMs = result.kind === 'retry' ? retryDelayMs(policy, attempt, result.retryAfterMs) : 0;
+  const error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
+
+  await deps.db.transaction(async (tx) => {
+    if (result.kind === 'delivered') {
+      // The per-ticket capability (e.g. a nonce) has served its purpose: wipe it.
+      await tx
+        .update(upstreamTickets)
+        .set({ status: 'delivered', attempts: attempt, deliveredAt: sql`now()`, lastError: null, nextAttemptAt: null, secretSealed: null, updatedAt: sql`now()` })
+        .where(eq(upstreamTickets.id, ticketId));
+    } else if (result.kind === 'permanent' || outOfAttempts) {
+      await tx
+        .update(upstreamTickets)
+        .set({ status: 'failed', attempts: attempt, lastError: error, nextAttemptAt: null, updatedAt: sql`now()` })
+        .where(eq(upstreamTickets.id, ticketId));
+    } else {
+      const runAt = new Date(Date.now() + delayMs);
+      await tx
+        .update(upstreamTickets)
+        .set({ attempts: attempt, lastError: error, nextAttemptAt: runAt, updatedAt: sql`now()` })
+        .where(eq(upstreamTickets.id, ticketId));
+      await tx.execute(sql`
+        select graphile_worker.add_job('report_upstream',
+                 json_build_object('ticketId', ${ticketId}::text, 'attempt', ${attempt + 1}::int),
+                 run_at => ${runAt.toISOString()}::timestamptz,
+                 job_key => ${`report:${ticketId}:${attempt + 1}`}::text,
+                 max_attempts => 3)`);
+    }
+  });
+
+  if (result.kind === 'delivered') {
+    log.info('report delivered');
+    return { kind: 'delivered' };
+  }
+  if (result.kind === 'permanent' || outOfAttempts) {
+    log.error({ error }, 'report failed; will not retry');
+    return { kind: 'failed', error: error! };
+  }
+  log.warn({ error, delayMs }, 'report not delivered; will retry');
+  return { kind: 'retry_scheduled', error: error!, delayMs };
+}

@@ -1,0 +1,167 @@
+import { and, asc, eq, isNull, sql } from 'drizzle-orm';
+import { z } from 'zod';
+import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
+import type { AdapterContext, ConnectorInstance } from '../../connectors/types.ts';
+import type { Db } from '../db/client.ts';
+import { connectors, VENDORS, type Vendor } from '../db/schema/index.ts';
+import { ApiError, issuesToDetails } from '../lib/errors.ts';
+import { newId } from '../lib/ids.ts';
+import { secretFingerprint, type Sealer } from '../lib/sealing.ts';
+import type { UpstreamDeps } from './context.ts';
+
+export type ConnectorRow = typeof connectors.$inferSelect;
+
+export const connectorCreateSchema = z.strictObject({
+  vendor: z.enum(VENDORS),
+  name: z.string().trim().min(1).max(200),
+  config: z.record(z.string(), z.unknown()).default({}),
+  secrets: z.record(z.string(), z.unknown()),
+});
+
+export const connectorUpdateSchema = z
+  .strictObject({
+    name: z.string().trim().min(1).max(200).optional(),
+    config: z.record(z.string(), z.unknown()).optional(),
+    enabled: z.boolean().optional(),
+  })
+  .refine((v) => Object.keys(v).length > 0, 'give at least one of name, config, enabled');
+
+const secretsContext = (connectorId: string) => `connector:${connectorId}:secrets`;
+
+function adapterOf(vendor: string): AnyConnector {
+  const adapter = connectorFor(vendor);
+  if (!adapter) throw new Error(`no adapter for vendor ${vendor}`);
+  return adapter;
+}
+
+/** Validates with the vendor's schema; failures name the field under `config.` or `secrets.`, never a value. */
+function validate<T>(schema: z.ZodType<T>, value: unknown, field?: 'config' | 'secrets'): T {
+  const result = schema.safeParse(value);
+  if (!result.success) {
+    const message = field ? `${field} is not valid for this vendor` : 'request failed validation';
+    throw new ApiError('validation_failed', message, issuesToDetails(result.error.issues, field ? [field] : []));
+  }
+  return result.data;
+}
+
+function sealSecrets(deps: Pick<UpstreamDeps, 'sealer' | 'digestKey'>, connectorId: string, secrets: Record<string, unknown>) {
+  const fingerprints: Record<string, string> = {};
+  for (const [name, value] of Object.entries(secrets)) {
+    if (typeof value === 'string') fingerprints[name] = secretFingerprint(deps.digestKey, value);
+  }
+  return { secretsSealed: deps.sealer.seal(JSON.stringify(secrets), secretsContext(connectorId)), secretFingerprints: fingerprints };
+}
+
+export async function createConnector(deps: UpstreamDeps, workspaceId: string, input: unknown): Promise<ConnectorRow> {
+  const v = validate(connectorCreateSchema, input);
+  const adapter = adapterOf(v.vendor);
+  const config = validate(adapter.configSchema, v.config, 'config');
+  const secrets = validate(adapter.secretsSchema, v.secrets, 'secrets') as Record<string, unknown>;
+  const id = newId('con');
+  const [row] = await deps.db
+    .insert(connectors)
+    .values({ id, workspaceId, vendor: v.vendor, name: v.name, config, ...sealSecrets(deps, id, secrets) })
+    .returning();
+  deps.logger.info({ connectorId: id, vendor: v.vendor }, 'connector created');
+  return row!;
+}
+
+export function listConnectors(db: Db, workspaceId: string): Promise<ConnectorRow[]> {
+  return db
+    .select()
+    .from(connectors)
+    .where(and(eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
+    .orderBy(asc(connectors.id));
+}
+
+/** A connector of this workspace that is not deleted; 404 otherwise (another workspace's id looks unknown). */
+export async function getConnector(db: Db, workspaceId: string, id: string): Promise<ConnectorRow> {
+  const [row] = await db
+    .select()
+    .from(connectors)
+    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)));
+  if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
+  return row;
+}
+
+export async function updateConnector(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
+  const v = validate(connectorUpdateSchema, input);
+  const current = await getConnector(deps.db, workspaceId, id);
+  const config = v.config === undefined ? undefined : validate(adapterOf(current.vendor).configSchema, v.config, 'config');
+  const [row] = await deps.db
+    .update(connectors)
+    .set({ name: v.name, config: config as Record<string, unknown> | undefined, enabled: v.enabled, updatedAt: sql`now()` })
+    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
+    .returning();
+  if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
+  return row;
+}
+
+/** Replaces the whole secret set (validated as a set, so a vendor's required secrets cannot be dropped). */
+export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
+  const body = validate(z.strictObject({ secrets: z.record(z.string(), z.unknown()) }), input);
+  const current = await getConnector(deps.db, workspaceId, id);
+  const secrets = validate(adapterOf(current.vendor).secretsSchema, body.secrets, 'secrets') as Record<string, unknown>;
+  const [row] = await deps.db
+    .update(connectors)
+    .set({ ...sealSecrets(deps, id, secrets), secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
+    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
+    .returning();
+  if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
+  deps.logger.info({ connectorId: id }, 'connector secrets replaced');
+  return row;
+}
+
+/**
+ * Soft delete: the row stays (requests and audit records name it) but its secrets are wiped and it answers 404
+ * everywhere. Tickets still waiting to be reported fail with `connector_deleted`.
+ */
+export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, id: string): Promise<void> {
+  const rows = await deps.db
+    .update(connectors)
+    .set({ deletedAt: sql`now()`, enabled: false, secretsSealed: null, secretFingerprints: {}, updatedAt: sql`now()` })
+    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
+    .returning({ id: connectors.id });
+  if (rows.length === 0) throw new ApiError('not_found', 'no such connector in this workspace');
+  deps.logger.info({ connectorId: id }, 'connector deleted');
+}
+
+/** The connector a webhook URL names, if it exists, is enabled and belongs to that vendor. */
+export async function findWebhookConnector(db: Db, vendor: string, id: string): Promise<ConnectorRow | undefined> {
+  if (!(VENDORS as readonly string[]).includes(vendor) || !/^con_[0-9a-z]{25}$/.test(id)) return undefined;
+  const [row] = await db
+    .select()
+    .from(connectors)
+    .where(
+      and(
+        eq(connectors.id, id),
+        eq(connectors.vendor, vendor as Vendor),
+        eq(connectors.enabled, true),
+        isNull(connectors.deletedAt),
+      ),
+    );
+  return row;
+}
+
+/** Opens a stored connector for its adapter: config re-validated (fills newer defaults), secrets unsealed. */
+export function openConnector(
+  sealer: Sealer,
+  row: ConnectorRow,
+): { adapter: AnyConnector; instance: ConnectorInstance } {
+  const adapter = adapterOf(row.vendor);
+  if (!row.secretsSealed) throw new Error('connector has no secrets (deleted)');
+  const secrets = JSON.parse(sealer.open(row.secretsSealed, secretsContext(row.id))) as unknown;
+  return {
+    adapter,
+    instance: {
+      id: row.id,
+      workspaceId: row.workspaceId,
+      config: adapter.configSchema.parse(row.config),
+      secrets: adapter.secretsSchema.parse(secrets),
+    },
+  };
+}
+
+export function adapterContext(deps: UpstreamDeps): AdapterContext {
+  return { http: deps.http, cache: deps.cache, logger: deps.logger, now: () => new Date() };
+}

@@ -1,0 +1,119 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FAKE_DATA_SILO_ID, startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
+import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { connectorsTick } from '../../src/upstream/poll.ts';
+import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { seedUser } from '../helpers/factories.ts';
+
+let env: TestEnv;
+let ws: CreatedWorkspace;
+let transcend: FakeTranscend;
+let connectorId: string;
+
+const queuedPolls = async () =>
+  (
+    await env.sql`select j.payload->>'connectorId' as id from graphile_worker._private_jobs j
+                   join graphile_worker._private_tasks t on t.id = j.task_id where t.identifier = 'poll_connector'`
+  ).map(
+    (r) => r.id as string,
+  );
+
+beforeAll(async () => {
+  env = await createTestEnv();
+  ws = await env.newWorkspace();
+  transcend = await startFakeTranscend();
+  const res = await call(env, 'POST', '/v1/admin/connectors', {
+    key: ws.adminKey,
+    body: {
+      vendor: 'transcend',
+      name: 'Transcend (pull)',
+      config: transcend.config({ pull: { enabled: true, dataSiloId: FAKE_DATA_SILO_ID, actions: ['ERASURE'], intervalMinutes: 5 } }),
+      secrets: transcend.secrets,
+    },
+  });
+  expect(res.status, res.text).toBe(201);
+  connectorId = res.json.id;
+  // A webhook-mode connector in the same workspace is never polled.
+  const other = await call(env, 'POST', '/v1/admin/connectors', {
+    key: ws.adminKey,
+    body: { vendor: 'transcend', name: 'Transcend (push)', config: transcend.config(), secrets: transcend.secrets },
+  });
+  expect(other.status).toBe(201);
+});
+
+afterAll(async () => {
+  await transcend?.stop();
+  await env?.close();
+});
+
+describe('Transcend pull mode', () => {
+  it('the tick schedules due pull connectors; their pending jobs become requests, are erased and completed', async () => {
+    const user = await seedUser(env, ws.ingestKey);
+    const items = [
+      transcend.pendingItem(1, { identifier: user.email, type: 'email' }),
+      transcend.pendingItem(2, { identifier: 'nobody@example.test', type: 'email' }),
+    ];
+    transcend.setPending('ERASURE', items);
+
+    expect((await connectorsTick(env.deps)).scheduled).toEqual([connectorId]);
+    expect(await queuedPolls()).toEqual([connectorId]);
+    await env.runJobs(); // poll → tickets + requests
+    const tickets = await env.sql`select * from upstream_tickets where connector_id = ${connectorId} order by ticket_key`;
+    expect(tickets.map((t) => t.ticket_key)).toEqual([`${items[0]!.requestId}:email`, `${items[1]!.requestId}:email`]);
+    await env.runJobs(); // execute → report
+    await env.runJobs();
+
+    const done = await env.sql`select t.status, r.outcome from upstream_tickets t join dsr_requests r on r.id = t.request_id
+                               where t.connector_id = ${connectorId} order by t.ticket_key`;
+    expect(done.map((d) => [d.status, d.outcome])).toEqual([
+      ['delivered', 'erased'],
+      ['delivered', 'not_found'],
+    ]);
+    const puts = transcend.fake.callsTo('PUT /v1/data-silo');
+    expect(puts.map((p) => p.headers['x-transcend-nonce']).sort()).toEqual(items.map((i) => i.nonce).sort());
+    // Completed jobs leave Sombra's pending list: the next poll finds nothing new.
+  });
+
+  it('polls again only when the interval has passed, and re-listed jobs are not received twice', async () => {
+    expect((await connectorsTick(env.deps)).scheduled).toEqual([]);
+    const later = new Date(Date.now() + 6 * 60_000);
+    expect((await connectorsTick(env.deps, later)).scheduled).toEqual([connectorId]);
+
+    const item = transcend.pendingItem(3, { identifier: 'again@example.test', type: 'email' });
+    transcend.fake.on('PUT /v1/data-silo', { status: 503 }); // not completed upstream: Sombra keeps listing it
+    transcend.setPending('ERASURE', [item]);
+    await env.runJobs();
+    await env.sql`update connectors set last_polled_at = null where id = ${connectorId}`;
+    await connectorsTick(env.deps);
+    await env.runJobs();
+    const rows = await env.sql`select count(*)::int as n from upstream_tickets where ticket_key = ${`${item.requestId}:email`}`;
+    expect(rows[0]!.n).toBe(1);
+    transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
+  });
+
+  it('the tick requeues a report whose job was lost, and never touches delivered tickets', async () => {
+    const [ticket] = await env.sql`select t.id, t.request_id from upstream_tickets t join dsr_requests r on r.id = t.request_id
+                                   where t.status = 'pending' and r.status = 'complete' limit 1`;
+    expect(ticket).toBeDefined();
+    // Simulate a lost job: nothing queued for it, and its next attempt long overdue.
+    await env.sql`delete from graphile_worker._private_jobs where payload->>'ticketId' = ${ticket!.id}`;
+    await env.sql`update upstream_tickets set next_attempt_at = now() - interval '1 hour' where id = ${ticket!.id}`;
+    const delivered = await env.sql`select count(*)::int as n from upstream_tickets where status = 'delivered'`;
+    const { requeued } = await connectorsTick(env.deps);
+    expect(requeued).toBe(1);
+    await env.runJobs();
+    const [after] = await env.sql`select status from upstream_tickets where id = ${ticket!.id}`;
+    expect(after!.status).toBe('delivered');
+    const deliveredAfter = await env.sql`select count(*)::int as n from upstream_tickets where status = 'delivered'`;
+    expect(deliveredAfter[0]!.n).toBe(delivered[0]!.n + 1);
+    expect((await connectorsTick(env.deps)).requeued).toBe(0);
+  });
+
+  it('expired webhook token ids are pruned by the tick', async () => {
+    await env.sql`insert into webhook_tokens (connector_id, token_id, body_digest, expires_at)
+                  values (${connectorId}, 'old', 'x', now() - interval '1 minute'), (${connectorId}, 'live', 'y', now() + interval '1 hour')`;
+    await connectorsTick(env.deps);
+    const left = await env.sql`select token_id from webhook_tokens where connector_id = ${connectorId}`;
+    expect(left.map((r) => r.token_id)).toEqual(['live']);
+  });
+});

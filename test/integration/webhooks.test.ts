@@ -1,0 +1,484 @@
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import {
+  DATAGRAIL_CALLBACK_ROUTE,
+  datagrailBody,
+  datagrailWebhook,
+  FAKE_DATAGRAIL_API_KEY,
+  startFakeDataGrail,
+} from '../../connectors/datagrail/fake.ts';
+import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
+import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
+import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
+import { failFirst } from '../helpers/fake-vendor.ts';
+
+let env: TestEnv;
+let a: CreatedWorkspace;
+let b: CreatedWorkspace;
+let transcend: FakeTranscend;
+let onetrust: FakeOneTrust;
+let datagrail: Awaited<ReturnType<typeof startFakeDataGrail>>;
+const ids = { transcendA: '', transcendB: '', onetrustA: '', datagrailA: '', datagrailB: '' };
+
+const OT = { clientId: 'ot-client', clientSecret: 'ot-client-secret', inbound: 'ot-inbound-secret-value' };
+const DG_SECRET = 'dg-webhook-secret-a';
+const DG_SECRET_B = 'dg-webhook-secret-b';
+
+async function createConnector(ws: CreatedWorkspace, body: unknown): Promise<string> {
+  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
+  expect(res.status, res.text).toBe(201);
+  return res.json.id as string;
+}
+
+/** Posts exactly these bytes with these headers, as a vendor would. */
+async function deliver(vendor: string, id: string, headers: Record<string, string>, rawBody: string) {
+  return call(env, 'POST', `/webhooks/${vendor}/${id}`, {
+    body: rawBody,
+    headers: { 'content-type': 'application/json', ...headers },
+  });
+}
+
+async function counts() {
+  const [row] = await env.sql<{ requests: number; tickets: number; jobs: number }[]>`
+    select (select count(*) from dsr_requests)::int as requests,
+           (select count(*) from upstream_tickets)::int as tickets,
+           (select count(*) from graphile_worker.jobs)::int as jobs`;
+  return row!;
+}
+
+async function ticketOf(requestId: string) {
+  const [row] = await env.sql`select * from upstream_tickets where request_id = ${requestId}`;
+  return row!;
+}
+
+/** Runs due jobs until the ticket of this request is no longer pending (retries are scheduled a few ms ahead). */
+async function settle(requestId: string, timeoutMs = 15_000) {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    await env.runJobs();
+    const t = await ticketOf(requestId);
+    if (t.status !== 'pending') return t;
+    if (Date.now() > until) throw new Error(`ticket still pending: ${t.last_error}`);
+    await new Promise((r) => setTimeout(r, 30));
+  }
+}
+
+async function getRequest(ws: CreatedWorkspace, id: string) {
+  const res = await call(env, 'GET', `/v1/privacy/requests/${id}`, { key: ws.privacyKey });
+  expect(res.status).toBe(200);
+  return res.json;
+}
+
+beforeAll(async () => {
+  env = await createTestEnv({ reportMaxAttempts: 4 });
+  [a, b] = await Promise.all([env.newWorkspace('A'), env.newWorkspace('B')]);
+  transcend = await startFakeTranscend();
+  onetrust = await startFakeOneTrust({ clientId: OT.clientId, clientSecret: OT.clientSecret });
+  datagrail = await startFakeDataGrail();
+  const transcendBody = {
+    vendor: 'transcend',
+    name: 'Transcend',
+    config: transcend.config({ identifierTypes: { email: 'email' } }),
+    secrets: transcend.secrets,
+  };
+  ids.transcendA = await createConnector(a, transcendBody);
+  ids.transcendB = await createConnector(b, transcendBody);
+  ids.onetrustA = await createConnector(a, {
+    vendor: 'onetrust',
+    name: 'OneTrust',
+    config: { baseUrl: onetrust.url, requestTypes: { 'Forget Me': 'erase' } },
+    secrets: { clientId: OT.clientId, clientSecret: OT.clientSecret, inboundSecret: OT.inbound },
+  });
+  const dg = (secret: string) => ({
+    vendor: 'datagrail',
+    name: 'DataGrail',
+    config: { callbackHosts: ['127.0.0.1'] },
+    secrets: { webhookSecret: secret, apiKey: FAKE_DATAGRAIL_API_KEY },
+  });
+  ids.datagrailA = await createConnector(a, dg(DG_SECRET));
+  ids.datagrailB = await createConnector(b, dg(DG_SECRET_B));
+});
+
+afterAll(async () => {
+  await Promise.all([transcend?.stop(), onetrust?.stop(), datagrail?.fake.stop()]);
+  await env?.close();
+});
+
+describe('Transcend webhooks', () => {
+  it('erase: verified, stored with its job before the 200, executed, and the audit id PUT back with the nonce', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const nonce = `nonce-${randomUUID()}`;
+    const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' }, nonce });
+    const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(res.status, res.text).toBe(200);
+    const [{ ticketId, requestId }] = res.json.received;
+    expect(ticketId).toMatch(/^tkt_/);
+    // Durable before the answer: request, ticket and job are all committed.
+    const [job] = await env.sql`select * from graphile_worker.jobs where key = ${requestId}`;
+    expect(job?.task_identifier).toBe('execute_request');
+    const ticket = await ticketOf(requestId);
+    expect(ticket).toMatchObject({ id: ticketId, connector_id: ids.transcendA, status: 'pending', workspace_id: a.workspaceId });
+    expect(ticket.secret_sealed).toMatch(/^v1\./);
+    expect(ticket.secret_sealed).not.toContain(nonce);
+
+    const done = await settle(requestId);
+    expect(done.status).toBe('delivered');
+    expect(done.secret_sealed).toBeNull();
+    const req = await getRequest(a, requestId);
+    expect(req).toMatchObject({ status: 'complete', outcome: 'erased', actor: { type: 'connector', id: ids.transcendA } });
+    expect(req.upstreamStatus).toBe('delivered');
+    expect(await userFootprint(env, a.workspaceId, user.userId)).toMatchObject({ profiles: 0, events: 0, messages: 0 });
+    const puts = transcend.fake.callsTo('PUT /v1/data-silo').filter((c) => c.headers['x-transcend-nonce'] === nonce);
+    expect(puts).toHaveLength(1);
+    expect((puts[0]!.json as { message: string }).message).toContain(req.auditRecordId);
+    expect((puts[0]!.json as { profileStatus: string }).profileStatus).toBe('RESOLVED');
+  });
+
+  it.each([
+    ['an HS256 token', { sign: 'hs256' as const }],
+    ['an alg:none token', { sign: 'none' as const }],
+    ['a token signed by another key', { sign: 'wrong-key' as const }],
+    ['a token for another audience', { audience: 'someone-else' }],
+    ['an expired token', { expiresIn: -120 }],
+  ])('refuses %s with 401 and stores nothing', async (_name, opts) => {
+    const before = await counts();
+    const w = await transcend.webhook(opts);
+    expectError(await deliver('transcend', ids.transcendA, w.headers, w.body), 401, 'unauthorized');
+    expect(await counts()).toEqual(before);
+  });
+
+  it('refuses a missing token, and a token whose identifier is not the body’s', async () => {
+    const w = await transcend.webhook();
+    const { 'x-sombra-token': _t, ...noToken } = w.headers;
+    expectError(await deliver('transcend', ids.transcendA, noToken, w.body), 401, 'unauthorized');
+    const other = await transcend.webhook({ token: await transcend.signToken({ value: 'someone-else' }) });
+    expectError(await deliver('transcend', ids.transcendA, other.headers, other.body), 401, 'unauthorized');
+  });
+
+  it('a token replayed on another body is refused; the same message again gets the same answer', async () => {
+    const jti = randomUUID();
+    const w = await transcend.webhook({ jti, profile: { identifier: `${uniq('r')}@example.test`, type: 'email' } });
+    const first = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(first.status).toBe(200);
+    const again = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(again.status).toBe(200);
+    expect(again.json).toEqual(first.json);
+    const before = await counts();
+    const tampered = JSON.parse(w.body) as { type: string };
+    tampered.type = 'SALE_OPT_OUT';
+    expectError(await deliver('transcend', ids.transcendA, w.headers, JSON.stringify(tampered)), 401, 'token_replayed');
+    expect(await counts()).toEqual(before);
+  });
+
+  it('ACCESS is 400 action_not_implemented; malformed JSON 400; missing coreIdentifier 400; oversized 413', async () => {
+    const access = await transcend.webhook({ type: 'ACCESS' });
+    const err = expectError(await deliver('transcend', ids.transcendA, access.headers, access.body), 400, 'action_not_implemented');
+    expect(err.message).toContain('ACCESS');
+    const w = await transcend.webhook();
+    expectError(await deliver('transcend', ids.transcendA, w.headers, '{"type":'), 400, 'malformed_json');
+    const body = JSON.parse(w.body) as Record<string, unknown>;
+    delete body.coreIdentifier;
+    const missing = expectError(await deliver('transcend', ids.transcendA, w.headers, JSON.stringify(body)), 400, 'validation_failed');
+    expect(JSON.stringify(missing.details)).toContain('coreIdentifier');
+    const huge = JSON.stringify({ ...JSON.parse(w.body), padding: 'x'.repeat(70 * 1024) });
+    expectError(await deliver('transcend', ids.transcendA, w.headers, huge), 413, 'payload_too_large');
+  });
+
+  it('10 copies of one ticket at once: one request, one ticket, one job, ten identical answers', async () => {
+    const w = await transcend.webhook({ profile: { identifier: `${uniq('c')}@example.test`, type: 'email' } });
+    const before = await counts();
+    const answers = await Promise.all(Array.from({ length: 10 }, () => deliver('transcend', ids.transcendA, w.headers, w.body)));
+    for (const r of answers) {
+      expect(r.status, r.text).toBe(200);
+      expect(r.json).toEqual(answers[0]!.json);
+    }
+    expect(await counts()).toEqual({ requests: before.requests + 1, tickets: before.tickets + 1, jobs: before.jobs + 1 });
+  });
+
+  it('a connector only ever creates requests in its own workspace', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    // The same Transcend organisation may be connected to two workspaces: B's connector acts on B only.
+    const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' } });
+    const res = await deliver('transcend', ids.transcendB, w.headers, w.body);
+    expect(res.status).toBe(200);
+    const requestId = res.json.received[0].requestId as string;
+    const [row] = await env.sql`select workspace_id from dsr_requests where id = ${requestId}`;
+    expect(row!.workspace_id).toBe(b.workspaceId);
+    await settle(requestId);
+    expect((await getRequest(b, requestId)).outcome).toBe('not_found');
+    expect(await userFootprint(env, a.workspaceId, user.userId)).toMatchObject({ profiles: 1 });
+    expectError(await call(env, 'GET', `/v1/privacy/requests/${requestId}`, { key: a.privacyKey }), 404, 'not_found');
+  });
+
+  it('a ticket for a subject whose request is already pending joins it and is reported when it finishes', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const api = await call(env, 'POST', '/v1/privacy/requests', {
+      key: a.privacyKey,
+      body: { action: 'erase', email: user.email },
+    });
+    const pendingId = api.json.results[0].requestId as string;
+    const nonce = `nonce-${randomUUID()}`;
+    const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' }, nonce });
+    const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(res.json.received[0].requestId).toBe(pendingId);
+    const t = await settle(pendingId);
+    expect(t.status).toBe('delivered');
+    const req = await getRequest(a, pendingId);
+    const put = transcend.fake.callsTo('PUT /v1/data-silo').find((c) => c.headers['x-transcend-nonce'] === nonce);
+    expect((put!.json as { message: string }).message).toContain(req.auditRecordId);
+  });
+
+  it('a ticket joining a request that already finished is reported at once', async () => {
+    const email = `${uniq('done')}@example.test`;
+    const first = await transcend.webhook({ profile: { identifier: email, type: 'email' } });
+    const r1 = await deliver('transcend', ids.transcendA, first.headers, first.body);
+    const requestId = r1.json.received[0].requestId as string;
+    await settle(requestId);
+    // A second Transcend request for the same subject after the first finished: a new request (it may find new data).
+    const second = await transcend.webhook({ profile: { identifier: email, type: 'email' } });
+    const r2 = await deliver('transcend', ids.transcendA, second.headers, second.body);
+    expect(r2.json.received[0].requestId).not.toBe(requestId);
+    const t = await settle(r2.json.received[0].requestId);
+    expect(t.status).toBe('delivered');
+  });
+});
+
+describe('tickets joining a request that is finishing', () => {
+  const waitFor = async (check: () => Promise<boolean>) => {
+    const until = Date.now() + 10_000;
+    while (!(await check())) {
+      if (Date.now() > until) throw new Error('timed out waiting');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+
+  it('a ticket that joined a pending request which then finished before the ticket committed is still reported', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const api = await call(env, 'POST', '/v1/privacy/requests', { key: a.privacyKey, body: { action: 'erase', email: user.email } });
+    const pendingId = api.json.results[0].requestId as string;
+    // Pause the webhook's transaction right after it decided to join the pending request (at its ticket insert).
+    const HOLD = 424242;
+    await env.sql.unsafe(`
+      create function hold_ticket() returns trigger language plpgsql as $$
+      begin perform pg_advisory_xact_lock(${HOLD}); return new; end $$;
+      create trigger hold_ticket before insert on upstream_tickets for each row execute function hold_ticket();`);
+    const holder = await env.sql.reserve();
+    try {
+      await holder`select pg_advisory_lock(${HOLD})`;
+      const nonce = `nonce-${randomUUID()}`;
+      const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' }, nonce });
+      const answered = deliver('transcend', ids.transcendA, w.headers, w.body);
+      await waitFor(async () => (await env.sql`select 1 from pg_locks where locktype = 'advisory' and objid = ${HOLD} and not granted`).length > 0);
+      // Meanwhile the request runs to completion and commits; its completion cannot see the uncommitted ticket.
+      await env.runJobs();
+      expect((await getRequest(a, pendingId)).status).toBe('complete');
+      await holder`select pg_advisory_unlock(${HOLD})`;
+      const res = await answered;
+      expect(res.json.received[0].requestId).toBe(pendingId);
+      const t = await settle(pendingId);
+      expect(t).toMatchObject({ status: 'delivered', attempts: 1 });
+      expect(transcend.fake.callsTo('PUT /v1/data-silo').filter((c) => c.headers['x-transcend-nonce'] === nonce)).toHaveLength(1);
+    } finally {
+      holder.release();
+      await env.sql.unsafe('drop trigger hold_ticket on upstream_tickets; drop function hold_ticket();');
+    }
+  });
+});
+
+describe('report delivery', () => {
+  it('409 from Transcend counts as delivered', async () => {
+    transcend.fake.on('PUT /v1/data-silo', { status: 409, body: { error: 'job no longer modifiable' } });
+    try {
+      const w = await transcend.webhook({ profile: { identifier: `${uniq('x')}@example.test`, type: 'email' } });
+      const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+      const t = await settle(res.json.received[0].requestId);
+      expect(t).toMatchObject({ status: 'delivered', attempts: 1 });
+    } finally {
+      transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
+    }
+  });
+
+  it('vendor down for the first 2 calls: retried with backoff, then delivered; the error is visible meanwhile', async () => {
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, failFirst(2, { status: 503 }, { status: 200, body: {} }));
+    const wrid = randomUUID();
+    const w = datagrailWebhook({
+      secret: DG_SECRET,
+      body: datagrailBody({ webhook_request_id: wrid, identifiers: { email: `${uniq('d')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+    });
+    const res = await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody);
+    const requestId = res.json.received[0].requestId as string;
+    await env.runJobs();
+    const mid = await getRequest(a, requestId);
+    expect(mid.upstreamStatus).toBe('pending');
+    expect(mid.upstream[0].lastError).toContain('503');
+    expect(mid.upstream[0].nextAttemptAt).not.toBeNull();
+    const t = await settle(requestId);
+    expect(t).toMatchObject({ status: 'delivered', attempts: 3, last_error: null });
+    const calls = datagrail.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE).filter((c) => (c.json as { webhook_request_id: string }).webhook_request_id === wrid);
+    expect(calls).toHaveLength(3);
+  });
+
+  it('a permanent refusal (401) stops at once; retryable failures stop after the attempt limit; both stay visible', async () => {
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 401 });
+    const send = async () => {
+      const w = datagrailWebhook({
+        secret: DG_SECRET,
+        body: datagrailBody({ webhook_request_id: randomUUID(), identifiers: { email: `${uniq('p')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+      });
+      return (await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody)).json.received[0].requestId as string;
+    };
+    const refused = await send();
+    expect(await settle(refused)).toMatchObject({ status: 'failed', attempts: 1 });
+    expect((await getRequest(a, refused)).upstreamStatus).toBe('failed');
+
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 502 });
+    const down = await send();
+    const t = await settle(down);
+    expect(t.status).toBe('failed');
+    expect(t.attempts).toBe(4);
+    expect(t.last_error).toMatch(/^gave up after 4 attempts: .*502/);
+    const failed = await call(env, 'GET', '/v1/privacy/requests?upstreamStatus=failed', { key: a.privacyKey });
+    expect(failed.json.data.map((r: { id: string }) => r.id)).toEqual(expect.arrayContaining([refused, down]));
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
+  });
+});
+
+describe('OneTrust webhooks', () => {
+  const auth = { type: 'bearer' as const, secret: OT.inbound };
+
+  it('erase via a mapped request type; the subtask is COMPLETED with the audit id; a new token after expiry', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const report = async (subTaskId: string, ref: string) => {
+      onetrust.expectSubtask(subTaskId, ref);
+      const w = onetrustWebhook({ auth, body: { subTaskId, requestQueueRefId: ref, requestTypes: ['Forget Me'], email: user.email } });
+      const res = await deliver('onetrust', ids.onetrustA, w.headers, w.rawBody);
+      expect(res.status, res.text).toBe(200);
+      return res.json.received[0].requestId as string;
+    };
+    const first = await report(randomUUID(), 'REF1');
+    expect((await settle(first)).status).toBe('delivered');
+    const req = await getRequest(a, first);
+    expect(req.outcome).toBe('erased');
+    const status = onetrust.fake.calls.find((c) => c.method === 'PUT' && c.path.endsWith('/status'));
+    expect(status!.json).toMatchObject({ status: 'COMPLETED' });
+    expect((status!.json as { comment: string }).comment).toContain(req.auditRecordId);
+    expect(await userFootprint(env, a.workspaceId, user.userId)).toMatchObject({ profiles: 0 });
+
+    const tokens = onetrust.tokensIssued();
+    onetrust.expireTokens();
+    const second = await report(randomUUID(), 'REF2');
+    expect((await settle(second)).status).toBe('delivered');
+    expect(onetrust.tokensIssued()).toBe(tokens + 1);
+    expect((await getRequest(a, second)).outcome).toBe('not_found');
+  });
+
+  it('wrong secret → 401; unmapped type → 422 naming it; no subject → 400; redelivery of a subtask → same answer', async () => {
+    const bad = onetrustWebhook({ auth: { type: 'bearer', secret: 'nope' } });
+    expectError(await deliver('onetrust', ids.onetrustA, bad.headers, bad.rawBody), 401, 'unauthorized');
+    const unmapped = onetrustWebhook({ auth, body: { requestTypes: ['Teleport Data'] } });
+    const err = expectError(await deliver('onetrust', ids.onetrustA, unmapped.headers, unmapped.rawBody), 422, 'unsupported_request_type');
+    expect(err.message).toContain('Teleport Data');
+    const noSubject = onetrustWebhook({ auth, body: { email: undefined, userId: undefined } });
+    expectError(await deliver('onetrust', ids.onetrustA, noSubject.headers, noSubject.rawBody), 400, 'validation_failed');
+    const w = onetrustWebhook({ auth, body: { subTaskId: randomUUID(), email: `${uniq('o')}@example.test` } });
+    const one = await deliver('onetrust', ids.onetrustA, w.headers, w.rawBody);
+    const two = await deliver('onetrust', ids.onetrustA, w.headers, w.rawBody);
+    expect(two.json).toEqual(one.json);
+  });
+});
+
+describe('DataGrail webhooks', () => {
+  const signed = (body: Record<string, unknown>, secret = DG_SECRET, timestamp?: number) =>
+    datagrailWebhook({ secret, body: datagrailBody({ callback_url: datagrail.callbackUrl(), ...body }), timestamp });
+
+  it('a health check is answered 2xx and stores nothing', async () => {
+    const before = await counts();
+    const w = datagrailWebhook({ secret: DG_SECRET, body: { integration_kind: 'webhook', request_type: 'health_check' } });
+    const res = await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody);
+    expect(res.status).toBe(200);
+    expect(await counts()).toEqual(before);
+  });
+
+  it('stale timestamps, bad signatures and another workspace’s secret are 401 and store nothing', async () => {
+    const before = await counts();
+    const stale = signed({ webhook_request_id: randomUUID() }, DG_SECRET, Math.floor(Date.now() / 1000) - 6 * 60);
+    expectError(await deliver('datagrail', ids.datagrailA, stale.headers, stale.rawBody), 401, 'unauthorized');
+    const w = signed({ webhook_request_id: randomUUID() });
+    expectError(
+      await deliver('datagrail', ids.datagrailA, { ...w.headers, 'x-webhook-signature': 'AAAA' }, w.rawBody),
+      401,
+      'unauthorized',
+    );
+    expectError(await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody.replace('deletion', 'opt_out')), 401, 'unauthorized');
+    const forB = signed({ webhook_request_id: randomUUID() }, DG_SECRET);
+    expectError(await deliver('datagrail', ids.datagrailB, forB.headers, forB.rawBody), 401, 'unauthorized');
+    expect(await counts()).toEqual(before);
+  });
+
+  it('10 copies of an unsigned-token ticket at once (no jti to serialise on): one request, one ticket, one job', async () => {
+    const w = signed({ webhook_request_id: randomUUID(), identifiers: { email: `${uniq('dup')}@example.test` } });
+    const before = await counts();
+    const answers = await Promise.all(Array.from({ length: 10 }, () => deliver('datagrail', ids.datagrailA, w.headers, w.rawBody)));
+    for (const r of answers) {
+      expect(r.status, r.text).toBe(200);
+      expect(r.json).toEqual(answers[0]!.json);
+    }
+    expect(await counts()).toEqual({ requests: before.requests + 1, tickets: before.tickets + 1, jobs: before.jobs + 1 });
+  });
+
+  it('a callback URL outside the allowed hosts is refused before anything is stored', async () => {
+    const before = await counts();
+    const w = signed({ webhook_request_id: randomUUID(), callback_url: 'https://evil.example.com/steal' });
+    const err = expectError(await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody), 400, 'validation_failed');
+    expect(JSON.stringify(err)).not.toContain('evil.example.com');
+    expect(await counts()).toEqual(before);
+  });
+
+  it('deletion of an unknown subject is reported as completed with 0 records, never as a failure', async () => {
+    const wrid = randomUUID();
+    const w = signed({ webhook_request_id: wrid, identifiers: { email: `${uniq('nobody')}@example.test` } });
+    const res = await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody);
+    const requestId = res.json.received[0].requestId as string;
+    expect((await settle(requestId)).status).toBe('delivered');
+    const cb = datagrail.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE).find((c) => (c.json as { webhook_request_id: string }).webhook_request_id === wrid);
+    expect(cb!.json).toMatchObject({ status: 'completed', records_found: 0, audit_record_id: (await getRequest(a, requestId)).auditRecordId });
+  });
+});
+
+describe('webhook URLs', () => {
+  it('unknown, malformed, disabled, deleted and vendor-mismatched connectors all get the same 404', async () => {
+    const w = signed404Body();
+    const disabled = await createConnector(a, {
+      vendor: 'datagrail',
+      name: 'off',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: DG_SECRET, apiKey: 'k' },
+    });
+    expect((await call(env, 'POST', `/v1/admin/connectors/${disabled}/disable`, { key: a.adminKey })).status).toBe(200);
+    const deleted = await createConnector(a, {
+      vendor: 'datagrail',
+      name: 'gone',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: DG_SECRET, apiKey: 'k' },
+    });
+    expect((await call(env, 'DELETE', `/v1/admin/connectors/${deleted}`, { key: a.adminKey })).status).toBe(204);
+    const answers = await Promise.all([
+      deliver('datagrail', 'con_00000000000000000000000000', w.headers, w.rawBody),
+      deliver('datagrail', 'not-an-id', w.headers, w.rawBody),
+      deliver('datagrail', disabled, w.headers, w.rawBody),
+      deliver('datagrail', deleted, w.headers, w.rawBody),
+      deliver('transcend', ids.datagrailA, w.headers, w.rawBody),
+      deliver('acme', ids.datagrailA, w.headers, w.rawBody),
+    ]);
+    for (const r of answers) {
+      const err = expectError(r, 404, 'not_found');
+      expect(err.message).toBe('no such webhook');
+    }
+  });
+});
+
+function signed404Body() {
+  return datagrailWebhook({ secret: DG_SECRET, body: datagrailBody({ webhook_request_id: randomUUID() }) });
+}

@@ -1,0 +1,25 @@
+import { describe, expect, it } from 'vitest';
+import { retryDelayMs } from '../../src/upstream/report.ts';
+
+const policy = { maxAttempts: 14, backoffBaseMs: 30_000, backoffMaxMs: 4 * 60 * 60 * 1000 };
+
+describe('report retry delays', () => {
+  it('double from the base with ±10% jitter, and never pass the cap, jitter included', () => {
+    expect(retryDelayMs(policy, 1, undefined, () => 0.5)).toBe(30_000);
+    expect(retryDelayMs(policy, 2, undefined, () => 0)).toBe(54_000);
+    expect(retryDelayMs(policy, 3, undefined, () => 1)).toBe(132_000);
+    expect(retryDelayMs(policy, 30, undefined, () => 1)).toBe(policy.backoffMaxMs);
+  });
+
+  it('honour a vendor’s Retry-After, capped', () => {
+    expect(retryDelayMs(policy, 5, 7_000)).toBe(7_000);
+    expect(retryDelayMs(policy, 1, 48 * 3600 * 1000)).toBe(policy.backoffMaxMs);
+  });
+
+  it('with the defaults, all attempts together span about a day', () => {
+    let total = 0;
+    for (let attempt = 1; attempt < policy.maxAttempts; attempt++) total += retryDelayMs(policy, attempt, undefined, () => 0.5);
+    expect(total / 3_600_000).toBeGreaterThan(18);
+    expect(total / 3_600_000).toBeLessThan(30);
+  });
+});
