@@ -447,6 +447,43 @@ describe('DataGrail webhooks', () => {
   });
 });
 
+describe('every vendor route', () => {
+  const vendors = () => [
+    {
+      vendor: 'onetrust',
+      id: ids.onetrustA,
+      signed: (raw: string) => ({ headers: onetrustWebhook({ auth: { type: 'bearer', secret: OT.inbound } }).headers, raw }),
+      unsigned: onetrustWebhook().headers,
+    },
+    {
+      vendor: 'datagrail',
+      id: ids.datagrailA,
+      signed: (raw: string) => ({ headers: datagrailWebhook({ secret: DG_SECRET, body: raw }).headers, raw }),
+      unsigned: { 'content-type': 'application/json' },
+    },
+  ];
+
+  it('answers malformed JSON (correctly authenticated) 400, a missing credential 401, an oversized body 413; stores nothing', async () => {
+    for (const v of vendors()) {
+      const before = await counts();
+      const bad = v.signed('{"webhook_request_id": ');
+      expectError(await deliver(v.vendor, v.id, bad.headers, bad.raw), 400, 'malformed_json');
+      expectError(await deliver(v.vendor, v.id, v.unsigned, '{}'), 401, 'unauthorized');
+      const big = v.signed(JSON.stringify({ padding: 'x'.repeat(70 * 1024) }));
+      expectError(await deliver(v.vendor, v.id, big.headers, big.raw), 413, 'payload_too_large');
+      expect(await counts(), v.vendor).toEqual(before);
+    }
+  });
+
+  it('never writes personal data from tickets into the logs', async () => {
+    const text = env.logs.text();
+    expect(text).not.toMatch(/@example\.(test|com)/);
+    expect(text).not.toContain(OT.inbound);
+    expect(text).not.toContain(DG_SECRET);
+    expect(text).not.toMatch(/nonce-[0-9a-f]{8}/);
+  });
+});
+
 describe('webhook URLs', () => {
   it('unknown, malformed, disabled, deleted and vendor-mismatched connectors all get the same 404', async () => {
     const w = signed404Body();
