@@ -13,7 +13,8 @@ import {
 } from '../upstream/store.ts';
 import { bearerSecurity, requireKey } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
-import { commonErrors, notFoundError } from './schemas.ts';
+import { commonErrors, ErrorBody, notFoundError } from './schemas.ts';
+import { redeliverTicket } from '../upstream/report.ts';
 
 const ConnectorView = z
   .object({
@@ -165,6 +166,23 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
     async (c) => {
       await deleteConnector(deps, ws(c), c.req.valid('param').id);
       return c.body(null, 204);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('post', '/v1/admin/tickets/{id}/redeliver', 'Deliver a failed report again (fresh attempt budget)'),
+      request: idParam,
+      responses: {
+        202: json(z.object({ ticketId: z.string(), status: z.literal('pending') }), 'Queued again'),
+        ...commonErrors,
+        ...notFoundError,
+        409: json(ErrorBody, 'The report is not failed (pending or already delivered)'),
+      },
+    }),
+    async (c) => {
+      const t = await redeliverTicket(deps, ws(c), c.req.valid('param').id);
+      return c.json({ ticketId: t.id, status: 'pending' as const }, 202);
     },
   );
 

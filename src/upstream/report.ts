@@ -1,9 +1,10 @@
-import { eq, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import type { JsonValue, ReportResult, StoredTicket, TicketAction, TicketOutcome } from '../../connectors/types.ts';
 import { auditRecords, connectors, dsrRequests, upstreamTickets } from '../db/schema/index.ts';
 import type { ReportPolicy, UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector } from './store.ts';
-import { ticketSecretContext } from './tickets.ts';
+import { ApiError } from '../lib/errors.ts';
+import { enqueueReports, ticketSecretContext, type TicketRow } from './tickets.ts';
 
 export type DeliveryResult =
   | { kind: 'skipped'; reason: 'missing' | 'not_pending' | 'stale_attempt' | 'request_not_finished' }
@@ -113,4 +114,28 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
   }
   log.warn({ error, delayMs }, 'report not delivered; will retry');
   return { kind: 'retry_scheduled', error: error!, delayMs };
+}
+
+/**
+ * An admin's second chance for a report that failed (vendor outage beyond the retry window, credentials fixed
+ * since): the ticket goes back to pending with a fresh attempt budget and its first job is queued again.
+ */
+export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, ticketId: string): Promise<TicketRow> {
+  return deps.db.transaction(async (tx) => {
+    const [row] = await tx
+      .select()
+      .from(upstreamTickets)
+      .where(and(eq(upstreamTickets.id, ticketId), eq(upstreamTickets.workspaceId, workspaceId)))
+      .for('update');
+    if (!row) throw new ApiError('not_found', 'no such ticket in this workspace');
+    if (row.status !== 'failed') throw new ApiError('conflict', `only a failed report can be redelivered (this one is ${row.status})`);
+    const [updated] = await tx
+      .update(upstreamTickets)
+      .set({ status: 'pending', attempts: 0, nextAttemptAt: null, updatedAt: sql`now()` })
+      .where(eq(upstreamTickets.id, ticketId))
+      .returning();
+    await enqueueReports(tx, { ticketId });
+    deps.logger.info({ ticketId }, 'report redelivery requested');
+    return updated!;
+  });
 }

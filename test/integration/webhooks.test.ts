@@ -13,6 +13,7 @@ import { startFakeTranscend, type FakeTranscend } from '../../connectors/transce
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { failFirst } from '../helpers/fake-vendor.ts';
+import { freePort } from '../../src/lib/net.ts';
 
 let env: TestEnv;
 let a: CreatedWorkspace;
@@ -186,6 +187,22 @@ describe('Transcend webhooks', () => {
     expectError(await deliver('transcend', ids.transcendA, w.headers, huge), 413, 'payload_too_large');
   });
 
+  it('cannot fetch the signing key → 503 with Retry-After (Transcend retries later), nothing stored', async () => {
+    const closed = await freePort();
+    const id = await createConnector(a, {
+      vendor: 'transcend',
+      name: 'Sombra down',
+      config: transcend.config({ sombraUrl: `http://127.0.0.1:${closed}` }),
+      secrets: transcend.secrets,
+    });
+    const before = await counts();
+    const w = await transcend.webhook();
+    const res = await deliver('transcend', id, w.headers, w.body);
+    expectError(res, 503, 'service_unavailable');
+    expect(res.headers.get('retry-after')).toBe('30');
+    expect(await counts()).toEqual(before);
+  });
+
   it('10 copies of one ticket at once: one request, one ticket, one job, ten identical answers', async () => {
     const w = await transcend.webhook({ profile: { identifier: `${uniq('c')}@example.test`, type: 'email' } });
     const before = await counts();
@@ -341,7 +358,15 @@ describe('report delivery', () => {
     expect(t.last_error).toMatch(/^gave up after 4 attempts: .*502/);
     const failed = await call(env, 'GET', '/v1/privacy/requests?upstreamStatus=failed', { key: a.privacyKey });
     expect(failed.json.data.map((r: { id: string }) => r.id)).toEqual(expect.arrayContaining([refused, down]));
+
+    // The vendor is back: an admin redelivers the failed report; another workspace cannot, nor can a pending one.
     datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
+    expectError(await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: b.adminKey }), 404, 'not_found');
+    const again = await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: a.adminKey });
+    expect(again.status, again.text).toBe(202);
+    expect((await settle(down)).status).toBe('delivered');
+    expect((await getRequest(a, down)).upstreamStatus).toBe('delivered');
+    expectError(await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: a.adminKey }), 409, 'conflict');
   });
 });
 
