@@ -1,3 +1,9 @@
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   DATAGRAIL_CALLBACK_ROUTE,
   datagrailBody,
@@ -5,12 +11,6 @@ import {
   FAKE_DATAGRAIL_API_KEY,
   startFakeDataGrail,
 } from '../../connectors/datagrail/fake.ts';
-import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { ROOT, poll } from '../helpers/process.ts';
