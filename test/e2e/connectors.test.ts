@@ -19,7 +19,7 @@ import {
 import { commentsRoute, onetrustWebhook, startFakeOneTrust, statusRoute, TOKEN_ROUTE, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
-import { createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { createTestEnv, request, type TestEnv } from '../helpers/db.ts';
 import { uniq, userFootprint } from '../helpers/factories.ts';
 import { failFirst, type FakeReply, type FakeVendor } from '../helpers/fake-vendor.ts';
 import { freePort } from '../helpers/global-setup.ts';
@@ -51,24 +51,8 @@ let onetrust: FakeOneTrust;
 let datagrail: Awaited<ReturnType<typeof startFakeDataGrail>>;
 const extraFakes: { stop(): Promise<void> }[] = [];
 
-async function http(method: string, urlPath: string, opts: { key?: string; body?: unknown; headers?: Record<string, string> } = {}) {
-  const headers: Record<string, string> = { ...opts.headers };
-  if (opts.key) headers.authorization = `Bearer ${opts.key}`;
-  let body: string | undefined;
-  if (opts.body !== undefined) {
-    body = typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body);
-    headers['content-type'] ??= 'application/json';
-  }
-  const res = await fetch(`${base}${urlPath}`, { method, headers, body });
-  const text = await res.text();
-  let json: Json;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    json = undefined;
-  }
-  return { status: res.status, json, text };
-}
+const http = (method: string, urlPath: string, opts?: Parameters<typeof request>[3]) =>
+  request((p, init) => fetch(`${base}${p}`, init), method, urlPath, opts);
 
 /** factories.seedUser, over the network: a profile with an email, events, a conversation and a Topics question. */
 async function seedUser(opts: { email?: string; events?: number } = {}) {

@@ -100,9 +100,12 @@ export async function createTestEnv(
   };
 }
 
-/** JSON request against the in-process app. */
-export async function call(
-  env: TestEnv,
+/** Sends a request somewhere: the in-process app, or a real server over the network. */
+export type Fetcher = (path: string, init: RequestInit) => Response | Promise<Response>;
+
+/** A JSON request with an optional bearer key; the body text and (when it parses) its JSON come back. */
+export async function request(
+  fetcher: Fetcher,
   method: string,
   path: string,
   opts: { key?: string; body?: unknown; headers?: Record<string, string> } = {},
@@ -114,7 +117,7 @@ export async function call(
     body = typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body);
     headers['content-type'] ??= 'application/json';
   }
-  const res = await env.app.request(path, { method, headers, body });
+  const res = await fetcher(path, { method, headers, body });
   const text = await res.text();
   let json: unknown;
   try {
@@ -124,6 +127,11 @@ export async function call(
   }
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   return { status: res.status, json: json as any, text, headers: res.headers };
+}
+
+/** JSON request against the in-process app. */
+export function call(env: TestEnv, method: string, path: string, opts: Parameters<typeof request>[3] = {}) {
+  return request((p, init) => env.app.request(p, init), method, path, opts);
 }
 
 export type Res = Awaited<ReturnType<typeof call>>;
