@@ -75,3 +75,15 @@ export function hostAllowed(host: string, patterns: readonly string[]): boolean 
     return h === pattern;
   });
 }
+
+/**
+ * How an error names a request type taken from a vendor body. Type names are tenant configuration, not personal
+ * data, so they are named (the admin needs to know what to map); but a mis-rendered template can put an email or
+ * free text in that field, and the name reaches the error body and the log, so anything that does not look like a
+ * type name is withheld.
+ */
+export function nameOfType(value: string): string {
+  const v = value.trim();
+  if (v.includes('@')) return '(a value containing @)';
+  return /^[\p{L}\p{N}][\p{L}\p{N} _.\-/&()']{0,63}$/u.test(v) ? JSON.stringify(v) : '(an unrecognised value)';
+}

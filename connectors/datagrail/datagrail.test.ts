@@ -367,6 +367,12 @@ describe('parse', () => {
     const err = payloadError(() => parseBody(datagrailBody({ request_type: 'Rectification', callback_url: CB })));
     expect(err.code).toBe('unsupported_request_type');
     expect(err.message).toBe('DataGrail request type "Rectification" is not mapped to an action');
+    // A type field carrying personal data or free text is not echoed into the error body (nor the log).
+    for (const junk of ['jane@example.com', 'Jane Doe <x>\n', 'x'.repeat(80)]) {
+      const e = payloadError(() => parseBody(datagrailBody({ request_type: junk, callback_url: CB })));
+      expect(e.code).toBe('unsupported_request_type');
+      expect(e.message).not.toContain(junk.trim().slice(0, 20));
+    }
   });
 
   it('requires a request type', () => {

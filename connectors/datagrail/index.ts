@@ -4,7 +4,7 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
-import { check, CheckFailed, classifyOutboundError, classifyResponse, parseJson, parseWith } from '../shared.ts';
+import { check, CheckFailed, classifyOutboundError, classifyResponse, nameOfType, parseJson, parseWith } from '../shared.ts';
 import {
   WebhookAuthError,
   WebhookPayloadError,
@@ -132,7 +132,7 @@ export const datagrail: Connector<Config, Secrets> = {
     if (kind === undefined) {
       throw new WebhookPayloadError(
         'unsupported_request_type',
-        `DataGrail request type ${JSON.stringify(requestType.trim().slice(0, 100))} is not mapped to an action`,
+        `DataGrail request type ${nameOfType(requestType)} is not mapped to an action`,
       );
     }
     if (kind === 'health_check') return { kind: 'health_check' };

@@ -4,7 +4,7 @@
  * parsed tolerantly, and authentication is whatever credential the admin attached to that action.
  */
 import { z } from 'zod';
-import { parseJson, parseWith, safeEqual } from '../shared.ts';
+import { nameOfType, parseJson, parseWith, safeEqual } from '../shared.ts';
 import {
   WebhookAuthError,
   WebhookPayloadError,
@@ -107,12 +107,8 @@ function subjectOf(body: { email?: string; userId?: string; externalUserId?: str
   ]);
 }
 
-/**
- * Request-type names are tenant configuration, so errors name them; a template that renders the wrong placeholder
- * into requestTypes could put an email address there, which is withheld.
- */
 function quoted(types: string[]): string {
-  return [...new Set(types)].map((t) => (t.includes('@') ? '(a value containing @)' : `"${t}"`)).join(', ');
+  return [...new Set(types)].map(nameOfType).join(', ');
 }
 
 /**
