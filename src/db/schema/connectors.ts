@@ -8,13 +8,11 @@ import {
   pgTable,
   primaryKey,
   text,
-  timestamp,
   uniqueIndex,
 } from 'drizzle-orm/pg-core';
+import { ts } from './columns.ts';
 import { dsrRequests } from './privacy.ts';
 import { workspaces } from './product.ts';
-
-const ts = (name: string) => timestamp(name, { withTimezone: true, mode: 'date' });
 
 export const VENDORS = ['transcend', 'onetrust', 'datagrail'] as const;
 export type Vendor = (typeof VENDORS)[number];
