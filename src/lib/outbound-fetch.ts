@@ -17,7 +17,11 @@ export function createFetchHttpClient(opts: OutboundOptions): HttpClient {
         res.headers.get('content-length'),
         url,
         opts.maxResponseBytes,
-        () => void res.body?.cancel(),
+        // Refused before reading: cancel the body. Refused mid-read: leaving the for-await cancels it already, and
+        // cancelling a locked stream would only reject.
+        () => {
+          if (res.body && !res.body.locked) res.body.cancel().catch(() => {});
+        },
       );
       return { status: res.status, headers, text };
     },

@@ -13,6 +13,7 @@ import {
   type OutboundErrorCode,
   type OutboundOptions,
 } from '../../src/lib/outbound.ts';
+import { createFetchHttpClient } from '../../src/lib/outbound-fetch.ts';
 import { createHttpClient } from '../../src/lib/outbound-node.ts';
 import { MemoryCache } from '../../src/upstream/cache.ts';
 
@@ -560,5 +561,43 @@ describe('MemoryCache', () => {
     cache.set('e', 'E', 1000);
     expect(cache.get('c')).toBeUndefined();
     expect([cache.get('b'), cache.get('d'), cache.get('e')]).toEqual(['B2', 'D', 'E']);
+  });
+});
+
+describe('the fetch-based client (Workers) follows the same policy', () => {
+  const fetchClient = (overrides: Partial<OutboundOptions> = {}) =>
+    createFetchHttpClient({ allowPrivateNetworks: true, timeoutMs: 2000, maxResponseBytes: 1024, ...overrides });
+
+  it('sends the user agent and a JSON body, and follows a same-origin redirect itself', async () => {
+    const srv = await startServer((req, res) => {
+      if (req.url === '/old') {
+        res.writeHead(307, { location: '/new' });
+        return void res.end();
+      }
+      res.end('landed');
+    });
+    const res = await fetchClient().request(`${srv.url}/old`, { method: 'PUT', json: { a: 1 } });
+    expect(res).toMatchObject({ status: 200, text: 'landed' });
+    expect(srv.requests.map((r) => `${r.method} ${r.url} ${r.body}`)).toEqual(['PUT /old {"a":1}', 'PUT /new {"a":1}']);
+    expect(srv.requests[0]!.headers['user-agent']).toBe(USER_AGENT);
+  });
+
+  it('refuses a cross-origin redirect, an oversized response, plain http and private literals', async () => {
+    const other = await startServer((_req, res) => res.end('should not be reached'));
+    const srv = await startServer((req, res) => {
+      if (req.url === '/away') {
+        res.writeHead(302, { location: `${other.url}/steal` });
+        return void res.end();
+      }
+      if (req.url === '/big') return void res.end('x'.repeat(2000));
+      res.write('y'.repeat(800));
+      res.end('y'.repeat(800));
+    });
+    await expectCode(fetchClient().request(`${srv.url}/away`), 'redirect_refused');
+    expect(other.requests).toHaveLength(0);
+    await expectCode(fetchClient().request(`${srv.url}/big`), 'response_too_large');
+    await expectCode(fetchClient().request(`${srv.url}/chunked`), 'response_too_large');
+    await expectCode(fetchClient({ allowPrivateNetworks: false }).request(`${srv.url}/x`), 'insecure_url');
+    await expectCode(fetchClient({ allowPrivateNetworks: false }).request('https://10.0.0.1/x'), 'address_refused');
   });
 });
