@@ -15,7 +15,7 @@ export default tseslint.config(
       'no-console': 'error',
     },
   },
-  { files: ['src/cli.ts', 'bench/**', 'src/main.ts', 'bin/**', '.ci/**', 'test/helpers/**'], rules: { 'no-console': 'off' } },
+  { files: ['src/cli.ts', 'src/cli/**', 'src/service.ts', 'bench/**', 'src/main.ts', 'bin/**', '.ci/**', 'test/helpers/**'], rules: { 'no-console': 'off' } },
   {
     files: ['bin/**', '.ci/**', '**/*.mjs', 'eslint.config.js'],
     ...tseslint.configs.disableTypeChecked,

@@ -8,10 +8,12 @@ import { ZodError } from 'zod';
 import { isTransient, pgCode } from './db/errors.ts';
 import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
 import type { App, AppDeps, AppEnv } from './http/env.ts';
+import { registerAccountRoutes } from './http/accounts.ts';
 import { registerAdminRoutes } from './http/admin.ts';
 import { registerHealthRoutes } from './http/health.ts';
 import { registerIngestRoutes } from './http/ingest.ts';
 import { registerPrivacyRoutes } from './http/privacy.ts';
+import { registerSessionRoutes } from './http/sessions.ts';
 import { registerWebhookRoutes } from './http/webhooks.ts';
 
 export type { AppDeps };
@@ -85,12 +87,17 @@ export function newApp(deps: AppDeps): App {
   registerHealthRoutes(app, deps);
   registerIngestRoutes(app, deps);
   registerPrivacyRoutes(app, deps);
+  registerSessionRoutes(app, deps);
   registerAdminRoutes(app, deps);
+  registerAccountRoutes(app, deps);
   registerWebhookRoutes(app, deps);
 
   app.notFound((c) => errorBody(c, 'not_found', 'no such route'));
   app.onError((err, c) => {
-    if (err instanceof ApiError) return errorBody(c, err.code, err.message, err.details);
+    if (err instanceof ApiError) {
+      for (const [name, value] of Object.entries(err.headers ?? {})) c.header(name, value);
+      return errorBody(c, err.code, err.message, err.details);
+    }
     if (err instanceof HTTPException) return errorBody(c, codeForHttpException(err), err.message);
     if (err instanceof ZodError) {
       return errorBody(c, 'validation_failed', 'request failed validation', issuesToDetails(err.issues));

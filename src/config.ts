@@ -43,6 +43,22 @@ const envSchema = z.object({
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   EXECUTE_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(25).default(5),
+  /** A failed request keeps its identifier sealed this long so it can be retried; then only the digest remains. */
+  FAILED_SUBJECT_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
+  /** Dashboard sessions end after this much inactivity, and in any case this long after login. */
+  SESSION_IDLE_MINUTES: z.coerce.number().int().min(1).max(24 * 60).default(30),
+  SESSION_MAX_HOURS: z.coerce.number().int().min(1).max(24 * 30).default(12),
+  /** Password attempts allowed per account and per client address in each LOGIN_WINDOW_MINUTES window. */
+  LOGIN_MAX_ATTEMPTS_PER_ACCOUNT: z.coerce.number().int().min(1).max(1000).default(5),
+  LOGIN_MAX_ATTEMPTS_PER_ADDRESS: z.coerce.number().int().min(1).max(100_000).default(30),
+  LOGIN_WINDOW_MINUTES: z.coerce.number().int().min(1).max(24 * 60).default(15),
+  /**
+   * Take the client address from X-Forwarded-For (its first entry) instead of the socket. Set it only behind a
+   * proxy that overwrites the header, or clients can pick their own address for the login rate limit.
+   */
+  TRUST_PROXY: z.stringbool().default(false),
+  /** Mark the session cookie Secure even when PUBLIC_BASE_URL is not https (e.g. TLS terminated by a proxy). */
+  COOKIE_SECURE: z.stringbool().optional(),
 });
 
 export type Env = z.infer<typeof envSchema>;
@@ -79,6 +95,23 @@ export function outboundSettings(env: Env) {
     maxResponseBytes: env.OUTBOUND_MAX_RESPONSE_BYTES,
   };
 }
+
+/** Sessions, recent authentication and the login rate limit; derived from the environment. */
+export function authSettings(env: Env) {
+  return {
+    sessionIdleMs: env.SESSION_IDLE_MINUTES * 60_000,
+    sessionMaxMs: env.SESSION_MAX_HOURS * 3_600_000,
+    /** Sensitive actions need the password presented this recently (login or re-authentication). */
+    recentAuthMs: 15 * 60_000,
+    maxAttemptsPerAccount: env.LOGIN_MAX_ATTEMPTS_PER_ACCOUNT,
+    maxAttemptsPerAddress: env.LOGIN_MAX_ATTEMPTS_PER_ADDRESS,
+    loginWindowMs: env.LOGIN_WINDOW_MINUTES * 60_000,
+    trustProxy: env.TRUST_PROXY,
+    secureCookies: env.COOKIE_SECURE ?? env.PUBLIC_BASE_URL?.startsWith('https:') ?? false,
+  };
+}
+
+export type AuthSettings = ReturnType<typeof authSettings>;
 
 export function reportSettings(env: Env) {
   return {

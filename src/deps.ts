@@ -1,4 +1,4 @@
-import { reportSettings, type Env } from './config.ts';
+import { authSettings, reportSettings, type Env } from './config.ts';
 import type { ConnectorCache } from '../connectors/types.ts';
 import type { Database } from './db/client.ts';
 import type { AppDeps } from './http/env.ts';
@@ -17,6 +17,7 @@ export function createDeps(opts: {
   http: HttpClient;
   cache?: ConnectorCache;
   docsAsset?: AppDeps['docsAsset'];
+  remoteAddress?: AppDeps['remoteAddress'];
 }): AppDeps {
   const { env } = opts;
   return {
@@ -29,9 +30,12 @@ export function createDeps(opts: {
     cache: opts.cache ?? new MemoryCache(),
     reportPolicy: reportSettings(env),
     bodyLimitBytes: env.BODY_LIMIT_BYTES,
+    auth: authSettings(env),
     executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
+    failedSubjectRetentionDays: env.FAILED_SUBJECT_RETENTION_DAYS,
     publicBaseUrl: env.PUBLIC_BASE_URL,
     docsAsset: opts.docsAsset,
+    remoteAddress: opts.remoteAddress,
   };
 }
 

@@ -73,6 +73,8 @@ export default {
         logger,
         http,
         cache,
+        // Set by Cloudflare's edge for every request; a client cannot forge it.
+        remoteAddress: (c) => c.req.header('cf-connecting-ip'),
         docsAsset: bindings.ASSETS
           ? async (file) => {
               const res = await bindings.ASSETS!.fetch(new Request(`https://assets.local/${encodeURIComponent(file)}`));

@@ -32,3 +32,5 @@ export function errorCodeOf(err: unknown): string {
   const code = pgCode(err);
   return code ? `db_${code}` : 'internal_error';
 }
+
+export const isUniqueViolation = (err: unknown): boolean => pgCode(err) === '23505';

@@ -11,8 +11,9 @@ import {
   updateConnector,
   type ConnectorRow,
 } from '../upstream/store.ts';
-import { bearerSecurity, requireKey } from './auth.ts';
+import { bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
+import type { Principal } from './auth.ts';
 import { commonErrors, ErrorBody, notFoundError } from './schemas.ts';
 import { redeliverTicket } from '../upstream/report.ts';
 
@@ -41,6 +42,7 @@ const ConnectorInput = z
     config: z.record(z.string(), z.unknown()).optional().openapi({ description: "Non-secret settings (the vendor's schema)" }),
     secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Write-only: API keys, shared secrets' }),
   })
+  .strict()
   .openapi('ConnectorInput');
 
 const ConnectorPatch = z
@@ -49,10 +51,12 @@ const ConnectorPatch = z
     config: z.record(z.string(), z.unknown()).optional().openapi({ description: 'Replaces the whole config' }),
     enabled: z.boolean().optional(),
   })
+  .strict()
   .openapi('ConnectorPatch');
 
 const SecretsInput = z
   .object({ secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Replaces every secret' }) })
+  .strict()
   .openapi('ConnectorSecrets');
 
 const TestResultView = z
@@ -76,7 +80,7 @@ const route = <M extends 'get' | 'post' | 'patch' | 'put' | 'delete', P extends 
   security: bearerSecurity,
 });
 
-function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof ConnectorView> {
+export function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof ConnectorView> {
   const webhookPath = `/webhooks/${row.vendor}/${row.id}`;
   return {
     id: row.id,
@@ -97,7 +101,9 @@ function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof Connect
 
 /** Connector administration for the workspace of the admin key; secrets go in and never come out. */
 export function registerAdminRoutes(app: App, deps: AppDeps): void {
-  app.use('/v1/admin/*', requireKey(deps, 'admin'));
+  app.use('/v1/admin/*', requireActor(deps, 'admin'));
+  // Credential changes and deletion by a person need the password entered within the last 15 minutes.
+  const recent = (c: { get(k: 'auth'): Principal }) => requireRecentAuth(deps, c.get('auth'));
   const ws = (c: { get(k: 'auth'): { workspaceId: string } }) => c.get('auth').workspaceId;
   const one = { 200: json(ConnectorView, 'The connector'), ...commonErrors, ...notFoundError };
 
@@ -107,7 +113,10 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
       request: { body: body(ConnectorInput) },
       responses: { 201: json(ConnectorView, 'Created'), ...commonErrors },
     }),
-    async (c) => c.json(connectorView(deps, await createConnector(deps, ws(c), c.req.valid('json'))), 201),
+    async (c) => {
+      recent(c);
+      return c.json(connectorView(deps, await createConnector(deps, ws(c), c.req.valid('json'))), 201);
+    },
   );
 
   app.openapi(
@@ -125,12 +134,16 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
 
   app.openapi(
     createRoute({
-      ...route('patch', '/v1/admin/connectors/{id}', 'Rename, replace the config, enable or disable'),
+      ...route('patch', '/v1/admin/connectors/{id}', 'Rename, replace the config (recent authentication), enable or disable'),
       request: { ...idParam, body: body(ConnectorPatch) },
       responses: one,
     }),
-    async (c) =>
-      c.json(connectorView(deps, await updateConnector(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200),
+    async (c) => {
+      const patch = c.req.valid('json');
+      // The config says where secrets and nonces are sent (base URLs, callback hosts): as sensitive as the secrets.
+      if (patch.config !== undefined) recent(c);
+      return c.json(connectorView(deps, await updateConnector(deps, ws(c), c.req.valid('param').id, patch)), 200);
+    },
   );
 
   app.openapi(
@@ -139,8 +152,10 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
       request: { ...idParam, body: body(SecretsInput) },
       responses: one,
     }),
-    async (c) =>
-      c.json(connectorView(deps, await replaceSecrets(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200),
+    async (c) => {
+      recent(c);
+      return c.json(connectorView(deps, await replaceSecrets(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200);
+    },
   );
 
   for (const [action, enabled] of [
@@ -164,6 +179,7 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
       responses: { 204: { description: 'Deleted' }, ...commonErrors, ...notFoundError },
     }),
     async (c) => {
+      recent(c);
       await deleteConnector(deps, ws(c), c.req.valid('param').id);
       return c.body(null, 204);
     },

@@ -64,6 +64,13 @@ export function registerHealthRoutes(app: App, deps: AppDeps): void {
     scheme: 'bearer',
     description: 'Workspace API key: dsr_ingest_…, dsr_privacy_… or dsr_admin_…',
   });
+  app.openAPIRegistry.registerComponent('securitySchemes', 'session', {
+    type: 'apiKey',
+    in: 'cookie',
+    name: 'dsr_session',
+    description:
+      'Admin dashboard session from POST /v1/auth/login (privacy and admin routes). Mutations also need the X-CSRF-Token header.',
+  });
 
   app.get('/docs', (c) => c.html(DOCS_HTML));
   app.get('/docs/init.js', (c) => c.body(DOCS_INIT, 200, { 'content-type': 'text/javascript; charset=utf-8' }));

@@ -9,7 +9,7 @@ import {
   trackSchema,
   type IngestItem,
 } from '../product/ingest.ts';
-import { requireKey, bearerSecurity } from './auth.ts';
+import { keyOnlySecurity, requireKey } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import { commonErrors } from './schemas.ts';
 
@@ -28,7 +28,7 @@ const single = (path: string, summary: string, schema: z.ZodObject, type: Ingest
     path,
     summary,
     tags: ['ingest'],
-    security: bearerSecurity,
+    security: keyOnlySecurity,
     request: { body: { required: true, content: { 'application/json': { schema } } } },
     responses: {
       200: { description: 'Accepted', content: { 'application/json': { schema: IngestResult } } },
@@ -50,7 +50,7 @@ const batchRoute = createRoute({
   path: '/v1/batch',
   summary: `Record up to ${MAX_BATCH} items at once, in one transaction`,
   tags: ['ingest'],
-  security: bearerSecurity,
+  security: keyOnlySecurity,
   request: {
     body: {
       required: true,

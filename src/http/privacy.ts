@@ -13,12 +13,13 @@ import type { TicketRow } from '../upstream/tickets.ts';
 import { subjectDigest } from '../lib/digest.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
-import type { AuditRecord } from '../privacy/execute.ts';
+import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
+import { retryRequest } from '../privacy/retry.ts';
 import { intake, type DsrRequest } from '../privacy/intake.ts';
-import { bearerSecurity, requireKey } from './auth.ts';
+import { actorOf, bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import { cursorCondition, newestFirst, page } from './pagination.ts';
-import { commonErrors, notFoundError, Pagination } from './schemas.ts';
+import { commonErrors, ErrorBody, notFoundError, Pagination } from './schemas.ts';
 
 export const MAX_PRIVACY_BATCH = 100;
 
@@ -118,6 +119,24 @@ const AuditView = z
     startedAt: z.string(),
     finishedAt: z.string(),
     recordedAt: z.string(),
+    chain: z
+      .object({
+        algorithm: z.literal('sha256'),
+        position: z.number().int().nullable().openapi({ description: "1-based position in the workspace's audit chain" }),
+        prevHash: z.string().nullable().openapi({ description: 'Hash of the record before it; null for the first' }),
+        hash: z.string().nullable().openapi({ description: 'sha256 (hex) of `canonical`' }),
+        canonical: z
+          .string()
+          .nullable()
+          .optional()
+          .openapi({ description: 'The exact serialisation the hash covers (single-record view only)' }),
+        intact: z
+          .boolean()
+          .nullable()
+          .optional()
+          .openapi({ description: 'The hash recomputed from the stored fields matches (single-record view only)' }),
+      })
+      .openapi({ description: 'Tamper evidence; null fields only on records written before the chain existed' }),
   })
   .openapi('AuditRecord');
 
@@ -173,7 +192,7 @@ export function requestView(r: DsrRequest, tickets: TicketRow[] = []): z.infer<t
 }
 
 /** The vendor tickets of these requests, grouped by request id. */
-async function ticketsOf(deps: AppDeps, requestIds: string[]): Promise<Map<string, TicketRow[]>> {
+export async function ticketsOf(deps: AppDeps, requestIds: string[]): Promise<Map<string, TicketRow[]>> {
   const byRequest = new Map<string, TicketRow[]>();
   if (requestIds.length === 0) return byRequest;
   const rows = await deps.db
@@ -185,7 +204,8 @@ async function ticketsOf(deps: AppDeps, requestIds: string[]): Promise<Map<strin
   return byRequest;
 }
 
-export function auditView(a: AuditRecord): z.infer<typeof AuditView> {
+export function auditView(a: AuditRecord, proof = false): z.infer<typeof AuditView> {
+  const chain = chainView(a);
   return {
     id: a.id,
     requestId: a.requestId,
@@ -202,6 +222,13 @@ export function auditView(a: AuditRecord): z.infer<typeof AuditView> {
     startedAt: a.startedAt.toISOString(),
     finishedAt: a.finishedAt.toISOString(),
     recordedAt: a.recordedAt.toISOString(),
+    chain: {
+      algorithm: 'sha256',
+      position: chain.position,
+      prevHash: chain.prevHash,
+      hash: chain.hash,
+      ...(proof ? { canonical: chain.canonical, intact: chain.intact } : {}),
+    },
   };
 }
 
@@ -264,10 +291,25 @@ const listRequests = createRoute({
   },
 });
 
+const retryRequestRoute = createRoute({
+  method: 'post',
+  path: '/v1/privacy/requests/{id}/retry',
+  summary: 'Run a failed request again (its identifier is kept sealed for FAILED_SUBJECT_RETENTION_DAYS)',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: { params: z.object({ id: z.string().max(100) }) },
+  responses: {
+    202: json(RequestView, 'Queued again'),
+    ...commonErrors,
+    ...notFoundError,
+    409: json(ErrorBody, 'Not failed, identifier no longer kept, or another request for the subject is pending'),
+  },
+});
+
 const getAudit = createRoute({
   method: 'get',
   path: '/v1/privacy/audit/{id}',
-  summary: 'One audit record',
+  summary: 'One audit record with its place in the tamper-evident chain (attach it as proof)',
   tags: ['privacy'],
   security: bearerSecurity,
   request: { params: z.object({ id: z.string().max(100) }) },
@@ -298,16 +340,23 @@ const listAudit = createRoute({
 
 type Item = z.infer<typeof ItemResult>;
 
+function needsRecentAuth(parsed: { success: boolean; data?: { action: string; scope: string } }): boolean {
+  return parsed.success && (parsed.data!.action === 'erase' || parsed.data!.scope === 'workspace');
+}
+
 export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
-  app.use('/v1/privacy/*', requireKey(deps, 'privacy'));
+  app.use('/v1/privacy/*', requireActor(deps, 'privacy'));
 
   app.openapi(
     createRequests,
     async (c) => {
     const body = c.req.valid('json');
     const auth = c.get('auth');
-    const actor: Actor = { type: 'api_key', id: auth.keyId, source: 'api' };
+    const actor: Actor = actorOf(auth);
     const items: unknown[] = 'requests' in body ? body.requests : [body];
+    // A person erasing data, or acting on a whole workspace, must have entered the password recently. Checked for
+    // the whole batch before anything is accepted, so a batch is never half taken.
+    if (items.some((raw) => needsRecentAuth(PrivacyRequestInput.safeParse(raw)))) requireRecentAuth(deps, auth);
     const results: Item[] = [];
     for (const [index, raw] of items.entries()) {
       const parsed = PrivacyRequestInput.safeParse(raw);
@@ -399,13 +448,25 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
     return c.json({ data: p.data.map((r) => requestView(r, tickets.get(r.id))), nextCursor: p.nextCursor }, 200);
   });
 
+  app.openapi(retryRequestRoute, async (c) => {
+    const auth = c.get('auth');
+    const id = c.req.valid('param').id;
+    const [row] = await deps.db
+      .select({ action: dsrRequests.action, scope: dsrRequests.scope })
+      .from(dsrRequests)
+      .where(and(eq(dsrRequests.id, id), eq(dsrRequests.workspaceId, auth.workspaceId)));
+    if (row && needsRecentAuth({ success: true, data: row })) requireRecentAuth(deps, auth);
+    const queued = await retryRequest(deps, auth.workspaceId, id, actorOf(auth));
+    return c.json(requestView(queued, (await ticketsOf(deps, [queued.id])).get(queued.id)), 202);
+  });
+
   app.openapi(getAudit, async (c) => {
     const [row] = await deps.db
       .select()
       .from(auditRecords)
       .where(and(eq(auditRecords.id, c.req.valid('param').id), eq(auditRecords.workspaceId, c.get('auth').workspaceId)));
     if (!row) throw new ApiError('not_found', 'no such audit record in this workspace');
-    return c.json(auditView(row), 200);
+    return c.json(auditView(row, true), 200);
   });
 
   app.openapi(listAudit, async (c) => {
@@ -428,6 +489,6 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       .orderBy(newestFirst(auditRecords.id))
       .limit(q.limit + 1);
     const p = page(rows, q.limit);
-    return c.json({ data: p.data.map(auditView), nextCursor: p.nextCursor }, 200);
+    return c.json({ data: p.data.map((a) => auditView(a)), nextCursor: p.nextCursor }, 200);
   });
 }

@@ -16,8 +16,8 @@ const err = (description: string) => ({ description, content: { 'application/jso
 /** The error responses every authenticated JSON route can give. */
 export const commonErrors = {
   400: err('Invalid input; `details` names the fields'),
-  401: err('Missing or invalid API key'),
-  403: err('API key of the wrong scope'),
+  401: err('Missing or invalid API key or session; `reauth_required` when a sensitive action needs the password again'),
+  403: err('API key of the wrong scope, or a session mutation without its CSRF token'),
   413: err('Body too large'),
   415: err('Body is not JSON'),
 } as const;

@@ -50,6 +50,7 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
           [404, 'No such connector'],
           [409, 'The ticket id was already used for a different request'],
           [413, 'Body too large'],
+          [415, 'Body is not JSON'],
           [422, 'Request type not mapped to an action'],
           [503, 'Cannot verify right now (vendor key unreachable) or database unavailable; retry'],
         ].map(([s, d]) => [s, { description: d as string, content: { 'application/json': { schema: ErrorBody } } }]),

@@ -4,6 +4,7 @@ import { executeRequest } from '../privacy/execute.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
 import { connectorsTick, pollConnector } from '../upstream/poll.ts';
 import { deliverReport } from '../upstream/report.ts';
+import { maintenanceTick } from './maintenance.ts';
 
 // Jobs outlive code and may be added from SQL: parse every payload before trusting it.
 const executeRequestPayload = z.object({ requestId: z.string().regex(/^req_[0-9a-z]{25}$/) });
@@ -13,8 +14,8 @@ const reportUpstreamPayload = z.object({
 });
 const pollConnectorPayload = z.object({ connectorId: z.string().regex(/^con_[0-9a-z]{25}$/) });
 
-/** Cron entries, in graphile-worker's crontab format: one fan-out task, every minute. */
-export const CRONTAB = '* * * * * connectors_tick';
+/** Cron entries, in graphile-worker's crontab format: the connectors fan-out every minute, housekeeping hourly. */
+export const CRONTAB = ['* * * * * connectors_tick', '17 * * * * maintenance_tick'].join('\n');
 
 export function taskList(deps: UpstreamDeps): TaskList {
   // Retrying cannot fix a malformed payload; log and let the job complete.
@@ -41,6 +42,9 @@ export function taskList(deps: UpstreamDeps): TaskList {
     },
     connectors_tick: async () => {
       await connectorsTick(deps);
+    },
+    maintenance_tick: async () => {
+      await maintenanceTick(deps);
     },
   };
 }

@@ -7,12 +7,17 @@ export const ERROR_STATUS = {
   validation_failed: 400,
   malformed_json: 400,
   unauthorized: 401,
+  invalid_credentials: 401,
+  reauth_required: 401,
+  csrf_failed: 403,
   forbidden: 403,
   not_found: 404,
   conflict: 409,
   token_replayed: 401,
   payload_too_large: 413,
   unsupported_media_type: 415,
+  too_many_attempts: 429,
+  headers_too_large: 431,
   unsupported_request_type: 422,
   action_not_implemented: 400,
   service_unavailable: 503,
@@ -30,11 +35,14 @@ export interface ErrorDetail {
 export class ApiError extends HTTPException {
   readonly code: ErrorCode;
   readonly details?: ErrorDetail[];
+  /** Extra response headers, e.g. Retry-After. */
+  readonly headers?: Record<string, string>;
 
-  constructor(code: ErrorCode, message: string, details?: ErrorDetail[]) {
+  constructor(code: ErrorCode, message: string, details?: ErrorDetail[], headers?: Record<string, string>) {
     super(ERROR_STATUS[code], { message });
     this.code = code;
     this.details = details;
+    this.headers = headers;
   }
 }
 

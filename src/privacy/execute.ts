@@ -2,7 +2,6 @@ import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
 import type { Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
 import {
-  auditRecords,
   conversations,
   dsrRequests,
   endUsers,
@@ -18,12 +17,13 @@ import {
 import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { errorCodeOf, isTransient } from '../db/errors.ts';
 import { DomainError } from '../lib/errors.ts';
-import { newId } from '../lib/ids.ts';
 import type { PrivacyDeps } from './context.ts';
 import type { DsrRequest } from './intake.ts';
+import { appendAudit, type AuditRecord } from './audit-chain.ts';
+
+export type { AuditRecord };
 import { enqueueReports } from '../upstream/tickets.ts';
 
-export type AuditRecord = typeof auditRecords.$inferSelect;
 
 export interface ExecuteOptions {
   /** graphile-worker's attempt number for this run (1-based) and the job's limit. */
@@ -78,7 +78,7 @@ export async function executeRequest(
   try {
     const done = await ctx.db.transaction(async (tx) => {
       const applied = await apply(tx, ctx, running);
-      return finish(tx, running, startedAt, { status: 'complete', ...applied, errorCode: null });
+      return finish(tx, ctx, running, startedAt, { status: 'complete', ...applied, errorCode: null });
     });
     log.info({ outcome: done.audit.outcome, auditRecordId: done.audit.id, counts: done.audit.counts }, 'request complete');
     return { kind: 'complete', ...done };
@@ -91,7 +91,7 @@ export async function executeRequest(
     }
     log.error({ errorCode, attempt: opts.attempt }, 'request failed');
     const done = await ctx.db.transaction((tx) =>
-      finish(tx, running, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
+      finish(tx, ctx, running, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
     );
     return { kind: 'failed', ...done, errorCode };
   }
@@ -99,41 +99,41 @@ export async function executeRequest(
 
 async function finish(
   tx: Tx,
+  ctx: PrivacyDeps,
   req: DsrRequest,
   startedAt: Date,
   result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
 ): Promise<{ request: DsrRequest; audit: AuditRecord }> {
-  const [audit] = await tx
-    .insert(auditRecords)
-    .values({
-      id: newId('aud'),
-      workspaceId: req.workspaceId,
-      requestId: req.id,
-      action: req.action,
-      scope: req.scope,
-      subjectKind: req.subjectKind,
-      subjectDigest: req.subjectDigest,
-      actorType: req.actorType,
-      actorId: req.actorId,
-      upstreamRef: req.upstreamRef,
-      status: result.status,
-      outcome: result.outcome,
-      counts: result.counts,
-      errorCode: result.errorCode,
-      startedAt,
-      finishedAt: sql`clock_timestamp()`,
-    })
-    .returning();
-  // Terminal: the raw identifier goes; the digest stays for lookups.
+  const audit = await appendAudit(tx, {
+    workspaceId: req.workspaceId,
+    requestId: req.id,
+    action: req.action,
+    scope: req.scope,
+    subjectKind: req.subjectKind,
+    subjectDigest: req.subjectDigest,
+    actorType: req.actorType,
+    actorId: req.actorId,
+    upstreamRef: req.upstreamRef,
+    status: result.status,
+    outcome: result.outcome,
+    counts: result.counts,
+    errorCode: result.errorCode,
+    startedAt,
+  });
+  // Terminal: the raw identifier goes; the digest stays for lookups. A failed request keeps it sealed for a retry.
   const [request] = await tx
     .update(dsrRequests)
     .set({
       status: result.status,
       outcome: result.outcome,
       errorCode: result.errorCode,
-      auditRecordId: audit!.id,
+      auditRecordId: audit.id,
       subjectValue: null,
-      finishedAt: audit!.finishedAt,
+      subjectSealed:
+        result.status === 'failed' && req.subjectValue !== null
+          ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
+          : null,
+      finishedAt: audit.finishedAt,
       updatedAt: sql`now()`,
     })
     .where(eq(dsrRequests.id, req.id))
@@ -141,8 +141,11 @@ async function finish(
   // After the row update: a ticket joining this request concurrently holds a share lock on the row, so by now it
   // has committed and is seen here (or it saw us finished and enqueued its own report).
   await enqueueReports(tx, { requestId: req.id });
-  return { request: request!, audit: audit! };
+  return { request: request!, audit };
 }
+
+/** Where a failed request's sealed identifier is bound: it opens only on its own row. */
+export const subjectSealContext = (requestId: string) => `dsr_requests:${requestId}:subject`;
 
 async function apply(tx: Tx, ctx: PrivacyDeps, req: DsrRequest): Promise<Applied> {
   if (req.scope === 'workspace') {

@@ -15,10 +15,15 @@ import {
 } from '../db/schema/index.ts';
 import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
+import { jsonDepthWithin } from '../lib/json.ts';
 
 const userId = z.string().min(1).max(256);
 const timestamp = z.iso.datetime({ offset: true }).optional();
-const jsonObject = z.record(z.string(), z.unknown());
+/** Free-form JSON kept as jsonb: bounded nesting, since serialising a deeper value overflows the stack. */
+const MAX_JSON_DEPTH = 32;
+const jsonObject = z
+  .record(z.string(), z.unknown())
+  .refine((v) => jsonDepthWithin(v, MAX_JSON_DEPTH), `nested deeper than ${MAX_JSON_DEPTH} levels`);
 
 export const identifySchema = z.object({
   userId,

@@ -26,7 +26,7 @@ export const connectorUpdateSchema = z
   })
   .refine((v) => Object.keys(v).length > 0, 'give at least one of name, config, enabled');
 
-const secretsContext = (connectorId: string) => `connector:${connectorId}:secrets`;
+export const secretsContext = (connectorId: string) => `connector:${connectorId}:secrets`;
 
 function adapterOf(vendor: string): AnyConnector {
   const adapter = connectorFor(vendor);

@@ -12,6 +12,7 @@ import {
   startFakeDataGrail,
 } from '../../connectors/datagrail/fake.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { newAdmin } from '../helpers/sessions.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { ROOT, poll } from '../helpers/process.ts';
 
@@ -106,6 +107,38 @@ describe('web role on Workers (wrangler dev)', () => {
     expect(listed.data).toHaveLength(1);
     const [events] = await env.sql`select count(*)::int as n from events where workspace_id = ${ws.workspaceId}`;
     expect(events!.n).toBe(0);
+  });
+
+  it('logs an admin in on workerd (scrypt, cookie, CSRF) and lets the session erase', async () => {
+    const ws = await env.newWorkspace();
+    const admin = await newAdmin(env, ws.workspaceId);
+    const json = { 'content-type': 'application/json' };
+    const wrong = await fetch(`${base}/v1/auth/login`, {
+      method: 'POST',
+      headers: json,
+      body: JSON.stringify({ workspaceId: ws.workspaceId, email: admin.email, password: 'not-the-password' }),
+    });
+    expect(wrong.status).toBe(401);
+    const res = await fetch(`${base}/v1/auth/login`, {
+      method: 'POST',
+      headers: { ...json, 'cf-connecting-ip': '203.0.113.7' },
+      body: JSON.stringify({ workspaceId: ws.workspaceId, email: admin.email, password: admin.password }),
+    });
+    expect(res.status).toBe(200);
+    const cookie = /^(dsr_session=[^;]+)/.exec(res.headers.get('set-cookie') ?? '')?.[1];
+    expect(res.headers.get('set-cookie')).toMatch(/HttpOnly/i);
+    const { csrfToken } = (await res.json()) as { csrfToken: string };
+    const erase = (headers: Record<string, string>) =>
+      fetch(`${base}/v1/privacy/requests`, {
+        method: 'POST',
+        headers: { ...json, cookie: cookie!, ...headers },
+        body: JSON.stringify({ action: 'erase', userId: 'wk-session-user' }),
+      });
+    expect((await erase({})).status).toBe(403);
+    const accepted = await erase({ 'x-csrf-token': csrfToken });
+    expect(accepted.status).toBe(202);
+    const [row] = await env.sql`select actor_type, actor_id, source from dsr_requests where workspace_id = ${ws.workspaceId}`;
+    expect(row).toEqual({ actor_type: 'admin', actor_id: admin.adminId, source: 'dashboard' });
   });
 
   it('takes a signed vendor webhook on workerd; the ticket is reported from Node with the secret sealed on Workers', async () => {

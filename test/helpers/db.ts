@@ -48,7 +48,13 @@ let counter = 0;
 
 /** A fresh database cloned from the migrated template, plus the service's dependencies wired to it. */
 export async function createTestEnv(
-  opts: { maxAttempts?: number; reportMaxAttempts?: number; reportBackoffMaxMs?: number } = {},
+  opts: {
+    maxAttempts?: number;
+    reportMaxAttempts?: number;
+    reportBackoffMaxMs?: number;
+    /** Extra environment variables (e.g. LOGIN_MAX_ATTEMPTS_PER_ACCOUNT, TRUST_PROXY). */
+    env?: Record<string, string>;
+  } = {},
 ): Promise<TestEnv> {
   const { adminUrl, template, prefix } = inject('pg');
   const name = `${prefix}_${process.pid}_${++counter}_${randomBytes(2).toString('hex')}`;
@@ -71,6 +77,7 @@ export async function createTestEnv(
       EXECUTE_MAX_ATTEMPTS: String(opts.maxAttempts ?? 3),
       BODY_LIMIT_BYTES: String(64 * 1024),
       PUBLIC_BASE_URL: 'https://dsr.example.test',
+      ...opts.env,
     }),
     database,
     digestKey: randomBytes(32),

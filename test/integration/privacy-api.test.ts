@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
@@ -618,8 +619,19 @@ describe('execution and audit', () => {
       startedAt: expect.any(String),
       finishedAt: expect.any(String),
       recordedAt: expect.any(String),
+      chain: {
+        algorithm: 'sha256',
+        position: 1,
+        prevHash: null,
+        hash: expect.stringMatching(/^[0-9a-f]{64}$/),
+        canonical: expect.any(String),
+        intact: true,
+      },
     });
     expect(Date.parse(audit.json.finishedAt)).toBeGreaterThanOrEqual(Date.parse(audit.json.startedAt));
+    // The hash is sha256 of the canonical text, and the canonical text carries the record's own fields.
+    expect(createHash('sha256').update(audit.json.chain.canonical).digest('hex')).toBe(audit.json.chain.hash);
+    expect(JSON.parse(audit.json.chain.canonical)).toMatchObject({ id: audit.json.id, position: 1, subjectDigest: digest });
 
     // The data is gone; the bystander's is not.
     const [left] = await env.sql<{ users: number; events: number; messages: number }[]>`

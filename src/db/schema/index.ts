@@ -1,3 +1,4 @@
 export * from './product.ts';
 export * from './privacy.ts';
 export * from './connectors.ts';
+export * from './accounts.ts';

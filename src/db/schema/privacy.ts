@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { check, index, integer, jsonb, pgTable, text, uniqueIndex } from 'drizzle-orm/pg-core';
+import { bigint, check, index, integer, jsonb, pgTable, text, uniqueIndex } from 'drizzle-orm/pg-core';
 import { ts } from './columns.ts';
 import { workspaces } from './product.ts';
 
@@ -54,6 +54,11 @@ export const dsrRequests = pgTable(
     subjectKind: text('subject_kind', { enum: SUBJECT_KINDS }).notNull(),
     /** Raw identifier as given; wiped (null) once the request is terminal. */
     subjectValue: text('subject_value'),
+    /**
+     * A failed request keeps its identifier sealed (AES-256-GCM, bound to the row) so it can be retried; wiped on
+     * retry and after the retention period. Never set on a complete request.
+     */
+    subjectSealed: text('subject_sealed'),
     /** Keyed HMAC digest of the identifier: what lookups and audit records use. */
     subjectDigest: text('subject_digest').notNull(),
     externalRequestId: text('external_request_id'),
@@ -87,6 +92,7 @@ export const dsrRequests = pgTable(
       'dsr_requests_terminal_wiped_ck',
       sql`${t.status} in ('queued', 'running') or ${t.subjectValue} is null`,
     ),
+    check('dsr_requests_sealed_failed_ck', sql`${t.status} = 'failed' or ${t.subjectSealed} is null`),
   ],
 );
 
@@ -115,8 +121,17 @@ export const auditRecords = pgTable(
     startedAt: ts('started_at').notNull(),
     finishedAt: ts('finished_at').notNull(),
     recordedAt: ts('recorded_at').notNull().defaultNow(),
+    /**
+     * Tamper evidence: each record's position in its workspace's chain, the previous record's hash, and its own
+     * sha256 over a canonical serialisation (src/privacy/audit-chain.ts). Null only on records written before the
+     * chain existed (migration 0003).
+     */
+    chainSeq: bigint('chain_seq', { mode: 'number' }),
+    prevHash: text('prev_hash'),
+    hash: text('hash'),
   },
   (t) => [
+    uniqueIndex('audit_records_chain_uq').on(t.workspaceId, t.chainSeq),
     index('audit_records_workspace_id_idx').on(t.workspaceId, t.id),
     index('audit_records_request_idx').on(t.requestId),
     index('audit_records_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),

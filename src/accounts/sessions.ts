@@ -1,0 +1,176 @@
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { and, eq, gt, isNull, lt, or, sql } from 'drizzle-orm';
+import type { AuthSettings } from '../config.ts';
+import type { Db } from '../db/client.ts';
+import { adminSessions, adminUsers } from '../db/schema/index.ts';
+import { normalizeEmail, sha256Hex } from '../lib/digest.ts';
+import { ApiError } from '../lib/errors.ts';
+import { newId } from '../lib/ids.ts';
+import { hashPassword, needsRehash, verifyPassword } from '../lib/passwords.ts';
+import { findLoginAdmin, type AdminRow } from './admins.ts';
+import { releaseAttempt, reserveAttempt, throttleKeys } from './throttle.ts';
+
+export interface SessionDeps {
+  db: Db;
+  digestKey: Buffer;
+  auth: AuthSettings;
+}
+
+export interface SessionInfo {
+  sessionId: string;
+  adminId: string;
+  workspaceId: string;
+  email: string;
+  createdAt: Date;
+  authenticatedAt: Date;
+  expiresAt: Date;
+  /** When the idle timeout ends the session if nothing else happens. */
+  idleExpiresAt: Date;
+  csrfToken: string;
+}
+
+const TOKEN_PATTERN = /^dsrs_[A-Za-z0-9_-]{43}$/;
+/** last_seen_at is written at most this often, so a busy dashboard does not write on every request. */
+const TOUCH_EVERY_MS = 60_000;
+
+/**
+ * The CSRF token is derived from the session token (HMAC), so it needs no storage and changes with the session.
+ * A cross-site page cannot read it: it comes in a JSON body, and the cookie itself is HttpOnly and SameSite=Strict.
+ */
+export function csrfTokenFor(sessionToken: string): string {
+  return createHmac('sha256', sessionToken).update('dsr-connector csrf').digest('base64url');
+}
+
+export function csrfMatches(sessionToken: string, presented: string | undefined): boolean {
+  if (!presented) return false;
+  const expected = Buffer.from(csrfTokenFor(sessionToken));
+  const given = Buffer.from(presented);
+  return given.length === expected.length && timingSafeEqual(given, expected);
+}
+
+const invalidCredentials = () => new ApiError('invalid_credentials', 'email or password is wrong');
+const throttled = (retryAfterSeconds: number) =>
+  new ApiError('too_many_attempts', `too many password attempts; try again in ${retryAfterSeconds} s`, undefined, {
+    'Retry-After': String(retryAfterSeconds),
+  });
+
+/**
+ * Checks a password for an account under the rate limit. Unknown workspace, unknown email, disabled admin and wrong
+ * password all take one scrypt and give the same error, so the answer (and its timing) does not reveal which.
+ */
+async function checkPassword(
+  deps: SessionDeps,
+  input: { workspaceId: string; email: string; password: string; address: string },
+): Promise<AdminRow> {
+  const email = normalizeEmail(input.email);
+  const keys = throttleKeys(deps.digestKey, input.workspaceId, email, input.address);
+  const limited = await reserveAttempt(deps.db, keys, deps.auth);
+  if (limited) throw throttled(limited.retryAfterSeconds);
+  const admin = await findLoginAdmin(deps.db, input.workspaceId, email);
+  const ok = await verifyPassword(input.password, admin?.passwordHash ?? null);
+  if (!ok || !admin) throw invalidCredentials();
+  await releaseAttempt(deps.db, keys);
+  if (needsRehash(admin.passwordHash)) {
+    await deps.db.update(adminUsers).set({ passwordHash: await hashPassword(input.password) }).where(eq(adminUsers.id, admin.id));
+  }
+  return admin;
+}
+
+/** Logs in: returns the new session's cookie token (shown once, stored only as a hash) and its details. */
+export async function login(
+  deps: SessionDeps,
+  input: { workspaceId: string; email: string; password: string; address: string },
+): Promise<{ token: string; session: SessionInfo }> {
+  const admin = await checkPassword(deps, input);
+  const token = `dsrs_${randomBytes(32).toString('base64url')}`;
+  const [row] = await deps.db
+    .insert(adminSessions)
+    .values({
+      id: newId('ses'),
+      tokenHash: sha256Hex(token),
+      adminId: admin.id,
+      workspaceId: admin.workspaceId,
+      expiresAt: new Date(Date.now() + deps.auth.sessionMaxMs),
+    })
+    .returning();
+  return { token, session: info(deps, row!, admin.email, token) };
+}
+
+function info(deps: SessionDeps, s: typeof adminSessions.$inferSelect, email: string, token: string): SessionInfo {
+  const idle = new Date(s.lastSeenAt.getTime() + deps.auth.sessionIdleMs);
+  return {
+    sessionId: s.id,
+    adminId: s.adminId,
+    workspaceId: s.workspaceId,
+    email,
+    createdAt: s.createdAt,
+    authenticatedAt: s.authenticatedAt,
+    expiresAt: s.expiresAt,
+    idleExpiresAt: idle < s.expiresAt ? idle : s.expiresAt,
+    csrfToken: csrfTokenFor(token),
+  };
+}
+
+/**
+ * The live session for a cookie token: not revoked, not past its absolute expiry, not idle for too long, and its
+ * admin still enabled. Refreshes the idle clock (at most once a minute).
+ */
+export async function resolveSession(deps: SessionDeps, token: string): Promise<SessionInfo | null> {
+  if (!TOKEN_PATTERN.test(token)) return null;
+  const idleCutoff = new Date(Date.now() - deps.auth.sessionIdleMs);
+  const [row] = await deps.db
+    .select({ s: adminSessions, email: adminUsers.email })
+    .from(adminSessions)
+    .innerJoin(adminUsers, eq(adminUsers.id, adminSessions.adminId))
+    .where(
+      and(
+        eq(adminSessions.tokenHash, sha256Hex(token)),
+        isNull(adminSessions.revokedAt),
+        gt(adminSessions.expiresAt, sql`now()`),
+        gt(adminSessions.lastSeenAt, idleCutoff),
+        isNull(adminUsers.disabledAt),
+      ),
+    );
+  if (!row) return null;
+  let s = row.s;
+  if (Date.now() - s.lastSeenAt.getTime() > TOUCH_EVERY_MS) {
+    const [touched] = await deps.db
+      .update(adminSessions)
+      .set({ lastSeenAt: sql`now()` })
+      .where(eq(adminSessions.id, s.id))
+      .returning();
+    s = touched ?? s;
+  }
+  return info(deps, s, row.email, token);
+}
+
+/** Takes the password again and restarts the recent-authentication clock of this session. */
+export async function reauthenticate(
+  deps: SessionDeps,
+  session: SessionInfo,
+  input: { password: string; address: string },
+  token: string,
+): Promise<SessionInfo> {
+  await checkPassword(deps, { workspaceId: session.workspaceId, email: session.email, ...input });
+  const [row] = await deps.db
+    .update(adminSessions)
+    .set({ authenticatedAt: sql`now()`, lastSeenAt: sql`now()` })
+    .where(and(eq(adminSessions.id, session.sessionId), isNull(adminSessions.revokedAt)))
+    .returning();
+  if (!row) throw new ApiError('unauthorized', 'the session has ended; log in again');
+  return info(deps, row, session.email, token);
+}
+
+export async function logout(db: Db, sessionId: string): Promise<void> {
+  await db.update(adminSessions).set({ revokedAt: sql`now()` }).where(eq(adminSessions.id, sessionId));
+}
+
+/** Deletes sessions that ended more than a day ago (called from the periodic tick). */
+export async function pruneSessions(db: Db): Promise<number> {
+  const dayAgo = sql`now() - interval '1 day'`;
+  const rows = await db
+    .delete(adminSessions)
+    .where(or(lt(adminSessions.expiresAt, dayAgo), lt(adminSessions.revokedAt, dayAgo)))
+    .returning({ id: adminSessions.id });
+  return rows.length;
+}

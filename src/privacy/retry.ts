@@ -1,0 +1,89 @@
+import { and, eq, inArray, sql } from 'drizzle-orm';
+import { dsrRequests, upstreamTickets } from '../db/schema/index.ts';
+import { isUniqueViolation } from '../db/errors.ts';
+import { ApiError } from '../lib/errors.ts';
+import type { Actor, PrivacyDeps } from './context.ts';
+import { subjectSealContext } from './execute.ts';
+import type { DsrRequest } from './intake.ts';
+
+/**
+ * Runs a failed request again (e.g. after the cause was fixed): it goes back to queued with its sealed identifier
+ * restored and a fresh attempt budget, and its job is queued in the same transaction. The failed attempt's audit
+ * record stays in the chain; the retry writes its own, naming `actor` (who asked for the retry) when given.
+ *
+ * Vendor tickets still waiting (pending) or whose delivery failed report the new outcome once it is known; a
+ * ticket already told about the failure is left alone (the vendor has closed it; a new upstream request starts over).
+ */
+export async function retryRequest(
+  ctx: PrivacyDeps,
+  workspaceId: string,
+  requestId: string,
+  actor?: Actor,
+): Promise<DsrRequest> {
+  try {
+    return await ctx.db.transaction(async (tx) => {
+      const [req] = await tx
+        .select()
+        .from(dsrRequests)
+        .where(and(eq(dsrRequests.id, requestId), eq(dsrRequests.workspaceId, workspaceId)))
+        .for('update');
+      if (!req) throw new ApiError('not_found', 'no such request in this workspace');
+      if (req.status !== 'failed') throw new ApiError('conflict', `only a failed request can be retried (this one is ${req.status})`);
+      if (req.scope === 'user' && !req.subjectSealed) {
+        throw new ApiError(
+          'conflict',
+          'the identifier of this request is no longer kept (past the retention period); submit a new request',
+        );
+      }
+      const subjectValue = req.subjectSealed ? ctx.sealer.open(req.subjectSealed, subjectSealContext(req.id)) : null;
+      const [queued] = await tx
+        .update(dsrRequests)
+        .set({
+          status: 'queued',
+          outcome: null,
+          errorCode: null,
+          attempts: 0,
+          subjectValue,
+          subjectSealed: null,
+          ...(actor ? { actorType: actor.type, actorId: actor.id } : {}),
+          startedAt: null,
+          finishedAt: null,
+          updatedAt: sql`now()`,
+        })
+        .where(eq(dsrRequests.id, req.id))
+        .returning();
+      await tx
+        .update(upstreamTickets)
+        .set({ status: 'pending', attempts: 0, nextAttemptAt: null, lastError: null, updatedAt: sql`now()` })
+        .where(and(eq(upstreamTickets.requestId, req.id), inArray(upstreamTickets.status, ['pending', 'failed'])));
+      await tx.execute(
+        sql`select graphile_worker.add_job('execute_request', json_build_object('requestId', ${req.id}::text),
+              job_key => ${req.id}::text, max_attempts => ${ctx.executeMaxAttempts}::int)`,
+      );
+      ctx.logger.info({ requestId: req.id, action: req.action, scope: req.scope }, 'request retry queued');
+      return queued!;
+    });
+  } catch (err) {
+    // Another request for the same subject is pending: that one will do the work.
+    if (isUniqueViolation(err)) {
+      throw new ApiError('conflict', 'another request for the same subject and action is pending; wait for it instead');
+    }
+    throw err;
+  }
+}
+
+/** Wipes the sealed identifiers of requests that failed longer ago than the retention period (periodic tick). */
+export async function pruneSealedSubjects(ctx: Pick<PrivacyDeps, 'db'>, retentionDays: number): Promise<number> {
+  const rows = await ctx.db
+    .update(dsrRequests)
+    .set({ subjectSealed: null })
+    .where(
+      and(
+        eq(dsrRequests.status, 'failed'),
+        sql`${dsrRequests.subjectSealed} is not null`,
+        sql`${dsrRequests.finishedAt} < now() - make_interval(days => ${retentionDays}::int)`,
+      ),
+    )
+    .returning({ id: dsrRequests.id });
+  return rows.length;
+}

@@ -1,0 +1,287 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
+import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { maintenanceTick } from '../../src/jobs/maintenance.ts';
+import { subjectSealContext } from '../../src/privacy/execute.ts';
+import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
+import { adminSession } from '../helpers/sessions.ts';
+
+let env: TestEnv;
+let transcend: FakeTranscend;
+
+beforeAll(async () => {
+  env = await createTestEnv({ reportMaxAttempts: 2 });
+  transcend = await startFakeTranscend();
+});
+afterAll(async () => {
+  await transcend?.stop();
+  await env?.close();
+});
+
+/** Makes every erasure in the workspace fail (a topic question cannot be deleted) until the returned function runs. */
+async function breakErasures(workspaceId: string): Promise<() => Promise<void>> {
+  const name = `fail_${workspaceId.replace(/\W/g, '_')}`;
+  await env.sql.unsafe(`
+    create function ${name}() returns trigger language plpgsql as $$
+    begin raise exception 'injected failure'; end $$;
+    create trigger ${name} before delete on topic_questions
+      for each row when (old.workspace_id = '${workspaceId}') execute function ${name}();`);
+  return async () => {
+    await env.sql.unsafe(`drop trigger if exists ${name} on topic_questions; drop function if exists ${name}();`);
+  };
+}
+
+async function submit(ws: CreatedWorkspace, body: unknown): Promise<string> {
+  const res = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body });
+  expect(res.status, res.text).toBe(202);
+  expect(res.json.results[0].accepted, res.text).toBe(true);
+  return res.json.results[0].requestId;
+}
+
+const retry = (ws: CreatedWorkspace, id: string) => call(env, 'POST', `/v1/privacy/requests/${id}/retry`, { key: ws.privacyKey });
+const jobsFor = (id: string) => env.sql`select id, task_identifier from graphile_worker.jobs where key = ${id}`;
+
+/** A user whose erase request has failed (erasures in the workspace are broken while it runs). */
+async function failedErase(ws: CreatedWorkspace, by: 'email' | 'userId' = 'email') {
+  const user = await seedUser(env, ws.ingestKey, { email: `${uniq('Retry.Me')}@Example.TEST` });
+  const restore = await breakErasures(ws.workspaceId);
+  let id: string;
+  let queued: Record<string, unknown>;
+  try {
+    id = await submit(ws, by === 'email' ? { action: 'erase', email: user.email } : { action: 'erase', userId: user.userId });
+    queued = await requestRow(env, id);
+    await env.runJobs();
+  } finally {
+    await restore();
+  }
+  const row = await requestRow(env, id);
+  expect(row).toMatchObject({ status: 'failed', outcome: 'failed', error_code: 'db_P0001', subject_value: null });
+  return { user, id, queued, row };
+}
+
+describe('retry of a failed request', () => {
+  it('keeps the identifier sealed, restores it on retry, runs to complete and chains a second audit record', async () => {
+    const ws = await env.newWorkspace();
+    const { user, id, queued, row } = await failedErase(ws);
+    expect(queued.subject_value).toBeTruthy();
+
+    // Sealed, bound to the row, and not in plaintext anywhere in it.
+    expect(row.subject_sealed).toMatch(/^v1\.k[0-9a-f]{8}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/);
+    const dump = JSON.stringify(row).toLowerCase();
+    expect(dump).not.toContain(user.email.toLowerCase());
+    expect(dump).not.toContain(user.userId);
+    expect(env.deps.sealer.open(row.subject_sealed as string, subjectSealContext(id))).toBe(queued.subject_value);
+    expect(() => env.deps.sealer.open(row.subject_sealed as string, subjectSealContext('req_other'))).toThrow();
+    const [failedAudit, ...none] = await auditRows(env, id);
+    expect(none).toHaveLength(0);
+    expect(failedAudit).toMatchObject({ id: row.audit_record_id, status: 'failed', error_code: 'db_P0001' });
+    expect(await userFootprint(env, ws.workspaceId, user.userId)).toMatchObject({ profiles: 1 });
+
+    const res = await retry(ws, id);
+    expect(res.status, res.text).toBe(202);
+    expect(res.json).toMatchObject({ id, status: 'queued', outcome: null, errorCode: null, attempts: 0, startedAt: null, finishedAt: null });
+    const requeued = await requestRow(env, id);
+    expect(requeued).toMatchObject({ status: 'queued', subject_value: queued.subject_value, subject_sealed: null, finished_at: null });
+    expect((await jobsFor(id)).map((j) => j.task_identifier)).toEqual(['execute_request']);
+
+    await env.runJobs();
+    const done = await requestRow(env, id);
+    expect(done).toMatchObject({ status: 'complete', outcome: 'erased', error_code: null, subject_value: null, subject_sealed: null });
+    expect(await userFootprint(env, ws.workspaceId, user.userId)).toEqual({ profiles: 0, events: 0, messages: 0, convs: 0, questions: 0, flags: 0 });
+
+    const audits = await env.sql`select * from audit_records where request_id = ${id} order by chain_seq`;
+    expect(audits.map((a) => [a.status, a.outcome])).toEqual([['failed', 'failed'], ['complete', 'erased']]);
+    expect(audits[0]!.id).toBe(failedAudit!.id);
+    expect(Number(audits[1]!.chain_seq)).toBe(Number(audits[0]!.chain_seq) + 1);
+    expect(audits[1]!.prev_hash).toBe(audits[0]!.hash);
+    expect(done.audit_record_id).toBe(audits[1]!.id);
+    const view = await call(env, 'GET', `/v1/privacy/requests/${id}`, { key: ws.privacyKey });
+    expect(view.json).toMatchObject({ status: 'complete', outcome: 'erased', auditRecordId: audits[1]!.id });
+    expect(env.logs.text().toLowerCase()).not.toContain(user.email.toLowerCase());
+  });
+
+  it('credits the retry to whoever asked for it: the new audit record names the admin, the failed one the API key', async () => {
+    const ws = await env.newWorkspace();
+    const { id, row } = await failedErase(ws, 'userId');
+    expect(row.actor_type).toBe('api_key');
+    const s = await adminSession(env, ws.workspaceId);
+    const res = await s.call('POST', `/v1/privacy/requests/${id}/retry`);
+    expect(res.status, res.text).toBe(202);
+    expect(res.json.actor).toEqual({ type: 'admin', id: s.adminId });
+    await env.runJobs();
+    const audits = await env.sql`select actor_type, actor_id, status from audit_records where request_id = ${id} order by chain_seq`;
+    expect(audits.map((a) => [a.actor_type, a.actor_id, a.status])).toEqual([
+      ['api_key', row.actor_id, 'failed'],
+      ['admin', s.adminId, 'complete'],
+    ]);
+  });
+
+  it('refuses to retry a request that is not failed (409), or one of another workspace (404)', async () => {
+    const ws = await env.newWorkspace();
+    const other = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const id = await submit(ws, { action: 'suppress', userId: u.userId });
+    expectError(await retry(ws, id), 409, 'conflict');
+    await env.runJobs();
+    expect((await requestRow(env, id)).status).toBe('complete');
+    const before = await requestRow(env, id);
+    const err = expectError(await retry(ws, id), 409, 'conflict');
+    expect(err.message).toContain('complete');
+    expect(await requestRow(env, id)).toEqual(before);
+    expect(await auditRows(env, id)).toHaveLength(1);
+    expect(await jobsFor(id)).toHaveLength(0);
+
+    const { id: failedId } = await failedErase(ws, 'userId');
+    expectError(await retry(other, failedId), 404, 'not_found');
+    expectError(await retry(ws, 'req_doesnotexist000000000000'), 404, 'not_found');
+    expect((await requestRow(env, failedId)).status).toBe('failed');
+  });
+
+  it('refuses a retry while another request for the same subject is pending, changing nothing', async () => {
+    const ws = await env.newWorkspace();
+    const { user, id } = await failedErase(ws, 'userId');
+    const pending = await submit(ws, { action: 'erase', userId: user.userId });
+    const [failedBefore, pendingBefore] = [await requestRow(env, id), await requestRow(env, pending)];
+    const jobsBefore = await env.sql`select id, key, run_at from graphile_worker.jobs order by id`;
+
+    const err = expectError(await retry(ws, id), 409, 'conflict');
+    expect(err.message).toMatch(/pending/);
+    expect(await requestRow(env, id)).toEqual(failedBefore);
+    expect(await requestRow(env, pending)).toEqual(pendingBefore);
+    expect(await env.sql`select id, key, run_at from graphile_worker.jobs order by id`).toEqual(jobsBefore);
+    expect(await auditRows(env, id)).toHaveLength(1);
+
+    // Once the other request has finished, the failed one may run again (the user is gone by then).
+    await env.runJobs();
+    expect((await requestRow(env, pending)).outcome).toBe('erased');
+    expect((await retry(ws, id)).status).toBe(202);
+    await env.runJobs();
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'not_found' });
+  });
+
+  it('retries a failed workspace-scope request (it has no identifier to keep)', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const restore = await breakErasures(ws.workspaceId);
+    let id: string;
+    try {
+      id = await submit(ws, { action: 'erase', scope: 'workspace' });
+      await env.runJobs();
+    } finally {
+      await restore();
+    }
+    expect(await requestRow(env, id)).toMatchObject({ status: 'failed', subject_sealed: null });
+    expect((await retry(ws, id)).status).toBe(202);
+    await env.runJobs();
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect((await userFootprint(env, ws.workspaceId, u.userId)).profiles).toBe(0);
+  });
+
+  it('maintenance wipes the sealed identifier after FAILED_SUBJECT_RETENTION_DAYS; a retry then says why it cannot run', async () => {
+    const ws = await env.newWorkspace();
+    const old = await failedErase(ws);
+    const recent = await failedErase(ws);
+    await env.sql`update dsr_requests set started_at = now() - interval '31 days 1 minute', finished_at = now() - interval '31 days'
+                  where id = ${old.id}`;
+
+    const result = await maintenanceTick(env.deps);
+    expect(result.sealedSubjects).toBe(1);
+    expect((await requestRow(env, old.id)).subject_sealed).toBeNull();
+    expect((await requestRow(env, recent.id)).subject_sealed).toBe(recent.row.subject_sealed);
+    expect(await maintenanceTick(env.deps)).toMatchObject({ sealedSubjects: 0 });
+
+    const err = expectError(await retry(ws, old.id), 409, 'conflict');
+    expect(err.message).toMatch(/retention/);
+    expect((await requestRow(env, old.id)).status).toBe('failed');
+    expect(await jobsFor(old.id)).toHaveLength(0);
+    expect((await retry(ws, recent.id)).status).toBe(202);
+  });
+});
+
+describe('retry and vendor tickets', () => {
+  let ws: CreatedWorkspace;
+  let connectorId: string;
+
+  beforeAll(async () => {
+    ws = await env.newWorkspace('Vendor retry');
+    const res = await call(env, 'POST', '/v1/admin/connectors', {
+      key: ws.adminKey,
+      body: { vendor: 'transcend', name: 'Transcend', config: transcend.config({ identifierTypes: { email: 'email' } }), secrets: transcend.secrets },
+    });
+    expect(res.status, res.text).toBe(201);
+    connectorId = res.json.id;
+  });
+
+  const ticketOf = async (requestId: string) => (await env.sql`select * from upstream_tickets where request_id = ${requestId}`)[0]!;
+  const putsWith = (nonce: string) =>
+    transcend.fake.callsTo('PUT /v1/data-silo').filter((c) => c.headers['x-transcend-nonce'] === nonce).map((c) => c.json as { profileStatus: string; message: string });
+
+  /** Runs due jobs until the request's ticket is no longer pending (report retries are scheduled a few ms ahead). */
+  async function settle(requestId: string) {
+    const until = Date.now() + 15_000;
+    for (;;) {
+      await env.runJobs();
+      const t = await ticketOf(requestId);
+      if (t.status !== 'pending') return t;
+      if (Date.now() > until) throw new Error(`ticket still pending: ${t.last_error}`);
+      await new Promise((r) => setTimeout(r, 30));
+    }
+  }
+
+  /** A Transcend erasure whose execution fails; the report of the failure gets `reply`. */
+  async function failedTicket(reply: { status: number; body: unknown }) {
+    const user = await seedUser(env, ws.ingestKey);
+    const nonce = `nonce-${uniq('n')}`;
+    const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' }, nonce });
+    transcend.fake.on('PUT /v1/data-silo', reply);
+    const restore = await breakErasures(ws.workspaceId);
+    let requestId: string;
+    try {
+      const res = await call(env, 'POST', `/webhooks/transcend/${connectorId}`, { body: w.body, headers: w.headers });
+      expect(res.status, res.text).toBe(200);
+      requestId = res.json.received[0].requestId;
+      await settle(requestId);
+    } finally {
+      await restore();
+    }
+    expect((await requestRow(env, requestId)).status).toBe('failed');
+    return { user, nonce, requestId };
+  }
+
+  it('a ticket whose failure report could not be delivered is reported again, with the new outcome, after the retry', async () => {
+    const { user, nonce, requestId } = await failedTicket({ status: 400, body: { error: 'rejected' } });
+    const failedTicketRow = await ticketOf(requestId);
+    expect(failedTicketRow).toMatchObject({ status: 'failed', attempts: 1 });
+    expect(failedTicketRow.last_error).toBeTruthy();
+    expect(putsWith(nonce).map((p) => p.profileStatus)).toEqual(['ERROR']);
+
+    transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
+    const res = await call(env, 'POST', `/v1/privacy/requests/${requestId}/retry`, { key: ws.privacyKey });
+    expect(res.status, res.text).toBe(202);
+    expect(res.json.upstreamStatus).toBe('pending');
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'pending', attempts: 0, last_error: null, next_attempt_at: null });
+
+    const delivered = await settle(requestId);
+    expect(delivered).toMatchObject({ status: 'delivered', secret_sealed: null });
+    const req = await requestRow(env, requestId);
+    expect(req).toMatchObject({ status: 'complete', outcome: 'erased' });
+    const puts = putsWith(nonce);
+    expect(puts.map((p) => p.profileStatus)).toEqual(['ERROR', 'RESOLVED']);
+    expect(puts[1]!.message).toContain(req.audit_record_id);
+    expect((await userFootprint(env, ws.workspaceId, user.userId)).profiles).toBe(0);
+  });
+
+  it('a ticket already told about the failure is left alone by the retry', async () => {
+    const { nonce, requestId } = await failedTicket({ status: 200, body: {} });
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered' });
+    expect(putsWith(nonce).map((p) => p.profileStatus)).toEqual(['ERROR']);
+
+    const res = await call(env, 'POST', `/v1/privacy/requests/${requestId}/retry`, { key: ws.privacyKey });
+    expect(res.status, res.text).toBe(202);
+    await env.runJobs();
+    expect(await requestRow(env, requestId)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered' });
+    expect(putsWith(nonce).map((p) => p.profileStatus)).toEqual(['ERROR']);
+  });
+});

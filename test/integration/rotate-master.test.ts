@@ -1,0 +1,207 @@
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
+import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { keyIdOf, SealError, Sealer } from '../../src/lib/sealing.ts';
+import { subjectSealContext } from '../../src/privacy/execute.ts';
+import { retryRequest } from '../../src/privacy/retry.ts';
+import { resealAll } from '../../src/upstream/rotate.ts';
+import { secretsContext } from '../../src/upstream/store.ts';
+import { ticketSecretContext } from '../../src/upstream/tickets.ts';
+import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { requestRow, seedUser, uniq } from '../helpers/factories.ts';
+
+let env: TestEnv;
+let transcend: FakeTranscend;
+let ws: CreatedWorkspace;
+/** The master key the env's service seals with. */
+let keyA: Buffer;
+const keyB = randomBytes(32);
+
+beforeAll(async () => {
+  env = await createTestEnv();
+  transcend = await startFakeTranscend();
+  ws = await env.newWorkspace('Rotation');
+  keyA = env.encryptionKey;
+});
+afterAll(async () => {
+  await transcend?.stop();
+  await env?.close();
+});
+
+interface Sealed {
+  table: 'connectors' | 'upstream_tickets' | 'dsr_requests';
+  id: string;
+  sealed: string;
+  context: string;
+}
+
+/** Every sealed value in the database, with the context it is bound to. */
+async function allSealed(): Promise<Sealed[]> {
+  const connectors = await env.sql`select id, secrets_sealed as s from connectors where secrets_sealed is not null order by id`;
+  const tickets = await env.sql`select id, secret_sealed as s from upstream_tickets where secret_sealed is not null order by id`;
+  const requests = await env.sql`select id, subject_sealed as s from dsr_requests where subject_sealed is not null order by id`;
+  return [
+    ...connectors.map((r) => ({ table: 'connectors' as const, id: r.id, sealed: r.s, context: secretsContext(r.id) })),
+    ...tickets.map((r) => ({ table: 'upstream_tickets' as const, id: r.id, sealed: r.s, context: ticketSecretContext(r.id) })),
+    ...requests.map((r) => ({ table: 'dsr_requests' as const, id: r.id, sealed: r.s, context: subjectSealContext(r.id) })),
+  ];
+}
+
+async function createConnector(body: unknown): Promise<string> {
+  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
+  expect(res.status, res.text).toBe(201);
+  return res.json.id;
+}
+
+const datagrail = (name: string) => ({
+  vendor: 'datagrail',
+  name,
+  config: {},
+  secrets: { webhookSecret: `dg-secret-${uniq('s')}`, apiKey: `dg-key-${uniq('k')}` },
+});
+
+describe('master key rotation (resealAll)', () => {
+  let failedRequestId: string;
+  let failedSubject: string;
+  let nonce: string;
+
+  beforeAll(async () => {
+    // A failed request keeps its identifier sealed.
+    const user = await seedUser(env, ws.ingestKey);
+    await env.sql.unsafe(`
+      create function fail_topic_delete() returns trigger language plpgsql as $$
+      begin raise exception 'injected failure'; end $$;
+      create trigger fail_topic_delete before delete on topic_questions
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function fail_topic_delete();`);
+    try {
+      const res = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body: { action: 'erase', email: user.email } });
+      failedRequestId = res.json.results[0].requestId;
+      failedSubject = (await requestRow(env, failedRequestId)).subject_value;
+      await env.runJobs();
+    } finally {
+      await env.sql.unsafe('drop trigger fail_topic_delete on topic_questions; drop function fail_topic_delete();');
+    }
+    expect((await requestRow(env, failedRequestId)).status).toBe('failed');
+
+    // Two connectors with secrets, one deleted (its secrets wiped), and a Transcend ticket holding its nonce.
+    const transcendId = await createConnector({
+      vendor: 'transcend',
+      name: 'Transcend',
+      config: transcend.config({ identifierTypes: { email: 'email' } }),
+      secrets: transcend.secrets,
+    });
+    await createConnector(datagrail('DataGrail'));
+    const gone = await createConnector(datagrail('Deleted'));
+    expect((await call(env, 'DELETE', `/v1/admin/connectors/${gone}`, { key: ws.adminKey })).status).toBe(204);
+    nonce = `nonce-${uniq('n')}`;
+    const w = await transcend.webhook({ profile: { identifier: `${uniq('t')}@example.test`, type: 'email' }, nonce });
+    const res = await call(env, 'POST', `/webhooks/transcend/${transcendId}`, { body: w.body, headers: w.headers });
+    expect(res.status, res.text).toBe(200);
+    // No jobs run from here on: the ticket stays pending with its nonce sealed.
+  });
+
+  it('re-seals connector secrets, ticket nonces and failed requests’ identifiers under the new key, once', async () => {
+    const kidA = keyIdOf(keyA);
+    const kidB = keyIdOf(keyB);
+    const before = await allSealed();
+    expect(before.map((s) => s.table)).toEqual(['connectors', 'connectors', 'upstream_tickets', 'dsr_requests']);
+    for (const s of before) expect(s.sealed.startsWith(`v1.${kidA}.`), s.sealed).toBe(true);
+    const plain = new Map(before.map((s) => [`${s.table}:${s.id}`, env.deps.sealer.open(s.sealed, s.context)]));
+    expect(plain.get(`upstream_tickets:${before[2]!.id}`)).toBe(nonce);
+    expect(plain.get(`dsr_requests:${failedRequestId}`)).toBe(failedSubject);
+    expect(JSON.parse(plain.get(`connectors:${before[0]!.id}`)!)).toBeTypeOf('object');
+
+    const rotating = new Sealer(keyB, [keyA]);
+    const report = await resealAll(env.database.db, rotating);
+    expect(report).toEqual({
+      keyId: kidB,
+      connectorSecrets: { resealed: 2, current: 0 },
+      ticketSecrets: { resealed: 1, current: 0 },
+      failedRequestSubjects: { resealed: 1, current: 0 },
+    });
+
+    const after = await allSealed();
+    expect(after.map((s) => `${s.table}:${s.id}`)).toEqual(before.map((s) => `${s.table}:${s.id}`));
+    for (const s of after) {
+      expect(s.sealed.startsWith(`v1.${kidB}.`), s.sealed).toBe(true);
+      const expected = plain.get(`${s.table}:${s.id}`);
+      // Every process configuration of the rotation opens it: new key with the old as previous, the reverse, and
+      // the new key alone once the rotation is done. The old key alone no longer does.
+      expect(rotating.open(s.sealed, s.context)).toBe(expected);
+      expect(new Sealer(keyA, [keyB]).open(s.sealed, s.context)).toBe(expected);
+      expect(new Sealer(keyB).open(s.sealed, s.context)).toBe(expected);
+      expect(() => new Sealer(keyA).open(s.sealed, s.context)).toThrow(SealError);
+    }
+    // Still bound to its row.
+    expect(() => rotating.open(after[0]!.sealed, after[1]!.context)).toThrow(SealError);
+    // The deleted connector's secrets stay wiped.
+    expect(await env.sql`select id from connectors where deleted_at is not null and secrets_sealed is not null`).toHaveLength(0);
+
+    const again = await resealAll(env.database.db, rotating);
+    expect(again).toEqual({
+      keyId: kidB,
+      connectorSecrets: { resealed: 0, current: 2 },
+      ticketSecrets: { resealed: 0, current: 1 },
+      failedRequestSubjects: { resealed: 0, current: 1 },
+    });
+    expect((await allSealed()).map((s) => s.sealed)).toEqual(after.map((s) => s.sealed));
+
+    // A service on the new key retries the failed request with its identifier intact.
+    const queued = await retryRequest({ ...env.deps, sealer: new Sealer(keyB) }, ws.workspaceId, failedRequestId);
+    expect(queued.status).toBe('queued');
+    expect((await requestRow(env, failedRequestId)).subject_value).toBe(failedSubject);
+  });
+
+  it('never overwrites secrets replaced while the rotation was between its read and its write', async () => {
+    const keyC = randomBytes(32);
+    const kidC = keyIdOf(keyC);
+    const target = await createConnector(datagrail('Replaced during rotation'));
+    const stale = await allSealed();
+    const staleConnectors = stale.filter((s) => s.table === 'connectors');
+    expect(staleConnectors.map((s) => s.id)).toContain(target);
+    const original = stale.find((s) => s.id === target)!.sealed;
+    const replacement = { webhookSecret: 'replaced-webhook-secret', apiKey: 'replaced-api-key' };
+    const rotating = new Sealer(keyC, [keyB, keyA]);
+    // An admin's replaceSecrets on a server already sealing with the new key (step 2 of the documented rotation).
+    const replacedSealed = rotating.seal(JSON.stringify(replacement), secretsContext(target));
+    let report: Awaited<ReturnType<typeof resealAll>> | undefined;
+    let running: Promise<unknown> | undefined;
+    await env.sql.begin(async (tx) => {
+      await tx`select 1 from connectors where id = ${target} for update`;
+      running = resealAll(env.database.db, rotating).then((r) => (report = r));
+      // Wait until the rotation has read the old ciphertext and its guarded UPDATE waits for our row lock.
+      const until = Date.now() + 10_000;
+      for (;;) {
+        const waiting = await env.sql`
+          select pid from pg_stat_activity
+          where datname = current_database() and wait_event_type = 'Lock' and query ilike 'update "connectors"%'`;
+        if (waiting.length > 0) break;
+        if (report) throw new Error('resealAll finished without waiting for the locked row');
+        if (Date.now() > until) throw new Error('resealAll never reached the locked row');
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      await tx`update connectors set secrets_sealed = ${replacedSealed}, secrets_rotated_at = now(), updated_at = now()
+               where id = ${target}`;
+      // Our transaction commits when this callback returns; only then can the rotation's UPDATE go on.
+    });
+    await running;
+
+    const [row] = await env.sql`select secrets_sealed from connectors where id = ${target}`;
+    expect(row!.secrets_sealed).toBe(replacedSealed);
+    expect(row!.secrets_sealed).not.toBe(original);
+    expect(JSON.parse(rotating.open(row!.secrets_sealed, secretsContext(target)))).toEqual(replacement);
+    expect(report).toMatchObject({
+      keyId: kidC,
+      connectorSecrets: { resealed: staleConnectors.length - 1, current: 0 },
+      ticketSecrets: { resealed: stale.filter((s) => s.table === 'upstream_tickets').length, current: 0 },
+    });
+
+    // Everything is under the new key after the one run, and a second run finds nothing to do.
+    for (const s of await allSealed()) expect(s.sealed.startsWith(`v1.${kidC}.`), `${s.table}:${s.id}`).toBe(true);
+    const again = await resealAll(env.database.db, rotating);
+    expect(again.connectorSecrets).toEqual({ resealed: 0, current: staleConnectors.length });
+    const [finalRow] = await env.sql`select secrets_sealed from connectors where id = ${target}`;
+    expect(JSON.parse(new Sealer(keyC).open(finalRow!.secrets_sealed, secretsContext(target)))).toEqual(replacement);
+  });
+});
