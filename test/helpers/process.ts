@@ -11,9 +11,12 @@ export interface Service {
   exited: Promise<number | null>;
 }
 
-/** `npm start` as a newcomer runs it (tsx src/main.ts), with its own environment. */
-export function startService(env: NodeJS.ProcessEnv, args: string[] = []): Service {
-  const proc = spawn(process.execPath, ['--import', 'tsx', 'src/main.ts', ...args], {
+/**
+ * `npm start` as a newcomer runs it (tsx src/main.ts), with its own environment; `entry` runs another entry point
+ * instead (e.g. `['bin/dsr-connector.mjs', 'serve']`).
+ */
+export function startService(env: NodeJS.ProcessEnv, args: string[] = [], entry = ['--import', 'tsx', 'src/main.ts']): Service {
+  const proc = spawn(process.execPath, [...entry, ...args], {
     cwd: ROOT,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -36,14 +39,22 @@ export function startService(env: NodeJS.ProcessEnv, args: string[] = []): Servi
   return { proc, output: () => out, ready, exited };
 }
 
-export function runCli(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stdout: string; stderr: string }> {
+/** `npx dsr-connector …`; `input`, when given, is piped to its stdin (e.g. --secrets-stdin, --password-stdin). */
+export function runCli(
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  opts: { input?: string } = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const proc = spawn(process.execPath, ['bin/dsr-connector.mjs', ...args], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const stdin = opts.input === undefined ? 'ignore' : 'pipe';
+    const proc = spawn(process.execPath, ['bin/dsr-connector.mjs', ...args], { cwd: ROOT, env, stdio: [stdin, 'pipe', 'pipe'] });
+    if (opts.input !== undefined) proc.stdin!.end(opts.input);
     let stdout = '';
     let stderr = '';
-    proc.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-    proc.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-    proc.once('exit', (code) => resolve({ code, stdout, stderr }));
+    proc.stdout!.on('data', (c: Buffer) => (stdout += c.toString()));
+    proc.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+    // 'close', not 'exit': the output pipes may still hold data when the process has exited.
+    proc.once('close', (code) => resolve({ code, stdout, stderr }));
   });
 }
 

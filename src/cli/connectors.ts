@@ -1,0 +1,170 @@
+import { eq } from 'drizzle-orm';
+import type { Db } from '../db/client.ts';
+import { connectors, VENDORS } from '../db/schema/index.ts';
+import { connectorView } from '../http/admin.ts';
+import type { AppDeps } from '../http/env.ts';
+import { ApiError } from '../lib/errors.ts';
+import {
+  adapterContext,
+  createConnector,
+  getConnector,
+  listConnectors,
+  openConnector,
+  replaceSecrets,
+  updateConnector,
+  type ConnectorRow,
+} from '../upstream/store.ts';
+import {
+  iso,
+  oneOf,
+  output,
+  parse,
+  parseJsonObject,
+  readJsonObject,
+  refuseOnCommandLine,
+  required,
+  requireWorkspace,
+  UsageError,
+  withDeps,
+  type Cli,
+  type Command,
+} from './shared.ts';
+
+const SECRETS_HINT = 'secrets are never taken on the command line; use --secrets-file <file> or --secrets-stdin';
+
+/** The workspace a connector belongs to: the store's verbs are scoped by workspace, the operator only has the id. */
+async function connectorWorkspace(db: Db, id: string): Promise<string> {
+  const [row] = await db.select({ workspaceId: connectors.workspaceId }).from(connectors).where(eq(connectors.id, id));
+  if (!row) throw new ApiError('not_found', `no such connector: ${id}`);
+  return row.workspaceId;
+}
+
+/** Secrets from exactly one of --secrets-file / --secrets-stdin. */
+async function readSecrets(
+  cli: Cli,
+  command: string,
+  values: { 'secrets-file'?: string; 'secrets-stdin'?: boolean },
+): Promise<Record<string, unknown>> {
+  const file = values['secrets-file'];
+  const stdin = values['secrets-stdin'] === true;
+  if (file !== undefined && stdin) throw new UsageError('give only one of --secrets-file and --secrets-stdin');
+  if (file !== undefined) return readJsonObject({ flag: '--secrets-file', file });
+  if (stdin) return readJsonObject({ flag: '--secrets-stdin', stdin: cli.stdin });
+  throw new UsageError(`${command} needs --secrets-file <file> or --secrets-stdin (a JSON object)`);
+}
+
+const SECRET_OPTIONS = { 'secrets-file': { type: 'string' }, 'secrets-stdin': { type: 'boolean' } } as const;
+
+function describe(deps: AppDeps, row: ConnectorRow): string[] {
+  const v = connectorView(deps, row);
+  const secrets = Object.entries(v.secrets).map(([name, s]) => `${name} (${s.fingerprint})`);
+  return [
+    `${v.id}  ${v.vendor}  "${v.name}"  ${v.enabled ? 'enabled' : 'DISABLED'}`,
+    `  workspace   ${row.workspaceId}`,
+    `  webhook     ${v.webhookUrl ?? v.webhookPath}`,
+    `  config      ${JSON.stringify(v.config)}`,
+    `  secrets     ${secrets.join(', ') || 'none'}`,
+    `  updated     ${v.updatedAt}, secrets rotated ${v.secretsRotatedAt}`,
+  ];
+}
+
+const add: Command = async (cli, args) => {
+  refuseOnCommandLine(args, ['secrets', 'secret'], SECRETS_HINT);
+  const { values } = parse('connectors add', args, {
+    workspace: { type: 'string' },
+    vendor: { type: 'string' },
+    name: { type: 'string' },
+    config: { type: 'string' },
+    'config-file': { type: 'string' },
+    ...SECRET_OPTIONS,
+  });
+  const workspaceId = required('connectors add', 'workspace', values.workspace, 'id');
+  const vendor = oneOf('vendor', required('connectors add', 'vendor', values.vendor, VENDORS.join('|')), VENDORS);
+  const name = required('connectors add', 'name', values.name);
+  if (values.config !== undefined && values['config-file'] !== undefined) {
+    throw new UsageError('give only one of --config and --config-file');
+  }
+  const config =
+    values.config !== undefined
+      ? parseJsonObject('--config', values.config)
+      : values['config-file'] !== undefined
+        ? await readJsonObject({ flag: '--config-file', file: values['config-file'] })
+        : {};
+  const secrets = await readSecrets(cli, 'connectors add', values);
+  await withDeps(cli, async (deps) => {
+    const row = await createConnector(deps, await requireWorkspace(deps.db, workspaceId), { vendor, name, config, secrets });
+    output(cli, connectorView(deps, row), () => ['Connector created:', ...describe(deps, row)]);
+  });
+  return 0;
+};
+
+const list: Command = async (cli, args) => {
+  const { values } = parse('connectors list', args, { workspace: { type: 'string' } });
+  const workspaceId = required('connectors list', 'workspace', values.workspace, 'id');
+  await withDeps(cli, async (deps) => {
+    const rows = await listConnectors(deps.db, await requireWorkspace(deps.db, workspaceId));
+    output(cli, { data: rows.map((r) => connectorView(deps, r)) }, () =>
+      rows.length
+        ? rows.map((r) => `${r.id}  ${r.vendor.padEnd(9)}  ${r.enabled ? 'enabled ' : 'DISABLED'}  "${r.name}"  updated ${iso(r.updatedAt)}`)
+        : 'no connectors',
+    );
+  });
+  return 0;
+};
+
+/** The not-deleted connector with this id, whatever its workspace. */
+async function connectorById(deps: AppDeps, id: string): Promise<ConnectorRow> {
+  return getConnector(deps.db, await connectorWorkspace(deps.db, id), id);
+}
+
+const show: Command = async (cli, args) => {
+  const { ids } = parse('connectors show', args, {}, ['connectorId']);
+  await withDeps(cli, async (deps) => {
+    const row = await connectorById(deps, ids[0]!);
+    output(cli, connectorView(deps, row), () => describe(deps, row));
+  });
+  return 0;
+};
+
+const test: Command = async (cli, args) => {
+  const { ids } = parse('connectors test', args, {}, ['connectorId']);
+  return withDeps(cli, async (deps) => {
+    const row = await connectorById(deps, ids[0]!);
+    const { adapter, instance } = openConnector(deps.sealer, row);
+    const result = await adapter.test(instance, adapterContext(deps));
+    output(cli, result, () => [
+      `${row.id} (${row.vendor}): ${result.ok ? 'ok' : 'NOT OK'}`,
+      ...result.checks.map((c) => `  ${c.ok ? 'ok  ' : 'FAIL'}  ${c.name}: ${c.detail}`),
+    ]);
+    return result.ok ? 0 : 1;
+  });
+};
+
+const disable: Command = async (cli, args) => {
+  const { ids } = parse('connectors disable', args, {}, ['connectorId']);
+  await withDeps(cli, async (deps) => {
+    const row = await updateConnector(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, { enabled: false });
+    output(cli, connectorView(deps, row), () => `Connector ${row.id} disabled: its webhook answers 404 from now on.`);
+  });
+  return 0;
+};
+
+const rotateSecret: Command = async (cli, args) => {
+  refuseOnCommandLine(args, ['secrets', 'secret'], SECRETS_HINT);
+  const { values, ids } = parse('connectors rotate-secret', args, SECRET_OPTIONS, ['connectorId']);
+  const secrets = await readSecrets(cli, 'connectors rotate-secret', values);
+  await withDeps(cli, async (deps) => {
+    const row = await replaceSecrets(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, { secrets });
+    output(cli, connectorView(deps, row), () => ['Secrets replaced:', ...describe(deps, row)]);
+  });
+  return 0;
+};
+
+export const connectorCommands: Record<string, Command> = {
+  add,
+  list,
+  show,
+  test,
+  disable,
+  'rotate-secret': rotateSecret,
+};

@@ -1,0 +1,92 @@
+import { and, eq } from 'drizzle-orm';
+import { dsrRequests, REQUEST_STATUSES } from '../db/schema/index.ts';
+import type { AppDeps } from '../http/env.ts';
+import { newestFirst } from '../http/pagination.ts';
+import { requestView, ticketsOf } from '../http/privacy.ts';
+import { ApiError } from '../lib/errors.ts';
+import type { Actor } from '../privacy/context.ts';
+import type { DsrRequest } from '../privacy/intake.ts';
+import { retryRequest } from '../privacy/retry.ts';
+import { oneOf, output, parse, required, requireWorkspace, UsageError, withDeps, type Command } from './shared.ts';
+
+const MAX_LIMIT = 100;
+/** Who a retry from the command line is credited to on the request and its next audit record. */
+const CLI_ACTOR: Actor = { type: 'system', id: 'cli', source: 'cli' };
+
+type View = ReturnType<typeof requestView>;
+
+async function requestById(deps: AppDeps, id: string): Promise<DsrRequest> {
+  const [row] = await deps.db.select().from(dsrRequests).where(eq(dsrRequests.id, id));
+  if (!row) throw new ApiError('not_found', `no such request: ${id}`);
+  return row;
+}
+
+async function viewOf(deps: AppDeps, row: DsrRequest): Promise<View> {
+  return requestView(row, (await ticketsOf(deps, [row.id])).get(row.id));
+}
+
+const summary = (v: View) =>
+  `${v.id}  ${v.action.padEnd(10)}  ${v.scope.padEnd(9)}  ${v.status.padEnd(8)}  ${(v.outcome ?? '-').padEnd(12)}  ` +
+  `${v.createdAt}${v.errorCode ? `  error ${v.errorCode}` : ''}${v.upstreamStatus ? `  upstream ${v.upstreamStatus}` : ''}`;
+
+function describe(v: View): string[] {
+  return [
+    summary(v),
+    `  subject     ${v.subjectKind}   source ${v.source}   actor ${v.actor.type}${v.actor.id ? ` ${v.actor.id}` : ''}`,
+    `  attempts    ${v.attempts}   started ${v.startedAt ?? '-'}   finished ${v.finishedAt ?? '-'}`,
+    `  audit       ${v.auditRecordId ?? '-'}${v.externalRequestId ? `   external id ${v.externalRequestId}` : ''}`,
+    ...v.upstream.map(
+      (t) =>
+        `  ticket      ${t.ticketId}  connector ${t.connectorId}  ${t.status}  attempts ${t.attempts}` +
+        (t.lastError ? `  last error: ${t.lastError}` : ''),
+    ),
+  ];
+}
+
+const list: Command = async (cli, args) => {
+  const { values } = parse('requests list', args, {
+    workspace: { type: 'string' },
+    status: { type: 'string' },
+    limit: { type: 'string' },
+  });
+  const workspaceId = required('requests list', 'workspace', values.workspace, 'id');
+  const status = values.status === undefined ? undefined : oneOf('status', values.status, REQUEST_STATUSES);
+  const limit = values.limit === undefined ? 50 : Number(values.limit);
+  if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIMIT) {
+    throw new UsageError(`--limit must be an integer from 1 to ${MAX_LIMIT}`);
+  }
+  await withDeps(cli, async (deps) => {
+    const ws = await requireWorkspace(deps.db, workspaceId);
+    const rows = await deps.db
+      .select()
+      .from(dsrRequests)
+      .where(and(eq(dsrRequests.workspaceId, ws), status ? eq(dsrRequests.status, status) : undefined))
+      .orderBy(newestFirst(dsrRequests.id))
+      .limit(limit);
+    const tickets = await ticketsOf(deps, rows.map((r) => r.id));
+    const data = rows.map((r) => requestView(r, tickets.get(r.id)));
+    output(cli, { data }, () => (data.length ? data.map(summary) : 'no requests'));
+  });
+  return 0;
+};
+
+const show: Command = async (cli, args) => {
+  const { ids } = parse('requests show', args, {}, ['requestId']);
+  await withDeps(cli, async (deps) => {
+    const view = await viewOf(deps, await requestById(deps, ids[0]!));
+    output(cli, view, () => describe(view));
+  });
+  return 0;
+};
+
+const retry: Command = async (cli, args) => {
+  const { ids } = parse('requests retry', args, {}, ['requestId']);
+  await withDeps(cli, async (deps) => {
+    const row = await requestById(deps, ids[0]!);
+    const view = await viewOf(deps, await retryRequest(deps, row.workspaceId, row.id, CLI_ACTOR));
+    output(cli, view, () => [`Request ${view.id} queued again; a worker runs it.`, ...describe(view)]);
+  });
+  return 0;
+};
+
+export const requestCommands: Record<string, Command> = { list, show, retry };

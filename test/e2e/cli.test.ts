@@ -1,0 +1,680 @@
+/**
+ * The admin CLI end to end: the real `dsr-connector` process (bin → tsx → src/cli.ts) against the test database,
+ * with the test's digest and master keys, judged by its exit status, its one JSON document on stdout, the database,
+ * and the HTTP API of an in-process app sharing the same keys.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { eq } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { datagrailBody, datagrailWebhook, FAKE_DATAGRAIL_API_KEY } from '../../connectors/datagrail/fake.ts';
+import { startFakeOneTrust, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
+import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
+import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { newApp } from '../../src/app.ts';
+import { parseEnv } from '../../src/config.ts';
+import { connectors } from '../../src/db/schema/index.ts';
+import { createNodeDeps } from '../../src/deps-node.ts';
+import { runDueJobs } from '../../src/jobs/run-once.ts';
+import { taskList } from '../../src/jobs/tasks.ts';
+import { createLogger } from '../../src/lib/logger.ts';
+import { keyIdOf, Sealer, secretFingerprint } from '../../src/lib/sealing.ts';
+import { subjectSealContext } from '../../src/privacy/execute.ts';
+import { openConnector, secretsContext, type ConnectorRow } from '../../src/upstream/store.ts';
+import { ticketSecretContext } from '../../src/upstream/tickets.ts';
+import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { seedUser, userFootprint } from '../helpers/factories.ts';
+import { login } from '../helpers/sessions.ts';
+import { childEnv, poll, runCli, startService } from '../helpers/process.ts';
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Json = any;
+
+const OT = { clientId: 'ot-cli-client', clientSecret: 'ot-cli-client-secret', inboundSecret: 'ot-cli-inbound-secret' };
+const DG_SECRET = 'dg-cli-webhook-secret';
+
+let env: TestEnv;
+let ws: CreatedWorkspace;
+let onetrust: FakeOneTrust;
+let tmp: string;
+
+/** The CLI's environment: the test database and the test app's keys, so both sides read each other's data. */
+const cliEnv = (t: TestEnv, extra: NodeJS.ProcessEnv = {}) =>
+  childEnv({
+    DATABASE_URL: t.url,
+    DATA_DIR: tmp,
+    DSR_DIGEST_KEY: t.deps.digestKey.toString('base64'),
+    DSR_ENCRYPTION_KEY: t.encryptionKey.toString('base64'),
+    OUTBOUND_ALLOW_PRIVATE_NETWORKS: 'true',
+    LOG_LEVEL: 'warn',
+    ...extra,
+  });
+
+interface RunOpts {
+  input?: string;
+  env?: NodeJS.ProcessEnv;
+  on?: TestEnv;
+}
+
+const run = (args: string[], opts: RunOpts = {}) => runCli(args, cliEnv(opts.on ?? env, opts.env), { input: opts.input });
+
+/** Stdout must be exactly one JSON document (one line). */
+function onlyDocument(stdout: string): Json {
+  const lines = stdout.split('\n').filter(Boolean);
+  expect(lines, stdout).toHaveLength(1);
+  return JSON.parse(lines[0]!);
+}
+
+/** A --json command that must succeed: exit 0, nothing on stderr, one document. */
+async function ok(args: string[], opts: RunOpts = {}): Promise<Json> {
+  const r = await run([...args, '--json'], opts);
+  expect(r.code, `${args.join(' ')}\n${r.stderr}\n${r.stdout}`).toBe(0);
+  expect(r.stderr).toBe('');
+  return onlyDocument(r.stdout);
+}
+
+/** A --json command that must fail: the exit status, `{"error":{code,message}}` on stdout, the message on stderr. */
+async function fails(args: string[], exitCode: 1 | 2, code: string, opts: RunOpts = {}) {
+  const r = await run([...args, '--json'], opts);
+  expect(r.code, `${args.join(' ')}\n${r.stderr}\n${r.stdout}`).toBe(exitCode);
+  const doc = onlyDocument(r.stdout);
+  expect(Object.keys(doc)).toEqual(['error']);
+  expect(doc.error.code).toBe(code);
+  expect(r.stderr).toContain(`error: ${doc.error.message}`);
+  return { message: doc.error.message as string, details: doc.error.details as { path: string; message: string }[] | undefined, ...r };
+}
+
+async function connectorRow(t: TestEnv, id: string): Promise<ConnectorRow> {
+  const [row] = await t.deps.db.select().from(connectors).where(eq(connectors.id, id));
+  return row!;
+}
+
+const api = (method: string, p: string, key: string, body?: unknown) => call(env, method, p, { key, body });
+
+beforeAll(async () => {
+  env = await createTestEnv();
+  ws = await env.newWorkspace('CLI');
+  onetrust = await startFakeOneTrust(OT);
+  tmp = await mkdtemp(path.join(os.tmpdir(), 'dsr-cli-'));
+});
+
+afterAll(async () => {
+  await onetrust?.fake.stop();
+  await env?.close();
+  if (tmp) await rm(tmp, { recursive: true, force: true });
+});
+
+describe('usage', () => {
+  it('help prints the usage; bad commands and flags exit 2 naming the problem, before touching the database', async () => {
+    // Nothing listens there: a command that reached for the database would fail with 1, not 2.
+    const nowhere = { env: { DATABASE_URL: 'postgres://127.0.0.1:1/nowhere' } };
+    const [help, unknown, noVerb, badScope, missing, extra, unknownFlag] = await Promise.all([
+      run(['help']),
+      run(['frobnicate', '--json'], nowhere),
+      run(['keys'], nowhere),
+      run(['keys', 'create', '--workspace', ws.workspaceId, '--scope', 'root', '--json'], nowhere),
+      run(['keys', 'list', '--json'], nowhere),
+      run(['keys', 'revoke', 'key_a', 'key_b'], nowhere),
+      run(['connectors', 'list', '--workspace', ws.workspaceId, '--verbose'], nowhere),
+    ]);
+    expect(help.code).toBe(0);
+    for (const cmd of ['admins create', 'keys rotate-master', 'connectors rotate-secret', 'requests retry', 'audit verify', 'serve [--role web|all]']) {
+      expect(help.stdout).toContain(cmd);
+    }
+    expect(help.stdout).toContain('DSR_ENCRYPTION_KEYS_PREVIOUS');
+
+    expect(unknown.code).toBe(2);
+    expect(onlyDocument(unknown.stdout)).toEqual({ error: { code: 'usage_error', message: 'unknown command: frobnicate' } });
+    expect(unknown.stderr).toContain('Usage: dsr-connector');
+    expect(noVerb.code).toBe(2);
+    expect(noVerb.stderr).toContain('keys needs a verb: list, create, revoke, rotate, rotate-master');
+    expect(badScope.code).toBe(2);
+    expect(onlyDocument(badScope.stdout).error.message).toBe('--scope must be one of ingest, privacy, admin');
+    expect(missing.code).toBe(2);
+    expect(onlyDocument(missing.stdout).error.message).toBe('keys list needs --workspace <id>');
+    expect(extra.code).toBe(2);
+    expect(extra.stderr).toContain('keys revoke needs <keyId>');
+    expect(unknownFlag.code).toBe(2);
+    expect(unknownFlag.stderr).toContain("Unknown option '--verbose'");
+  });
+});
+
+describe('workspaces and admins', () => {
+  it('workspaces create prints the three keys once, and they work', async () => {
+    const created = await ok(['workspaces', 'create', '--name', 'From the CLI']);
+    expect(Object.keys(created)).toEqual(['workspaceId', 'ingestKey', 'privacyKey', 'adminKey']);
+    expect(created.adminKey).toMatch(/^dsr_admin_[A-Za-z0-9_-]{43}$/);
+    const [row] = await env.sql`select name from workspaces where id = ${created.workspaceId}`;
+    expect(row!.name).toBe('From the CLI');
+    expect((await api('GET', '/v1/admin/keys', created.adminKey)).json.data.map((k: Json) => k.scope).sort()).toEqual([
+      'admin',
+      'ingest',
+      'privacy',
+    ]);
+  });
+
+  it("a verb's validation error (zod) exits 1 listing path and message, never the value", async () => {
+    const name = `too-long-${'x'.repeat(200)}`;
+    const r = await fails(['workspaces', 'create', '--name', name], 1, 'validation_failed');
+    expect(r.message).toBe('input failed validation');
+    expect(r.details).toEqual([{ path: '(input)', message: expect.stringMatching(/200/) }]);
+    expect(r.stdout + r.stderr).not.toContain('too-long-');
+  });
+
+  it('admins create takes the password from stdin, never echoes it, and the admin can log in', async () => {
+    const password = `cli-${randomBytes(12).toString('base64url')}`;
+    const r = await run(['admins', 'create', '--workspace', ws.workspaceId, '--email', ' Ops.Lead@Example.TEST ', '--password-stdin', '--json'], {
+      input: `${password}\n`,
+    });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout + r.stderr).not.toContain(password);
+    const admin = onlyDocument(r.stdout);
+    expect(admin).toEqual({
+      id: expect.stringMatching(/^adm_/),
+      workspaceId: ws.workspaceId,
+      email: 'ops.lead@example.test',
+      createdAt: expect.any(String),
+      passwordChangedAt: expect.any(String),
+      disabledAt: null,
+    });
+    const [row] = await env.sql`select password_hash from admin_users where id = ${admin.id}`;
+    expect(row!.password_hash).toMatch(/^scrypt\$/);
+    // The trailing newline was the shell's, not part of the password.
+    const { res } = await login(env, { workspaceId: ws.workspaceId, email: 'ops.lead@example.test', password });
+    expect(res.status, res.text).toBe(200);
+    expect(res.json.admin).toEqual({ id: admin.id, email: 'ops.lead@example.test', workspaceId: ws.workspaceId });
+  });
+
+  it('admins create falls back to DSR_ADMIN_PASSWORD, then to a generated password printed once', async () => {
+    const password = `env-${randomBytes(12).toString('base64url')}`;
+    const fromEnv = await run(['admins', 'create', '--workspace', ws.workspaceId, '--email', 'env@example.test', '--json'], {
+      env: { DSR_ADMIN_PASSWORD: password },
+    });
+    expect(fromEnv.code, fromEnv.stderr).toBe(0);
+    expect(fromEnv.stdout + fromEnv.stderr).not.toContain(password);
+    expect(onlyDocument(fromEnv.stdout)).not.toHaveProperty('generatedPassword');
+    expect((await login(env, { workspaceId: ws.workspaceId, email: 'env@example.test', password })).res.status).toBe(200);
+
+    const generated = await ok(['admins', 'create', '--workspace', ws.workspaceId, '--email', 'gen@example.test']);
+    expect(generated.generatedPassword).toMatch(/^[A-Za-z0-9_-]{24}$/);
+    const { res } = await login(env, { workspaceId: ws.workspaceId, email: 'gen@example.test', password: generated.generatedPassword });
+    expect(res.status, res.text).toBe(200);
+  });
+
+  it('admins create refuses a password on the command line, a short one, a bad email, a duplicate, an unknown workspace', async () => {
+    const before = (await env.sql`select count(*)::int as n from admin_users`)[0]!.n;
+    const create = (email: string, workspace = ws.workspaceId) => ['admins', 'create', '--workspace', workspace, '--email', email];
+    const [onLine, short, email, dup, unknown] = await Promise.all([
+      fails([...create('x@example.test'), '--password=hunter2hunter2'], 2, 'usage_error'),
+      fails([...create('x@example.test'), '--password-stdin'], 2, 'usage_error', { input: 'short\n' }),
+      fails(create('not-an-email'), 2, 'usage_error'),
+      fails(create('OPS.LEAD@example.test'), 1, 'conflict'),
+      fails(create('y@example.test', 'ws_nope'), 1, 'not_found'),
+    ]);
+    expect(onLine.message).toBe('--password is not accepted: pipe it with --password-stdin, or set DSR_ADMIN_PASSWORD');
+    expect(onLine.stdout + onLine.stderr).not.toContain('hunter2');
+    expect(short.message).toBe('the password read from stdin must have at least 12 characters');
+    expect(email.message).toBe('--email must be a valid email address');
+    expect(dup.message).toBe('an admin with this email already exists in the workspace');
+    expect(unknown.message).toBe('no such workspace: ws_nope');
+    expect((await env.sql`select count(*)::int as n from admin_users`)[0]!.n).toBe(before);
+  });
+
+  it('admins list shows the workspace admins, never a hash', async () => {
+    const list = await ok(['admins', 'list', '--workspace', ws.workspaceId]);
+    expect(list.data.map((a: Json) => a.email)).toEqual(['ops.lead@example.test', 'env@example.test', 'gen@example.test']);
+    expect(Object.keys(list.data[0]).sort()).toEqual(['createdAt', 'disabledAt', 'email', 'id', 'passwordChangedAt', 'workspaceId']);
+  });
+});
+
+describe('API keys', () => {
+  const keyIdOfScope = async (scope: string) =>
+    (await env.sql`select id from api_keys where workspace_id = ${ws.workspaceId} and scope = ${scope} and revoked_at is null`)[0]!
+      .id as string;
+
+  it('keys list shows ids, scopes and prefixes, never the keys', async () => {
+    const r = await run(['keys', 'list', '--workspace', ws.workspaceId, '--json']);
+    expect(r.code).toBe(0);
+    const list = onlyDocument(r.stdout);
+    expect(list.data.map((k: Json) => k.scope).sort()).toEqual(['admin', 'ingest', 'privacy']);
+    for (const k of list.data) {
+      expect(Object.keys(k)).toEqual(['id', 'scope', 'prefix', 'createdAt', 'lastUsedAt', 'revokedAt']);
+      expect(k.prefix).toBe(`dsr_${k.scope}_` + (ws as Json)[`${k.scope}Key`].slice(`dsr_${k.scope}_`.length, `dsr_${k.scope}_`.length + 6));
+    }
+    for (const key of [ws.ingestKey, ws.privacyKey, ws.adminKey]) expect(r.stdout).not.toContain(key);
+  });
+
+  it('keys create prints a working key once (human output too)', async () => {
+    const created = await ok(['keys', 'create', '--workspace', ws.workspaceId, '--scope', 'privacy']);
+    expect(created).toMatchObject({ scope: 'privacy', revokedAt: null, key: expect.stringMatching(/^dsr_privacy_/) });
+    expect((await api('GET', '/v1/privacy/requests', created.key)).status).toBe(200);
+    const [row] = await env.sql`select workspace_id, scope from api_keys where id = ${created.id}`;
+    expect(row).toEqual({ workspace_id: ws.workspaceId, scope: 'privacy' });
+
+    const human = await run(['keys', 'create', '--workspace', ws.workspaceId, '--scope', 'ingest']);
+    expect(human.code).toBe(0);
+    const key = /(dsr_ingest_[A-Za-z0-9_-]{43})/.exec(human.stdout)?.[1];
+    expect(human.stdout).toContain('shown once');
+    expect((await call(env, 'POST', '/v1/track', { key, body: { userId: 'cli-u', event: 'e' } })).status).toBe(200);
+  });
+
+  it('keys rotate revokes the old key (401 at once) and prints a working new one of the same scope', async () => {
+    const oldId = await keyIdOfScope('admin');
+    expect((await api('GET', '/v1/admin/keys', ws.adminKey)).status).toBe(200);
+    const rotated = await ok(['keys', 'rotate', oldId]);
+    expect(rotated).toMatchObject({ revokedKeyId: oldId, scope: 'admin', revokedAt: null, key: expect.stringMatching(/^dsr_admin_/) });
+    expect(rotated.id).not.toBe(oldId);
+    const stale = await api('GET', '/v1/admin/keys', ws.adminKey);
+    expect(stale.status).toBe(401);
+    expect(stale.json.error.code).toBe('unauthorized');
+    const fresh = await api('GET', '/v1/admin/keys', rotated.key);
+    expect(fresh.status).toBe(200);
+    expect(fresh.json.data.find((k: Json) => k.id === oldId).revokedAt).not.toBeNull();
+    ws.adminKey = rotated.key;
+  });
+
+  it('keys revoke: the key fails at once; revoking twice or an unknown id fails with exit 1', async () => {
+    const created = await ok(['keys', 'create', '--workspace', ws.workspaceId, '--scope', 'ingest']);
+    const revoked = await ok(['keys', 'revoke', created.id]);
+    expect(revoked).toMatchObject({ id: created.id, scope: 'ingest', revokedAt: expect.any(String) });
+    expect(revoked).not.toHaveProperty('key');
+    expect((await call(env, 'POST', '/v1/track', { key: created.key, body: { userId: 'u', event: 'e' } })).status).toBe(401);
+    const [twice, unknown] = await Promise.all([
+      fails(['keys', 'revoke', created.id], 1, 'conflict'),
+      fails(['keys', 'rotate', 'key_unknown'], 1, 'not_found'),
+    ]);
+    expect(twice.message).toBe('the API key is already revoked');
+    expect(unknown.message).toBe('no such API key: key_unknown');
+  });
+});
+
+describe('connectors', () => {
+  let otId = '';
+  let dgId = '';
+  let otView: Json;
+  const dbRow = (id: string) => connectorRow(env, id);
+
+  it('connectors add (secrets from a file) mirrors the admin API view; secrets stored sealed, shown as fingerprints only', async () => {
+    const secretsFile = path.join(tmp, 'ot-secrets.json');
+    await writeFile(secretsFile, JSON.stringify(OT), { mode: 0o600 });
+    const r = await run([
+      'connectors', 'add', '--workspace', ws.workspaceId, '--vendor', 'onetrust', '--name', 'OneTrust via CLI',
+      '--config', JSON.stringify({ baseUrl: onetrust.url }), '--secrets-file', secretsFile, '--json',
+    ]);
+    expect(r.code, r.stderr).toBe(0);
+    for (const v of Object.values(OT)) expect(r.stdout + r.stderr).not.toContain(v);
+    otView = onlyDocument(r.stdout);
+    otId = otView.id;
+    const fp = (v: string) => ({ set: true, fingerprint: secretFingerprint(env.deps.digestKey, v) });
+    expect(otView).toMatchObject({
+      vendor: 'onetrust',
+      name: 'OneTrust via CLI',
+      enabled: true,
+      secrets: { clientId: fp(OT.clientId), clientSecret: fp(OT.clientSecret), inboundSecret: fp(OT.inboundSecret) },
+      webhookPath: `/webhooks/onetrust/${otId}`,
+      // The CLI runs without PUBLIC_BASE_URL; the test app has one.
+      webhookUrl: null,
+    });
+    const viaApi = await api('GET', `/v1/admin/connectors/${otId}`, ws.adminKey);
+    expect(viaApi.status).toBe(200);
+    expect({ ...otView, webhookUrl: viaApi.json.webhookUrl }).toEqual(viaApi.json);
+
+    const row = await dbRow(otId);
+    expect(row.workspaceId).toBe(ws.workspaceId);
+    expect(row.secretsSealed).toMatch(new RegExp(`^v1\\.${keyIdOf(env.encryptionKey)}\\.`));
+    expect(openConnector(env.deps.sealer, row).instance.secrets).toEqual(OT);
+  });
+
+  it('connectors add reads secrets from stdin and config from a file', async () => {
+    const configFile = path.join(tmp, 'dg-config.json');
+    await writeFile(configFile, JSON.stringify({ callbackHosts: ['127.0.0.1'] }));
+    const view = await ok(
+      ['connectors', 'add', '--workspace', ws.workspaceId, '--vendor', 'datagrail', '--name', 'DataGrail', '--config-file', configFile, '--secrets-stdin'],
+      { input: JSON.stringify({ webhookSecret: DG_SECRET, apiKey: FAKE_DATAGRAIL_API_KEY }) },
+    );
+    dgId = view.id;
+    expect(view.config.callbackHosts).toEqual(['127.0.0.1']);
+    expect(Object.keys(view.secrets).sort()).toEqual(['apiKey', 'webhookSecret']);
+    expect(openConnector(env.deps.sealer, await dbRow(dgId)).instance.secrets).toEqual({
+      webhookSecret: DG_SECRET,
+      apiKey: FAKE_DATAGRAIL_API_KEY,
+    });
+  });
+
+  it('connectors add refuses secrets on the command line, bad JSON (without echoing it), a bad vendor, invalid secrets', async () => {
+    const before = (await env.sql`select count(*)::int as n from connectors`)[0]!.n;
+    const add = ['connectors', 'add', '--workspace', ws.workspaceId, '--vendor', 'onetrust', '--name', 'x', '--config', JSON.stringify({ baseUrl: onetrust.url })];
+    const [onLine, none, badJson, vendor, invalid] = await Promise.all([
+      fails([...add, '--secrets', '{"clientSecret":"on-the-line"}'], 2, 'usage_error'),
+      fails(add, 2, 'usage_error'),
+      fails([...add, '--secrets-stdin'], 2, 'usage_error', { input: 'clientSecret=s3cr3t-value' }),
+      fails(['connectors', 'add', '--workspace', ws.workspaceId, '--vendor', 'acme', '--name', 'x', '--secrets-stdin'], 2, 'usage_error', {
+        input: '{}',
+      }),
+      fails([...add, '--secrets-stdin'], 1, 'validation_failed', {
+        input: JSON.stringify({ clientId: 'cid-value', clientSecret: 'secret-value-xyz' }),
+      }),
+    ]);
+    expect(onLine.message).toBe('--secrets is not accepted: secrets are never taken on the command line; use --secrets-file <file> or --secrets-stdin');
+    expect(onLine.stdout + onLine.stderr).not.toContain('on-the-line');
+    expect(none.message).toBe('connectors add needs --secrets-file <file> or --secrets-stdin (a JSON object)');
+    expect(badJson.message).toBe('--secrets-stdin is not valid JSON');
+    expect(badJson.stdout + badJson.stderr).not.toContain('s3cr3t-value');
+    expect(vendor.message).toBe('--vendor must be one of transcend, onetrust, datagrail');
+    expect(invalid.message).toBe('secrets is not valid for this vendor');
+    expect(invalid.details).toEqual([{ path: 'secrets.inboundSecret', message: expect.any(String) }]);
+    expect(invalid.stderr).toContain('secrets.inboundSecret:');
+    expect(invalid.stdout + invalid.stderr).not.toContain('secret-value-xyz');
+    expect((await env.sql`select count(*)::int as n from connectors`)[0]!.n).toBe(before);
+  });
+
+  it('connectors list and show give the same views; an unknown id exits 1', async () => {
+    const [list, shown, unknown] = await Promise.all([
+      ok(['connectors', 'list', '--workspace', ws.workspaceId]),
+      ok(['connectors', 'show', otId]),
+      fails(['connectors', 'show', 'con_unknown'], 1, 'not_found'),
+    ]);
+    expect(list.data.map((c: Json) => c.id)).toEqual([otId, dgId]);
+    expect(list.data[0]).toEqual(otView);
+    expect(shown).toEqual(otView);
+    expect(unknown.message).toBe('no such connector: con_unknown');
+  });
+
+  it('connectors test passes against the fake vendor, and fails (exit 1) once the secret is rotated to a wrong one', async () => {
+    const tokens = onetrust.tokensIssued();
+    const good = await ok(['connectors', 'test', otId]);
+    expect(good.ok).toBe(true);
+    expect(good.checks.map((c: Json) => [c.name, c.ok])).toEqual([
+      ['inbound secret', true],
+      ['oauth token', true],
+    ]);
+    expect(onetrust.tokensIssued()).toBe(tokens + 1);
+
+    const wrong = { ...OT, clientSecret: 'rotated-but-wrong-secret' };
+    const rotated = await ok(['connectors', 'rotate-secret', otId, '--secrets-stdin'], { input: JSON.stringify(wrong) });
+    expect(rotated.secrets.clientId).toEqual(otView.secrets.clientId);
+    expect(rotated.secrets.clientSecret.fingerprint).toBe(secretFingerprint(env.deps.digestKey, wrong.clientSecret));
+    expect(rotated.secretsRotatedAt > otView.secretsRotatedAt).toBe(true);
+    expect(openConnector(env.deps.sealer, await dbRow(otId)).instance.secrets).toEqual(wrong);
+
+    const r = await run(['connectors', 'test', otId, '--json']);
+    expect(r.code).toBe(1);
+    const bad = onlyDocument(r.stdout);
+    expect(bad.ok).toBe(false);
+    expect(bad.checks[1]).toMatchObject({ name: 'oauth token', ok: false, detail: expect.stringContaining('refused the client credentials') });
+    expect(r.stdout + r.stderr).not.toContain(wrong.clientSecret);
+    expect(onetrust.tokensIssued()).toBe(tokens + 1);
+  });
+
+  it('connectors disable: the webhook that answered now 404s', async () => {
+    const body = datagrailBody({ callback_url: 'http://127.0.0.1:9/cb' });
+    const forged = datagrailWebhook({ secret: 'not-the-secret', body });
+    const before = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: forged.headers, body: forged.rawBody });
+    expect(before.status).toBe(401);
+    const disabled = await ok(['connectors', 'disable', dgId]);
+    expect(disabled).toMatchObject({ id: dgId, enabled: false });
+    expect((await dbRow(dgId)).enabled).toBe(false);
+    const signed = datagrailWebhook({ secret: DG_SECRET, body });
+    const after = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: signed.headers, body: signed.rawBody });
+    expect(after.status).toBe(404);
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${dgId}`).toHaveLength(0);
+  });
+});
+
+describe('requests and audit', () => {
+  let failedId = '';
+  let user: Awaited<ReturnType<typeof seedUser>>;
+
+  it('requests list/show a failed request as the API does; bad filters exit 2', async () => {
+    user = await seedUser(env, ws.ingestKey);
+    await env.sql.unsafe(`
+      create function cli_fail_topic_delete() returns trigger language plpgsql as $$
+      begin raise exception 'injected failure'; end $$;
+      create trigger cli_fail_topic_delete before delete on topic_questions
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function cli_fail_topic_delete();`);
+    try {
+      const res = await api('POST', '/v1/privacy/requests', ws.privacyKey, { action: 'erase', userId: user.userId });
+      expect(res.status, res.text).toBe(202);
+      failedId = res.json.results[0].requestId;
+      await env.runJobs();
+    } finally {
+      await env.sql.unsafe('drop trigger cli_fail_topic_delete on topic_questions; drop function cli_fail_topic_delete();');
+    }
+    const viaApi = (await api('GET', `/v1/privacy/requests/${failedId}`, ws.privacyKey)).json;
+    expect(viaApi).toMatchObject({ status: 'failed', errorCode: 'db_P0001' });
+
+    const [failedList, completeList, shown, status, limit, unknown] = await Promise.all([
+      ok(['requests', 'list', '--workspace', ws.workspaceId, '--status', 'failed', '--limit', '5']),
+      ok(['requests', 'list', '--workspace', ws.workspaceId, '--status', 'complete']),
+      ok(['requests', 'show', failedId]),
+      fails(['requests', 'list', '--workspace', ws.workspaceId, '--status', 'done'], 2, 'usage_error'),
+      fails(['requests', 'list', '--workspace', ws.workspaceId, '--limit', '0'], 2, 'usage_error'),
+      fails(['requests', 'show', 'req_unknown'], 1, 'not_found'),
+    ]);
+    expect(failedList).toEqual({ data: [viaApi] });
+    expect(completeList).toEqual({ data: [] });
+    expect(shown).toEqual(viaApi);
+    expect(status.message).toBe('--status must be one of queued, running, complete, failed');
+    expect(limit.message).toBe('--limit must be an integer from 1 to 100');
+    expect(unknown.message).toBe('no such request: req_unknown');
+  });
+
+  it('requests retry queues a failed request again; it then erases the user; a second retry exits 1', async () => {
+    const queued = await ok(['requests', 'retry', failedId]);
+    expect(queued).toMatchObject({ id: failedId, status: 'queued', outcome: null, errorCode: null, attempts: 0, auditRecordId: expect.any(String) });
+    const [row] = await env.sql`select status, subject_sealed from dsr_requests where id = ${failedId}`;
+    expect(row).toEqual({ status: 'queued', subject_sealed: null });
+    await env.runJobs();
+    const done = (await api('GET', `/v1/privacy/requests/${failedId}`, ws.privacyKey)).json;
+    expect(done).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect(await userFootprint(env, ws.workspaceId, user.userId)).toMatchObject({ profiles: 0, events: 0, messages: 0, questions: 0 });
+    const again = await fails(['requests', 'retry', failedId], 1, 'conflict');
+    expect(again.message).toBe('only a failed request can be retried (this one is complete)');
+  });
+
+  it('audit show gives the record with its chain proof, as the API does', async () => {
+    const { auditRecordId } = (await api('GET', `/v1/privacy/requests/${failedId}`, ws.privacyKey)).json;
+    const viaApi = (await api('GET', `/v1/privacy/audit/${auditRecordId}`, ws.privacyKey)).json;
+    const [shown, unknown] = await Promise.all([ok(['audit', 'show', auditRecordId]), fails(['audit', 'show', 'aud_unknown'], 1, 'not_found')]);
+    expect(shown).toEqual(viaApi);
+    expect(shown.chain).toMatchObject({ algorithm: 'sha256', position: 2, intact: true });
+    expect(unknown.message).toBe('no such audit record: aud_unknown');
+  });
+
+  it('audit verify: ok, then after a row is altered behind the trigger, exit 1 naming the position', async () => {
+    const [verified, human] = await Promise.all([
+      ok(['audit', 'verify', '--workspace', ws.workspaceId]),
+      run(['audit', 'verify', '--workspace', ws.workspaceId]),
+    ]);
+    const [head] = await env.sql`select id, hash from audit_records where workspace_id = ${ws.workspaceId} and chain_seq = 2`;
+    expect(verified).toEqual({
+      ok: true,
+      workspaces: [
+        { workspaceId: ws.workspaceId, ok: true, records: 2, head: { position: 2, hash: head!.hash }, legacyRecords: 0, firstBreak: null },
+      ],
+    });
+    expect(human.code).toBe(0);
+    expect(human.stdout).toBe(`${ws.workspaceId}: ok 2 records, head #2 ${(head!.hash as string).slice(0, 16)}…\n`);
+
+    const [first] = await env.sql`select id from audit_records where workspace_id = ${ws.workspaceId} and chain_seq = 1`;
+    await env.sql.begin(async (tx) => {
+      await tx.unsafe('alter table audit_records disable trigger all');
+      await tx`update audit_records set error_code = null where id = ${first!.id}`;
+      await tx.unsafe('alter table audit_records enable trigger all');
+    });
+
+    const [all, broken, tampered] = await Promise.all([
+      run(['audit', 'verify', '--json']),
+      run(['audit', 'verify', '--workspace', ws.workspaceId]),
+      ok(['audit', 'show', first!.id]),
+    ]);
+    expect(all.code).toBe(1);
+    const report = onlyDocument(all.stdout);
+    expect(report.ok).toBe(false);
+    const mine = report.workspaces.find((w: Json) => w.workspaceId === ws.workspaceId);
+    expect(mine).toMatchObject({ ok: false, records: 0, firstBreak: { problem: 'hash_mismatch', position: 1, recordId: first!.id } });
+    expect(report.workspaces.filter((w: Json) => w.workspaceId !== ws.workspaceId).every((w: Json) => w.ok)).toBe(true);
+
+    expect(broken.code).toBe(1);
+    expect(broken.stdout).toBe(
+      `${ws.workspaceId}: BROKEN at position 1 (${first!.id}): hash_mismatch — ` +
+        'the stored fields no longer match the record hash: the row was changed after it was written\n',
+    );
+    expect(tampered.chain.intact).toBe(false);
+  });
+});
+
+describe('service commands', () => {
+  it('migrate reports the database it brought up to date', async () => {
+    const out = await ok(['migrate']);
+    const u = new URL(env.url);
+    expect(out).toEqual({ migrated: true, database: `postgres://${u.hostname}:${u.port}${u.pathname}` });
+  });
+
+  it('serve --role web answers /healthz and stops on SIGTERM; worker runs queued jobs; a bad role exits 2', async () => {
+    const bad = await run(['serve', '--role', 'worker']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain('--role must be one of web, all');
+
+    const web = startService(cliEnv(env, { PORT: '0' }), ['serve', '--role', 'web'], ['bin/dsr-connector.mjs']);
+    const base = await web.ready;
+    expect(web.output()).toContain('dsr-connector (web)');
+    const health = await fetch(`${base}/healthz`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toEqual({ status: 'ok', database: 'ok' });
+
+    // The web role runs no jobs: a request stays queued until the worker takes it.
+    const res = await api('POST', '/v1/privacy/requests', ws.privacyKey, { action: 'suppress', userId: 'cli-worker-user' });
+    const id = res.json.results[0].requestId as string;
+    const worker = startService(cliEnv(env), ['worker'], ['bin/dsr-connector.mjs']);
+    await worker.ready;
+    expect(worker.output()).toContain('dsr-connector (worker)');
+    await poll(async () => ((await env.sql`select status from dsr_requests where id = ${id}`)[0]!.status === 'complete' ? true : undefined));
+
+    web.proc.kill('SIGTERM');
+    worker.proc.kill('SIGTERM');
+    expect(await web.exited).toBe(0);
+    expect(await worker.exited).toBe(0);
+  });
+});
+
+describe('keys rotate-master', () => {
+  let renv: TestEnv;
+  let transcend: FakeTranscend;
+  const extraDeps: { http: { close(): Promise<void> } }[] = [];
+
+  beforeAll(async () => {
+    renv = await createTestEnv();
+    transcend = await startFakeTranscend();
+  });
+  afterAll(async () => {
+    for (const d of extraDeps) await d.http.close();
+    await transcend?.stop();
+    await renv?.close();
+  });
+
+  /** A server process's wiring over the same database, with its own master key(s). */
+  function serverWith(sealer: Sealer) {
+    const deps = createNodeDeps({
+      env: parseEnv({ OUTBOUND_ALLOW_PRIVATE_NETWORKS: 'true', OUTBOUND_TIMEOUT_MS: '2000', REPORT_BACKOFF_BASE_MS: '20', REPORT_BACKOFF_MAX_MS: '200' }),
+      database: renv.database,
+      digestKey: renv.deps.digestKey,
+      sealer,
+      logger: createLogger('warn', renv.logs),
+    });
+    extraDeps.push(deps);
+    const app = newApp(deps);
+    return {
+      webhook: async (connectorId: string, email: string) => {
+        const w = await transcend.webhook({ profile: { identifier: email, type: 'email' } });
+        const res = await app.request(`/webhooks/transcend/${connectorId}`, { method: 'POST', headers: w.headers, body: w.body });
+        expect(res.status, await res.clone().text()).toBe(200);
+        return { ...((await res.json()) as { received: { ticketId: string; requestId: string }[] }).received[0]!, nonce: w.headers['x-transcend-nonce']! };
+      },
+      runJobs: () => runDueJobs(renv.sql, { connectionString: renv.url, taskList: taskList(deps), logger: deps.logger }),
+    };
+  }
+
+  it('re-seals everything under the new key while servers on the old key (knowing the new) and on the new key keep working', async () => {
+    const A = renv.encryptionKey;
+    const B = randomBytes(32);
+    const onA = { on: renv };
+    const onB = { on: renv, env: { DSR_ENCRYPTION_KEY: B.toString('base64') } };
+    const rotating = { on: renv, env: { DSR_ENCRYPTION_KEY: B.toString('base64'), DSR_ENCRYPTION_KEYS_PREVIOUS: A.toString('base64') } };
+    const wsR = await renv.newWorkspace('Rotation');
+
+    // Under key A: a connector (through the CLI), a failed request keeping its identifier, a ticket holding a nonce.
+    const connector = await ok(
+      ['connectors', 'add', '--workspace', wsR.workspaceId, '--vendor', 'transcend', '--name', 'Transcend', '--config',
+        JSON.stringify(transcend.config({ identifierTypes: { email: 'email' } })), '--secrets-stdin'],
+      { ...onA, input: JSON.stringify(transcend.secrets) },
+    );
+    const u = await seedUser(renv, wsR.ingestKey);
+    await renv.sql.unsafe(`
+      create function cli_rot_fail() returns trigger language plpgsql as $$ begin raise exception 'injected'; end $$;
+      create trigger cli_rot_fail before delete on topic_questions for each row execute function cli_rot_fail();`);
+    let failedId: string;
+    try {
+      const res = await call(renv, 'POST', '/v1/privacy/requests', { key: wsR.privacyKey, body: { action: 'erase', userId: u.userId } });
+      failedId = res.json.results[0].requestId;
+      await renv.runJobs();
+    } finally {
+      await renv.sql.unsafe('drop trigger cli_rot_fail on topic_questions; drop function cli_rot_fail();');
+    }
+    const w1 = await serverWith(new Sealer(A)).webhook(connector.id, 'first@example.test');
+
+    const sealed = async () => ({
+      connector: (await renv.sql`select secrets_sealed as s from connectors where id = ${connector.id}`)[0]!.s as string,
+      ticket: (await renv.sql`select secret_sealed as s from upstream_tickets where id = ${w1.ticketId}`)[0]!.s as string,
+      subject: (await renv.sql`select subject_sealed as s from dsr_requests where id = ${failedId}`)[0]!.s as string,
+    });
+    for (const v of Object.values(await sealed())) expect(v).toMatch(new RegExp(`^v1\\.${keyIdOf(A)}\\.`));
+
+    const report = await ok(['keys', 'rotate-master'], rotating);
+    expect(report).toEqual({
+      keyId: keyIdOf(B),
+      connectorSecrets: { resealed: 1, current: 0 },
+      ticketSecrets: { resealed: 1, current: 0 },
+      failedRequestSubjects: { resealed: 1, current: 0 },
+    });
+    const after = await sealed();
+    for (const v of Object.values(after)) expect(v).toMatch(new RegExp(`^v1\\.${keyIdOf(B)}\\.`));
+    expect(await ok(['keys', 'rotate-master'], rotating)).toEqual({
+      keyId: keyIdOf(B),
+      connectorSecrets: { resealed: 0, current: 1 },
+      ticketSecrets: { resealed: 0, current: 1 },
+      failedRequestSubjects: { resealed: 0, current: 1 },
+    });
+
+    // Same plaintexts, openable by both kinds of server, no longer by A alone.
+    const row = await connectorRow(renv, connector.id);
+    for (const s of [new Sealer(A, [B]), new Sealer(B)]) {
+      expect(openConnector(s, row).instance.secrets).toEqual(transcend.secrets);
+      expect(s.open(after.ticket, ticketSecretContext(w1.ticketId))).toBe(w1.nonce);
+      expect(s.open(after.subject, subjectSealContext(failedId))).toBe(u.userId);
+    }
+    expect(() => new Sealer(A).open(after.connector, secretsContext(connector.id))).toThrow(/unknown key id/);
+
+    // A server still on A that knows B: verifies a signed webhook with the re-sealed secrets and reports both
+    // tickets, the re-sealed nonce included.
+    const onOld = serverWith(new Sealer(A, [B]));
+    const w2 = await onOld.webhook(connector.id, 'second@example.test');
+    await onOld.runJobs();
+    const delivered = () => transcend.fake.callsTo('PUT /v1/data-silo').map((c) => c.headers['x-transcend-nonce']);
+    expect(delivered()).toEqual(expect.arrayContaining([w1.nonce, w2.nonce]));
+
+    // A server on B alone: a webhook, and the failed request retried through the CLI on B, run to completion.
+    const onNew = serverWith(new Sealer(B));
+    const w3 = await onNew.webhook(connector.id, 'third@example.test');
+    expect(await ok(['requests', 'retry', failedId], onB)).toMatchObject({ id: failedId, status: 'queued' });
+    await onNew.runJobs();
+    expect(delivered()).toEqual(expect.arrayContaining([w3.nonce]));
+    const tickets = await renv.sql`select status from upstream_tickets where connector_id = ${connector.id}`;
+    expect(tickets.map((t) => t.status)).toEqual(['delivered', 'delivered', 'delivered']);
+    const [req] = await renv.sql`select status, outcome from dsr_requests where id = ${failedId}`;
+    expect(req).toEqual({ status: 'complete', outcome: 'erased' });
+    expect(await userFootprint(renv, wsR.workspaceId, u.userId)).toMatchObject({ profiles: 0, events: 0 });
+  });
+});
