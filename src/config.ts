@@ -43,6 +43,8 @@ const envSchema = z.object({
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
   EXECUTE_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(25).default(5),
+  /** How often a worker process looks for dead worker processes (crash recovery) and releases their jobs. */
+  WORKER_SWEEP_INTERVAL_MS: z.coerce.number().int().min(100).max(600_000).default(10_000),
   /** A failed request keeps its identifier sealed this long so it can be retried; then only the digest remains. */
   FAILED_SUBJECT_RETENTION_DAYS: z.coerce.number().int().min(0).max(3650).default(30),
   /** Dashboard sessions end after this much inactivity, and in any case this long after login. */

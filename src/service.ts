@@ -2,13 +2,12 @@ import { randomUUID } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { serve, type ServerType } from '@hono/node-server';
 import { ERROR_STATUS, type ErrorCode } from './lib/errors.ts';
-import type { Runner } from 'graphile-worker';
 import { newApp } from './app.ts';
 import { readDocsAsset } from './http/docs-assets.ts';
 import { ConfigError, parseEnv, type Role } from './config.ts';
 import { createDatabase } from './db/client.ts';
 import { createNodeDeps } from './deps-node.ts';
-import { startWorker } from './jobs/worker.ts';
+import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
 import { openRuntime } from './runtime.ts';
 
@@ -68,10 +67,14 @@ export async function runService(role: Role): Promise<void> {
     docsAsset: readDocsAsset,
   });
 
-  let runner: Runner | undefined;
+  let worker: WorkerHandle | undefined;
   let server: ServerType | undefined;
   if (role !== 'web') {
-    runner = await startWorker(deps, { connectionString: rt.databaseUrl, concurrency: env.WORKER_CONCURRENCY });
+    worker = await startWorker(deps, {
+      connectionString: rt.databaseUrl,
+      concurrency: env.WORKER_CONCURRENCY,
+      sweepIntervalMs: env.WORKER_SWEEP_INTERVAL_MS,
+    });
   }
   if (role !== 'worker') {
     const app = newApp(deps);
@@ -100,7 +103,7 @@ export async function runService(role: Role): Promise<void> {
           (server as { closeIdleConnections?: () => void }).closeIdleConnections?.();
         })
       : Promise.resolve();
-    await Promise.all([closeServer, runner?.stop()]);
+    await Promise.all([closeServer, worker?.stop()]);
     await deps.http.close();
     await database.close();
     await rt.embedded?.stop();

@@ -1,5 +1,7 @@
-import { run, type Runner } from 'graphile-worker';
+import { EventEmitter } from 'node:events';
+import { run, type Runner, type WorkerEvents } from 'graphile-worker';
 import type { UpstreamDeps } from '../upstream/context.ts';
+import { startLiveness, type Liveness } from './liveness.ts';
 import { graphileLogger } from './logger.ts';
 import { CRONTAB, taskList } from './tasks.ts';
 
@@ -9,19 +11,52 @@ export interface WorkerOptions {
   pollInterval?: number;
   /** Defaults to CRONTAB; tests pass '' to run no cron. */
   crontab?: string;
+  /** How often this process looks for dead worker processes and releases their jobs (default 10 s). */
+  sweepIntervalMs?: number;
 }
 
-/** Starts graphile-worker with our tasks; signals are handled by the caller so shutdown is ordered. */
-export function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Promise<Runner> {
-  return run({
+export interface WorkerHandle {
+  runner: Runner;
+  liveness: Liveness;
+  /** Drains running jobs, then leaves the liveness registry. */
+  stop(): Promise<void>;
+}
+
+/** Starts graphile-worker with our tasks and crash recovery; signals are handled by the caller so shutdown is ordered. */
+export async function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Promise<WorkerHandle> {
+  const events: WorkerEvents = new EventEmitter();
+  // Registered before run(): the first workers are created while run() starts, and their ids must be recorded.
+  const registering = startLiveness({
     connectionString: opts.connectionString,
-    concurrency: opts.concurrency,
-    // One connection per concurrent job plus one for LISTEN and one spare; graphile-worker's default is 10.
-    maxPoolSize: opts.concurrency + 2,
-    pollInterval: opts.pollInterval ?? 2_000,
-    noHandleSignals: true,
-    crontab: opts.crontab ?? CRONTAB,
-    logger: graphileLogger(deps.logger),
-    taskList: taskList(deps),
+    events,
+    logger: deps.logger,
+    sweepIntervalMs: opts.sweepIntervalMs ?? 10_000,
   });
+  const liveness = await registering;
+  let runner: Runner;
+  try {
+    runner = await run({
+      connectionString: opts.connectionString,
+      concurrency: opts.concurrency,
+      // One connection per concurrent job plus one for LISTEN and one spare; graphile-worker's default is 10.
+      maxPoolSize: opts.concurrency + 2,
+      pollInterval: opts.pollInterval ?? 2_000,
+      noHandleSignals: true,
+      crontab: opts.crontab ?? CRONTAB,
+      logger: graphileLogger(deps.logger),
+      taskList: taskList(deps),
+      events,
+    });
+  } catch (err) {
+    await liveness.stop();
+    throw err;
+  }
+  return {
+    runner,
+    liveness,
+    async stop() {
+      await runner.stop();
+      await liveness.stop();
+    },
+  };
 }

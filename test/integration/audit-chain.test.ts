@@ -1,9 +1,8 @@
 import { createHash } from 'node:crypto';
-import type { Runner } from 'graphile-worker';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { createDatabase } from '../../src/db/client.ts';
-import { startWorker } from '../../src/jobs/worker.ts';
+import { startWorker, type WorkerHandle } from '../../src/jobs/worker.ts';
 import { appendAudit, verifyChains, verifyWorkspaceChain } from '../../src/privacy/audit-chain.ts';
 import { intake } from '../../src/privacy/intake.ts';
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
@@ -378,7 +377,7 @@ describe('audit chain', () => {
     for (let i = 0; i < 20; i++) ids.push(await submit(ws, { action: i % 2 ? 'suppress' : 'erase', userId: uniq('c') }));
 
     // A real graphile-worker with 4 concurrent jobs (runJobs runs one at a time).
-    let runner: Runner | undefined;
+    let runner: WorkerHandle | undefined;
     try {
       runner = await startWorker(env.deps, { connectionString: env.url, concurrency: 4, crontab: '', pollInterval: 50 });
       const until = Date.now() + 30_000;
