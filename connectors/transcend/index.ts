@@ -36,14 +36,16 @@ const PAGE_SIZE = 50;
 const MAX_PAGES = 20;
 
 const idString = z.string().min(1).max(200);
+/** A subject identifier: not trimmed (a user id is exact), but a blank one names nobody. */
+const subjectString = z.string().min(1).refine((v) => v.trim().length > 0, 'must not be blank');
 
 const webhookBody = z.looseObject({
   type: z.string().min(1),
-  coreIdentifier: z.looseObject({ value: z.string().min(1) }),
+  coreIdentifier: z.looseObject({ value: subjectString }),
   isTest: z.boolean().optional(),
   extras: z
     .looseObject({
-      profile: z.looseObject({ identifier: z.string().min(1), type: idString }).optional(),
+      profile: z.looseObject({ identifier: subjectString, type: idString }).optional(),
       request: z.looseObject({ id: idString }).optional(),
       dataSilo: z.looseObject({ id: idString }).optional(),
     })
@@ -53,7 +55,7 @@ const webhookBody = z.looseObject({
 const pendingPage = z.looseObject({ items: z.array(z.unknown()) });
 
 const pendingItem = z.looseObject({
-  identifier: z.string().min(1),
+  identifier: subjectString,
   type: idString,
   requestId: idString,
   nonce: z.string().min(1),

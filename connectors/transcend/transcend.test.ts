@@ -375,6 +375,13 @@ describe('parse', () => {
     expect(JSON.stringify(err)).not.toContain('jane@');
   });
 
+  it('a blank identifier is validation_failed (it names nobody)', async () => {
+    const body = JSON.stringify({ type: 'ERASURE', coreIdentifier: { value: '   ' } });
+    const err = thrown(() => transcend.parse(raw({ headers: { 'x-transcend-nonce': 'n' }, body }), conn(), { claims: { value: '   ' } }));
+    expect(err).toBeInstanceOf(WebhookPayloadError);
+    expect((err as WebhookPayloadError).details?.map((d) => d.path)).toEqual(['coreIdentifier.value']);
+  });
+
   it('two webhooks of one request (email and phone) are two tickets', async () => {
     const email = await parsed({ requestId: 'req-1', profile: { identifier: 'jane@example.com', type: 'email' } });
     const phone = await parsed({ requestId: 'req-1', profile: { identifier: '+15550100', type: 'phone' } });

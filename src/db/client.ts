@@ -19,6 +19,9 @@ export function createDatabase(url: string, opts: { max?: number; applicationNam
     max: opts.max ?? 10,
     onnotice: () => {},
     connect_timeout: 10,
+    // Reconnect quickly after the database comes back: the driver's default backoff grows to 20 s, and queries wait
+    // for it, so a request would hang instead of getting its prompt 503.
+    backoff: (attempt: number) => Math.min(0.05 * 2 ** attempt, 0.5),
     connection: { application_name: opts.applicationName ?? 'dsr-connector' },
   });
   const db = drizzle(sql, { schema });

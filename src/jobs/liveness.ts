@@ -64,12 +64,17 @@ export async function startLiveness(opts: {
   await claim();
 
   let queue: Promise<unknown> = Promise.resolve();
-  const onWorker = ({ worker }: { worker: { workerId: string } }) => {
-    workerIds.push(worker.workerId);
+  const record = (id: string) => {
+    workerIds.push(id);
     queue = queue
       .then(() => sql`update worker_processes set worker_ids = ${workerIds} where num = ${num}`)
       .catch((err: unknown) => log.warn({ errorCode: (err as { code?: string }).code }, 'could not record a worker id'));
   };
+  // graphile-worker 0.17 locks jobs under the pool's id (jobs.locked_by); individual workers have ids of their own.
+  // Both are recorded, so whichever one a job carries is known to belong to this process.
+  const onPool = ({ workerPool }: { workerPool: { id: string } }) => record(workerPool.id);
+  const onWorker = ({ worker }: { worker: { workerId: string } }) => record(worker.workerId);
+  opts.events.on('pool:create', onPool);
   opts.events.on('worker:create', onWorker);
 
   const sweep = async (): Promise<SweepResult> => {
@@ -122,6 +127,7 @@ export async function startLiveness(opts: {
     },
     async stop() {
       clearInterval(timer);
+      opts.events.off('pool:create', onPool);
       opts.events.off('worker:create', onWorker);
       await running.catch(() => {});
       await queue;

@@ -80,7 +80,8 @@ export async function intakeInTx(tx: Tx, ctx: PrivacyDeps, actor: Actor, input: 
         action: v.action,
         scope: v.scope,
         subjectKind: subject?.kind ?? 'workspace',
-        subjectValue: subject ? subject.value.trim() : null,
+        // Emails match trimmed; a user id is an exact external id, spaces included (the digest is computed the same way).
+        subjectValue: subject ? (subject.kind === 'email' ? subject.value.trim() : subject.value) : null,
         subjectDigest: digest,
         externalRequestId: v.externalRequestId ?? null,
         upstreamRef: v.upstreamRef ?? null,

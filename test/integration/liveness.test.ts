@@ -20,7 +20,11 @@ async function processWith(workerIds: string[]) {
   const events: WorkerEvents = new EventEmitter();
   const liveness = await startLiveness({ connectionString: env.url, events, logger: env.deps.logger, sweepIntervalMs: 3_600_000 });
   started.push(liveness);
-  for (const workerId of workerIds) events.emit('worker:create', { worker: { workerId } } as never);
+  // graphile-worker locks jobs under its pool's id ('pool-…'); workers have ids of their own ('worker-…').
+  for (const id of workerIds) {
+    if (id.startsWith('pool-')) events.emit('pool:create', { workerPool: { id } } as never);
+    else events.emit('worker:create', { worker: { workerId: id } } as never);
+  }
   // The ids are recorded asynchronously; wait until the row shows them.
   for (const until = Date.now() + 5_000; ; ) {
     const [row] = await env.sql`select worker_ids from worker_processes where num = ${liveness.num}`;
@@ -61,15 +65,15 @@ async function killSessionOf(liveness: Liveness) {
 
 describe('worker crash recovery (liveness locks)', () => {
   it("releases the jobs of a process whose session died, and only those; a live process's jobs stay locked", async () => {
-    const dead = await processWith(['worker-dead-1', 'worker-dead-2']);
+    const dead = await processWith(['pool-dead', 'worker-dead-2']);
     const alive = await processWith(['worker-alive']);
-    const deadJob1 = await lockedJob('worker-dead-1');
+    const deadJob1 = await lockedJob('pool-dead');
     const deadJob2 = await lockedJob('worker-dead-2');
     const aliveJob = await lockedJob('worker-alive', 3_600);
 
     // Nothing is dead yet: a sweep releases nothing, even a job locked for an hour by a live worker.
     expect(await alive.sweep()).toEqual({ deadProcesses: 0, releasedWorkers: 0 });
-    expect((await lockOf(deadJob1))!.locked_by).toBe('worker-dead-1');
+    expect((await lockOf(deadJob1))!.locked_by).toBe('pool-dead');
 
     await killSessionOf(dead);
     const swept = await alive.sweep();
