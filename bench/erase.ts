@@ -15,24 +15,33 @@
  * alternate (A B A B …), each result is verified, and medians are reported.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
-import path from 'node:path';
 import type { Task, TaskList } from 'graphile-worker';
 import postgres from 'postgres';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
-import { createDatabase, withDatabase } from '../src/db/client.ts';
-import { quoteIdent, startEmbeddedPostgres } from '../src/db/embedded.ts';
+import { createDatabase } from '../src/db/client.ts';
 import { migrateDatabase } from '../src/db/migrate.ts';
 import type { AuditCounts } from '../src/db/schema/index.ts';
 import { runDueJobs } from '../src/jobs/run-once.ts';
 import { taskList } from '../src/jobs/tasks.ts';
 import { createLogger } from '../src/lib/logger.ts';
-import { freePort } from '../src/lib/net.ts';
 import { parseEnv } from '../src/config.ts';
 import { createNodeDeps } from '../src/deps-node.ts';
 import { Sealer } from '../src/lib/sealing.ts';
 import { intake, type IntakeInput } from '../src/privacy/intake.ts';
+import {
+  Databases,
+  fmt,
+  fmtMb,
+  intEnv,
+  loadAvg,
+  median,
+  MEMORY_TARGET_MB,
+  PeakRss,
+  QUICK,
+  VerificationError,
+  type Figure,
+} from './lib.ts';
 import type { BenchContext } from './run.ts';
 
 const TARGET_RATIO = 1.3;
@@ -118,111 +127,6 @@ function expectedCounts(s: Shape) {
   };
   const workspaceB = Object.fromEntries(TABLE_KEYS.map((k) => [k, target[k] + bystanders[k]])) as TableCounts;
   return { workspaceA, workspaceB, target };
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Server and databases
-
-interface Server {
-  adminUrl: string;
-  mode: string;
-  /** CREATE DATABASE … STRATEGY is PostgreSQL 15+. */
-  versionNum: number;
-  version: string;
-  canCheckpoint: boolean;
-}
-
-
-
-async function openServer(ctx: BenchContext): Promise<Server> {
-  let adminUrl = process.env.DATABASE_URL;
-  let mode: string;
-  if (adminUrl) {
-    mode = `external server ${new URL(adminUrl).host} (DATABASE_URL; throwaway databases created and dropped)`;
-  } else {
-    const dir = await mkdtemp(path.join(os.tmpdir(), 'dsr-bench-pg-'));
-    ctx.cleanup.add('remove embedded data dir', () => rm(dir, { recursive: true, force: true }));
-    const embedded = await startEmbeddedPostgres({
-      dataDir: dir,
-      port: await freePort(),
-      // Durable settings (fsync, synchronous_commit, full_page_writes on): commit and WAL costs are real, and the
-      // same for the job and the baseline.
-      ephemeral: false,
-      database: 'postgres',
-    });
-    ctx.cleanup.add('stop embedded PostgreSQL', () => embedded.stop());
-    adminUrl = embedded.adminUrl;
-    mode = 'embedded PostgreSQL (throwaway cluster, ephemeral: false — fsync/synchronous_commit/full_page_writes on)';
-  }
-  const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
-  try {
-    const [v] = await admin<{ version: string; num: string }[]>`
-      select version() as version, current_setting('server_version_num') as num`;
-    let canCheckpoint = true;
-    try {
-      await admin`checkpoint`;
-    } catch {
-      canCheckpoint = false;
-    }
-    return { adminUrl, mode, version: v!.version, versionNum: Number(v!.num), canCheckpoint };
-  } finally {
-    await admin.end({ timeout: 5 });
-  }
-}
-
-/** Creates and drops the throwaway databases; all share one unique prefix. */
-class Databases {
-  readonly prefix = `dsrbench_${process.pid}_${randomBytes(3).toString('hex')}`;
-  private counter = 0;
-  private admin: postgres.Sql;
-
-  constructor(
-    private server: Server,
-    private ctx: BenchContext,
-  ) {
-    this.admin = postgres(server.adminUrl, { max: 1, onnotice: () => {} });
-    ctx.cleanup.add('close admin connection', () => this.admin.end({ timeout: 5 }));
-    // Safety net for anything a run did not drop itself (errors, Ctrl-C).
-    ctx.cleanup.add('drop bench databases', () => this.dropAll());
-  }
-
-  url(name: string): string {
-    return withDatabase(this.server.adminUrl, name);
-  }
-
-  async create(name: string, template?: string): Promise<string> {
-    // Cleanup may already be dropping the prefix's databases: a new one would outlive it on an external server.
-    if (this.ctx.interrupted()) throw new Error('interrupted');
-    const strategy = template && this.server.versionNum >= 150000 ? ' strategy file_copy' : '';
-    await this.admin.unsafe(
-      `create database ${quoteIdent(name)}${template ? ` template ${quoteIdent(template)}${strategy}` : ''}`,
-    );
-    return this.url(name);
-  }
-
-  async clone(template: string): Promise<{ name: string; url: string }> {
-    const name = `${this.prefix}_${++this.counter}`;
-    return { name, url: await this.create(name, template) };
-  }
-
-  async drop(name: string): Promise<void> {
-    await this.admin.unsafe(`drop database if exists ${quoteIdent(name)} with (force)`);
-  }
-
-  async size(name: string): Promise<string> {
-    const [r] = await this.admin<{ size: string }[]>`select pg_size_pretty(pg_database_size(${name})) as size`;
-    return r!.size;
-  }
-
-  async checkpoint(): Promise<void> {
-    if (this.server.canCheckpoint) await this.admin`checkpoint`;
-  }
-
-  async dropAll(): Promise<void> {
-    const rows = await this.admin<{ datname: string }[]>`
-      select datname from pg_database where datname like ${`${this.prefix}%`}`;
-    for (const { datname } of rows) await this.drop(datname);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -410,8 +314,6 @@ interface Scenario {
   input: IntakeInput;
 }
 
-class VerificationError extends Error {}
-
 function expectEqualCounts(label: string, got: TableCounts | AuditCounts, want: TableCounts): void {
   const bad = TABLE_KEYS.filter((k) => got[k] !== want[k]);
   const extra = Object.keys(got).filter((k) => !(TABLE_KEYS as readonly string[]).includes(k));
@@ -478,6 +380,9 @@ interface Sample {
   ms: number;
   /** Job only: time inside the execute_request task body (executeRequest), measured by wrapping the task. */
   bodyMs?: number;
+  /** Job only: peak RSS of this process (which runs the job) during the timed run, and its RSS just before. */
+  peakRssKb?: number;
+  startRssKb?: number;
 }
 
 const SYSTEM_ACTOR = { type: 'system', id: null, source: 'bench' } as const;
@@ -510,12 +415,15 @@ async function runJob(
     };
 
     await dbs.checkpoint();
+    const startRssKb = process.memoryUsage.rss() / 1024;
+    const rss = new PeakRss('self');
     const t0 = performance.now();
     await runDueJobs(database.sql, { connectionString: url, taskList: tasks, logger });
     const ms = performance.now() - t0;
+    const peakRssKb = rss.stop().peakKb;
 
     await verifyJob(database.sql, sc, seeded, created.request.id);
-    return { ms, bodyMs };
+    return { ms, bodyMs, peakRssKb, startRssKb };
   } finally {
     await deps.http.close();
     await database.close();
@@ -563,12 +471,6 @@ async function runBaseline(dbs: Databases, template: string, sc: Scenario, seede
 // ---------------------------------------------------------------------------------------------------------------
 // Reporting
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const fmt = (ms: number) => ms.toFixed(0);
 const fmtRows = (n: number) => n.toLocaleString('en-US');
 
 interface Result {
@@ -577,7 +479,8 @@ interface Result {
   baseline: Sample[];
 }
 
-function report(results: Result[]): void {
+function report(results: Result[]): Figure[] {
+  const figures: Figure[] = [];
   const missed: string[] = [];
   const lines = [
     `| scenario | rows | job median ms | baseline median ms | ratio (job/baseline) | target | pass/FAIL | job min–max ms | baseline min–max ms | runs (job/baseline) |`,
@@ -589,6 +492,14 @@ function report(results: Result[]): void {
     const ratio = median(j) / median(b);
     const pass = ratio <= TARGET_RATIO;
     if (!pass) missed.push(`${sc.label}: ratio ${ratio.toFixed(2)} > ${TARGET_RATIO}`);
+    figures.push({
+      bench: 'erase',
+      what: `${sc.label}: job median vs single-transaction DELETE`,
+      result: `${fmt(median(j))} ms`,
+      baseline: `${fmt(median(b))} ms`,
+      ratioOrTarget: `${ratio.toFixed(2)} (≤ ${TARGET_RATIO})`,
+      pass,
+    });
     lines.push(
       `| ${sc.label} | ${fmtRows(sumCounts(sc.erased))} | ${fmt(median(j))} | ${fmt(median(b))} | ${ratio.toFixed(2)} | ` +
         `≤ ${TARGET_RATIO} | ${pass ? 'pass' : '**FAIL**'} | ${fmt(Math.min(...j))}–${fmt(Math.max(...j))} | ` +
@@ -623,34 +534,45 @@ function report(results: Result[]): void {
   } else {
     console.log(`\nAll scenarios within target (job/baseline ≤ ${TARGET_RATIO}).`);
   }
+
+  // The job runs inside this process (graphile-worker runOnce, as erase.ts has always measured it), so the process
+  // whose memory matters is this one: its peak during the timed jobs, over every round of both scenarios.
+  const jobs = results.flatMap((r) => r.job);
+  const peak = Math.max(...jobs.map((s) => s.peakRssKb ?? 0));
+  const before = Math.max(...jobs.map((s) => s.startRssKb ?? 0));
+  console.log(
+    `\nMemory: peak RSS of the bench process while it ran the erase jobs (graphile-worker runOnce in-process): ` +
+      `${fmtMb(peak)} (RSS just before the jobs: up to ${fmtMb(before)}; the process also holds the bench itself)`,
+  );
+  figures.push({
+    bench: 'memory',
+    what: 'peak RSS during the erase jobs (bench process running the job in-process)',
+    result: fmtMb(peak),
+    baseline: `${fmtMb(before)} before the job`,
+    ratioOrTarget: `≤ ${MEMORY_TARGET_MB} MB`,
+    pass: peak / 1024 <= MEMORY_TARGET_MB,
+  });
+  return figures;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Entry
 
-function intEnv(name: string, fallback: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const v = Number(raw);
-  if (!Number.isInteger(v) || v < 1) throw new Error(`${name} must be a positive integer`);
-  return v;
-}
-
-export async function runEraseBench(ctx: BenchContext): Promise<void> {
-  const scale = Number(process.env.BENCH_SCALE ?? '1');
+export async function runEraseBench(ctx: BenchContext): Promise<Figure[]> {
+  const scale = Number(process.env.BENCH_SCALE ?? (QUICK ? '0.05' : '1'));
   if (!(scale > 0)) throw new Error('BENCH_SCALE must be a positive number');
-  const userRounds = intEnv('BENCH_USER_ROUNDS', 7);
-  const workspaceRounds = intEnv('BENCH_WORKSPACE_ROUNDS', 5);
+  const userRounds = intEnv('BENCH_USER_ROUNDS', 7, 2);
+  const workspaceRounds = intEnv('BENCH_WORKSPACE_ROUNDS', 5, 1);
   const shape = shapeFor(scale);
 
-  const server = await openServer(ctx);
+  const server = await ctx.server();
   const pgVersion = server.version.split(' on ')[0];
   console.log(`# erase benchmark — node ${process.version} · ${pgVersion} · database: ${server.mode}`);
   console.log(`machine: ${os.cpus().length} CPUs, load average ${loadAvg()} at start (other load skews timings)`);
   if (scale !== 1) console.log(`BENCH_SCALE=${scale}: data volumes scaled, not the reference workload`);
   if (!server.canCheckpoint) console.log('note: CHECKPOINT not permitted on this server; runs start without one');
 
-  const dbs = new Databases(server, ctx);
+  const dbs = new Databases(server, ctx, 'erase');
   const template = `${dbs.prefix}_tpl`;
   let t = performance.now();
   const templateUrl = await dbs.create(template);
@@ -703,11 +625,11 @@ export async function runEraseBench(ctx: BenchContext): Promise<void> {
     const result: Result = { sc, job: [], baseline: [] };
     results.push(result);
     for (let round = 1; round <= sc.rounds; round++) {
-      if (ctx.interrupted()) return;
+      if (ctx.interrupted()) return [];
       t = performance.now();
       const job = await runJob(dbs, template, sc, seeded, digestKey);
       result.job.push(job);
-      if (ctx.interrupted()) return;
+      if (ctx.interrupted()) return [];
       const base = await runBaseline(dbs, template, sc, seeded);
       result.baseline.push(base);
       console.log(
@@ -716,12 +638,8 @@ export async function runEraseBench(ctx: BenchContext): Promise<void> {
       );
     }
   }
-  report(results);
+  const figures = report(results);
   console.log(`\nload average at end: ${loadAvg()}`);
+  await dbs.finish();
+  return figures;
 }
-
-const loadAvg = () =>
-  os
-    .loadavg()
-    .map((l) => l.toFixed(2))
-    .join(' ');

@@ -1,10 +1,18 @@
 /**
- * Benchmark entry: `npm run bench -- [name…]`. With no name every benchmark runs (today: erase).
+ * Benchmark entry: `npm run bench -- [name…]`. With no name every benchmark runs: erase, intake, e2e, drain (memory
+ * figures come from intake, erase and drain; `memory` runs intake and erase).
  *
- * Every benchmark receives a cleanup registry: whatever it creates (databases, an embedded PostgreSQL, temp dirs) is
- * registered there right away, and the registry is drained on normal exit, on error, and on Ctrl-C / SIGTERM.
+ * Every benchmark receives a cleanup registry: whatever it creates (databases, processes, temp dirs) is registered
+ * there right away, and the registry is drained when the benchmark ends (normally or not) and on Ctrl-C / SIGTERM.
+ * The PostgreSQL server is shared by the whole run and goes last. Each benchmark returns its figures; one table of
+ * all of them is printed at the end.
  */
+import os from 'node:os';
+import { runDrainBench } from './drain.ts';
+import { runE2eBench } from './e2e.ts';
 import { runEraseBench } from './erase.ts';
+import { runIntakeBench } from './intake.ts';
+import { loadAvg, openServer, QUICK, type Figure, type Server } from './lib.ts';
 
 type CleanupFn = () => Promise<void> | void;
 
@@ -41,23 +49,54 @@ export class Cleanup {
 }
 
 export interface BenchContext {
+  /** This benchmark's registry (drained when it ends); the run's own registry holds only the shared server. */
   cleanup: Cleanup;
   /** True once Ctrl-C / SIGTERM arrived: stop starting new work. */
   interrupted(): boolean;
+  /** The run's PostgreSQL server (started before the first benchmark, shared by all, stopped at the very end). */
+  server(): Promise<Server>;
 }
 
-const BENCHMARKS: Record<string, (ctx: BenchContext) => Promise<void>> = {
+type Bench = (ctx: BenchContext) => Promise<Figure[]>;
+
+const BENCHMARKS: Record<string, Bench> = {
   erase: runEraseBench,
+  intake: runIntakeBench,
+  e2e: runE2eBench,
+  drain: runDrainBench,
 };
+/** Names that stand for other benchmarks. */
+const ALIASES: Record<string, string[]> = { memory: ['intake', 'erase'] };
 
 function usage(): string {
   return [
     'usage: npm run bench -- [benchmark…]',
-    `benchmarks: ${Object.keys(BENCHMARKS).join(', ')} (default: all)`,
-    'environment: DATABASE_URL (use that server instead of a throwaway embedded PostgreSQL),',
-    '             BENCH_USER_ROUNDS, BENCH_WORKSPACE_ROUNDS (rounds per scenario; default 7 and 5),',
-    '             BENCH_SCALE (data volume multiplier for quick trial runs; default 1)',
+    `benchmarks: ${Object.keys(BENCHMARKS).join(', ')} (default: all); memory = intake + erase (their memory rows)`,
+    'environment: DATABASE_URL (use that server instead of a throwaway embedded PostgreSQL)',
+    '  BENCH_QUICK=1            every benchmark shrinks to a smoke run (~1 min in all; not the reference figures)',
+    '  erase:  BENCH_USER_ROUNDS, BENCH_WORKSPACE_ROUNDS (default 7, 5), BENCH_SCALE (data volume; default 1)',
+    '  intake: BENCH_INTAKE_ROUNDS (3), BENCH_INTAKE_SECONDS (10 per side per round), BENCH_INTAKE_CONNECTIONS (32)',
+    '  e2e:    BENCH_E2E_ROUNDS (5), BENCH_E2E_TICKETS (20 per round), BENCH_E2E_EVENTS (1000 per user),',
+    '          BENCH_E2E_WORKER_CONCURRENCY (experiments only; default the service default, 4)',
+    '  drain:  BENCH_DRAIN_JOBS (5000), BENCH_DRAIN_EVENTS (10 per user), BENCH_DRAIN_ROUNDS (3)',
+    '  BENCH_CPU_PROF_DIR=dir   every spawned process writes a V8 CPU profile there (diagnostics)',
   ].join('\n');
+}
+
+/** One markdown table of every figure of the run. */
+function summary(figures: Figure[], failed: { name: string; error: string }[]): string {
+  const cell = (s: string) => s.replaceAll('|', '\\|');
+  const lines = [
+    '| benchmark | what | result | baseline (same run) | ratio / target | pass/FAIL |',
+    '|---|---|---:|---:|---:|:---:|',
+    ...figures.map(
+      (f) =>
+        `| ${f.bench} | ${cell(f.what)} | ${cell(f.result)} | ${cell(f.baseline)} | ${cell(f.ratioOrTarget)} | ` +
+        `${f.pass === null ? 'context' : f.pass ? 'pass' : '**FAIL**'} |`,
+    ),
+    ...failed.map((f) => `| ${f.name} | benchmark did not complete: ${cell(f.error)} | — | — | — | **FAIL** |`),
+  ];
+  return lines.join('\n');
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -65,12 +104,13 @@ async function main(argv: string[]): Promise<number> {
     console.log(usage());
     return 0;
   }
-  const unknown = argv.filter((a) => !Object.hasOwn(BENCHMARKS, a));
+  const unknown = argv.filter((a) => !Object.hasOwn(BENCHMARKS, a) && !Object.hasOwn(ALIASES, a));
   if (unknown.length > 0) {
     console.error(`unknown benchmark: ${unknown.join(', ')}\n${usage()}`);
     return 2;
   }
-  const names = argv.length > 0 ? [...new Set(argv)] : Object.keys(BENCHMARKS);
+  const names =
+    argv.length > 0 ? [...new Set(argv.flatMap((a) => ALIASES[a] ?? [a]))] : Object.keys(BENCHMARKS);
 
   const cleanup = new Cleanup();
   let interrupted = false;
@@ -90,18 +130,48 @@ async function main(argv: string[]): Promise<number> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
 
-  const ctx: BenchContext = { cleanup, interrupted: () => interrupted };
+  let server: Promise<Server> | undefined;
+  const root: BenchContext = {
+    cleanup,
+    interrupted: () => interrupted,
+    server: () => (server ??= openServer(root)),
+  };
   const started = performance.now();
+  const figures: Figure[] = [];
+  const failed: { name: string; error: string }[] = [];
+  console.log(
+    `dsr-connector benchmarks: ${names.join(', ')} — node ${process.version}, ${os.cpus().length} CPUs, ` +
+      `load average ${loadAvg()} at start${QUICK ? ' — BENCH_QUICK=1: smoke run, not the reference figures' : ''}`,
+  );
   try {
+    // Started before any benchmark so that on Ctrl-C it is stopped after every benchmark's own cleanup.
+    await root.server();
     for (const name of names) {
       if (interrupted) break;
-      await BENCHMARKS[name]!(ctx);
+      console.log(`\n${'='.repeat(100)}\n`);
+      // A benchmark's processes and databases go as soon as it ends, so they cannot load the next one.
+      const scope = new Cleanup();
+      const drainScope = cleanup.add(`${name}: its resources`, () => scope.runAll());
+      try {
+        figures.push(...(await BENCHMARKS[name]!({ ...root, cleanup: scope })));
+      } catch (err) {
+        if (interrupted) return 130;
+        console.error(`\n${name} benchmark failed:`, err);
+        failed.push({ name, error: (err as Error).message.split('\n')[0]!.slice(0, 200) });
+      } finally {
+        await drainScope();
+      }
     }
-    return 0;
-  } catch (err) {
     if (interrupted) return 130;
-    console.error('benchmark failed:', err);
-    return 1;
+    console.log(`\n${'='.repeat(100)}\n\n## Summary (load average at end: ${loadAvg()})\n`);
+    console.log(summary(figures, failed));
+    const missed = figures.filter((f) => f.pass === false).length;
+    console.log(
+      failed.length + missed === 0
+        ? '\nEvery figure within its target.'
+        : `\n${missed} figure(s) missed their target; ${failed.length} benchmark(s) did not complete.`,
+    );
+    return failed.length > 0 ? 1 : 0;
   } finally {
     await cleanup.runAll();
     if (!interrupted) console.log(`\ntotal bench time: ${((performance.now() - started) / 1000).toFixed(1)} s`);
