@@ -45,6 +45,24 @@ export async function importSigningKey(pem: string): Promise<PublicKey> {
   }
 }
 
+/**
+ * Imported keys by PEM text: importing costs about as much as verifying, and every webhook of a connector carries a
+ * token signed by the same key. Bounded; a rotated key simply adds an entry and the oldest goes.
+ */
+const imported = new Map<string, Promise<PublicKey>>();
+const IMPORTED_MAX = 64;
+
+function importedKey(pem: string): Promise<PublicKey> {
+  let key = imported.get(pem);
+  if (!key) {
+    key = importSPKI(pem, ALG);
+    key.catch(() => imported.delete(pem));
+    if (imported.size >= IMPORTED_MAX) imported.delete(imported.keys().next().value!);
+    imported.set(pem, key);
+  }
+  return key;
+}
+
 function cacheKey(conn: TranscendConnector): string {
   const fingerprint = createHash('sha256').update(`${conn.config.sombraUrl}\n${conn.secrets.apiKey}`).digest('hex');
   return `transcend:${conn.id}:signing-key:${fingerprint.slice(0, 32)}`;
@@ -90,7 +108,7 @@ async function checkToken(
   ctx: AdapterContext,
 ): Promise<JWTPayload> {
   // The PEM was imported once when fetched, so this cannot fail on the key itself.
-  const { payload } = await jwtVerify(token, await importSPKI(pem, ALG), {
+  const { payload } = await jwtVerify(token, await importedKey(pem), {
     algorithms: [ALG],
     audience: conn.config.audience,
     currentDate: ctx.now(),

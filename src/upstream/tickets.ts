@@ -166,7 +166,9 @@ async function addReportJobs(db: DbOrTx, cond: SQL): Promise<number> {
     select graphile_worker.add_job('report_upstream',
              json_build_object('ticketId', t.id, 'attempt', t.attempts + 1),
              job_key => 'report:' || t.id || ':' || (t.attempts + 1),
-             max_attempts => 3)
+             max_attempts => 3,
+             -- Ahead of queued erasures: the work is done, only the proof is waiting to go out.
+             priority => -1)
     from ${upstreamTickets} t
     where t.status = 'pending' and ${cond}`);
   return rows.length;

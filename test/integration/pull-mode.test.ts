@@ -101,6 +101,9 @@ describe('Transcend pull mode', () => {
     const delivered = await env.sql`select count(*)::int as n from upstream_tickets where status = 'delivered'`;
     const { requeued } = await connectorsTick(env.deps);
     expect(requeued).toBe(1);
+    // Reports go ahead of queued erasures (priority -1): the proof of finished work is not held up by new work.
+    const [job] = await env.sql`select priority from graphile_worker._private_jobs where payload->>'ticketId' = ${ticket!.id}`;
+    expect(job!.priority).toBe(-1);
     await env.runJobs();
     const [after] = await env.sql`select status from upstream_tickets where id = ${ticket!.id}`;
     expect(after!.status).toBe('delivered');
