@@ -1,6 +1,7 @@
 import os from 'node:os';
 import type { WorkerEvents } from 'graphile-worker';
 import postgres from 'postgres';
+import { isTransient } from '../db/errors.ts';
 import type { Logger } from '../lib/logger.ts';
 
 /**
@@ -49,7 +50,8 @@ export async function startLiveness(opts: {
 }): Promise<Liveness> {
   const log = opts.logger.child({ component: 'liveness' });
   // One connection, never recycled (postgres.js would otherwise end it after ~30-60 min and drop the lock with it).
-  const sql = postgres(opts.connectionString, { max: 1, idle_timeout: 0, max_lifetime: null, onnotice: () => {} });
+  const connect = () => postgres(opts.connectionString, { max: 1, idle_timeout: 0, max_lifetime: null, onnotice: () => {} });
+  let sql = connect();
   const workerIds: string[] = [];
   const [row] = await sql<{ num: number }[]>`select nextval(pg_get_serial_sequence('worker_processes', 'num'))::int as num`;
   const num = row!.num;
@@ -79,7 +81,14 @@ export async function startLiveness(opts: {
 
   const sweep = async (): Promise<SweepResult> => {
     // After a database restart our connection (and lock) is new: take the lock again before judging others.
-    const [own] = await hasOwnLock(sql, num);
+    // A connection the server dropped fails its next query, and a single-connection postgres.js client can then hang
+    // on the one after: start a fresh client instead (the lock went with the old connection anyway).
+    const [own] = await hasOwnLock(sql, num).catch(async (err: unknown) => {
+      if (!isTransient(err)) throw err;
+      void sql.end({ timeout: 0 }).catch(() => {});
+      sql = connect();
+      return hasOwnLock(sql, num);
+    });
     if (!own!.held) {
       log.warn('liveness lock lost (database restarted?); claiming it again');
       await claim();

@@ -137,7 +137,8 @@ async function ingest(userId: string, email: string) {
 }
 
 beforeAll(async () => {
-  env = await createTestEnv({ env: { LOGIN_MAX_ATTEMPTS_PER_ACCOUNT: '2' } });
+  // A report retry waits a second: the failed attempt's stored error is then always captured before the retry clears it.
+  env = await createTestEnv({ reportBackoffMaxMs: 2_000, env: { LOGIN_MAX_ATTEMPTS_PER_ACCOUNT: '2', REPORT_BACKOFF_BASE_MS: '1000' } });
   ws = await env.newWorkspace('PII');
   Object.assign(issued, { ingestKey: ws.ingestKey, privacyKey: ws.privacyKey, adminKey: ws.adminKey });
   transcend = await startFakeTranscend();
