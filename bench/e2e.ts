@@ -11,7 +11,7 @@
  * show where it goes. For context, the same number of concurrent POSTs to bench/baseline-server.ts (one INSERT per
  * request, separate process, same runtime and pool size) gives the floor of a loopback HTTP POST + one commit.
  */
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import os from 'node:os';
 import {
   DATAGRAIL_CALLBACK_ROUTE,
@@ -130,8 +130,6 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     'service (role all)',
     serviceEnv(url, {
       PORT: String(await freePort()),
-      DSR_DIGEST_KEY: randomBytes(32).toString('base64'),
-      DSR_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
       WORKER_CONCURRENCY: String(workerConcurrency),
     }),
     ['--role', 'all'],

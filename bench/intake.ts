@@ -405,8 +405,6 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
     'web server',
     serviceEnv(url, {
       PORT: String(await freePort()),
-      DSR_DIGEST_KEY: randomBytes(32).toString('base64'),
-      DSR_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
     }),
     ['--role', 'web'],
   );

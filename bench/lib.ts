@@ -282,6 +282,9 @@ export function serviceEnv(databaseUrl: string, extra: NodeJS.ProcessEnv = {}): 
     // The documented defaults, written out: childEnv (test helper) lowers both for tests.
     DB_POOL_MAX: '10',
     WORKER_CONCURRENCY: '4',
+    // Fresh keys per process unless the caller shares its own (drain seeds digests the worker must match).
+    DSR_DIGEST_KEY: randomBytes(32).toString('base64'),
+    DSR_ENCRYPTION_KEY: randomBytes(32).toString('base64'),
     ...extra,
   };
 }
