@@ -418,7 +418,7 @@ async function runJob(
     const startRssKb = process.memoryUsage.rss() / 1024;
     const rss = new PeakRss('self');
     const t0 = performance.now();
-    await runDueJobs(database.sql, { connectionString: url, taskList: tasks, logger });
+    await runDueJobs(database.sql, { connectionString: url, taskList: tasks, logger, outbox: deps.outbox });
     const ms = performance.now() - t0;
     const peakRssKb = rss.stop().peakKb;
 

@@ -115,10 +115,12 @@ export function newApp(deps: AppDeps): App {
       c.header('Retry-After', '5');
       return errorBody(c, 'service_unavailable', 'database temporarily unavailable; retry');
     }
-    // Database messages can quote row values: log the name, SQLSTATE and stack frames, never the message.
-    const e = err as { name?: string; code?: string; stack?: string };
+    // Database messages can quote row values (and a failed query's message spans lines, parameters included): log
+    // the name, SQLSTATE and the stack's own frame lines, never the message.
+    const e = err as { name?: string; stack?: string };
+    const frames = (e.stack ?? '').split('\n').filter((line) => /^\s+at /.test(line)).slice(0, 7).join('\n');
     deps.logger.error(
-      { requestId: c.get('requestId'), err: { name: e.name, code: e.code, frames: e.stack?.split('\n').slice(1, 8).join('\n') } },
+      { requestId: c.get('requestId'), err: { name: e.name, code: pgCode(err) ?? (err as { code?: unknown }).code, frames } },
       'unhandled error',
     );
     return errorBody(c, 'internal_error', 'internal error');

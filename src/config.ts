@@ -42,6 +42,8 @@ const envSchema = z.object({
   BODY_LIMIT_BYTES: z.coerce.number().int().positive().default(1024 * 1024),
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
   DB_POOL_MAX: z.coerce.number().int().min(1).max(200).default(10),
+  /** Prepared statements per connection; set false behind a pooler that cannot keep them (PgBouncer transaction mode). */
+  DB_PREPARE: z.stringbool().default(true),
   EXECUTE_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(25).default(5),
   /** How often a worker process looks for dead worker processes (crash recovery) and releases their jobs. */
   WORKER_SWEEP_INTERVAL_MS: z.coerce.number().int().min(100).max(600_000).default(10_000),

@@ -6,6 +6,8 @@ import type { Logger } from './lib/logger.ts';
 import type { HttpClient } from './lib/outbound.ts';
 import type { Sealer } from './lib/sealing.ts';
 import { MemoryCache } from './upstream/cache.ts';
+import { WebhookConnectors } from './upstream/store.ts';
+import { OutboxDispatcher } from './jobs/outbox.ts';
 
 /** Wires the service's dependencies from the parsed environment; one place for the server, the CLI and Workers. */
 export function createDeps(opts: {
@@ -20,8 +22,9 @@ export function createDeps(opts: {
   remoteAddress?: AppDeps['remoteAddress'];
 }): AppDeps {
   const { env } = opts;
+  const db = opts.database.db;
   return {
-    db: opts.database.db,
+    db,
     sql: opts.database.sql,
     digestKey: opts.digestKey,
     sealer: opts.sealer,
@@ -30,9 +33,11 @@ export function createDeps(opts: {
     cache: opts.cache ?? new MemoryCache(),
     reportPolicy: reportSettings(env),
     bodyLimitBytes: env.BODY_LIMIT_BYTES,
+    webhookConnectors: new WebhookConnectors({ db, sealer: opts.sealer }),
     auth: authSettings(env),
     executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
     failedSubjectRetentionDays: env.FAILED_SUBJECT_RETENTION_DAYS,
+    outbox: new OutboxDispatcher(db, opts.logger),
     publicBaseUrl: env.PUBLIC_BASE_URL,
     docsAsset: opts.docsAsset,
     remoteAddress: opts.remoteAddress,

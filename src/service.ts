@@ -57,7 +57,7 @@ export async function runService(role: Role): Promise<void> {
   const env = parseEnv(process.env);
   const logger = createLogger(env.LOG_LEVEL);
   const rt = await openRuntime(env, logger);
-  const database = createDatabase(rt.databaseUrl, { max: env.DB_POOL_MAX });
+  const database = createDatabase(rt.databaseUrl, { max: env.DB_POOL_MAX, prepare: env.DB_PREPARE });
   const deps = createNodeDeps({
     env,
     database,
@@ -104,6 +104,9 @@ export async function runService(role: Role): Promise<void> {
         })
       : Promise.resolve();
     await Promise.all([closeServer, worker?.stop()]);
+    // Jobs the last webhooks committed are handed over before the pool closes (a failure leaves them to a worker).
+    deps.outbox.close();
+    await deps.outbox.idle();
     await deps.http.close();
     await database.close();
     await rt.embedded?.stop();

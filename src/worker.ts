@@ -63,30 +63,30 @@ export default {
   async fetch(request: Request, bindings: WorkerBindings, ctx: ExecutionContext): Promise<Response> {
     const { env, logger, digestKey, sealer, databaseUrl, http, cache } = settle(bindings);
     // Workers cannot share sockets between requests: one small client per request (Hyperdrive pools upstream).
-    const database = createDatabase(databaseUrl, { max: 1 });
-    const app = newApp(
-      createDeps({
-        env,
-        database,
-        digestKey,
-        sealer,
-        logger,
-        http,
-        cache,
-        // Set by Cloudflare's edge for every request; a client cannot forge it.
-        remoteAddress: (c) => c.req.header('cf-connecting-ip'),
-        docsAsset: bindings.ASSETS
-          ? async (file) => {
-              const res = await bindings.ASSETS!.fetch(new Request(`https://assets.local/${encodeURIComponent(file)}`));
-              return res.ok ? new Uint8Array(await res.arrayBuffer()) : null;
-            }
-          : undefined,
-      }),
-    );
+    const database = createDatabase(databaseUrl, { max: 1, prepare: env.DB_PREPARE });
+    const deps = createDeps({
+      env,
+      database,
+      digestKey,
+      sealer,
+      logger,
+      http,
+      cache,
+      // Set by Cloudflare's edge for every request; a client cannot forge it.
+      remoteAddress: (c) => c.req.header('cf-connecting-ip'),
+      docsAsset: bindings.ASSETS
+        ? async (file) => {
+            const res = await bindings.ASSETS!.fetch(new Request(`https://assets.local/${encodeURIComponent(file)}`));
+            return res.ok ? new Uint8Array(await res.arrayBuffer()) : null;
+          }
+        : undefined,
+    });
+    const app = newApp(deps);
     try {
       return await app.fetch(request);
     } finally {
-      ctx.waitUntil(database.close());
+      // The answer goes out first; jobs a webhook committed to the outbox are handed over before the client closes.
+      ctx.waitUntil(deps.outbox.idle().then(() => database.close()));
     }
   },
 };

@@ -127,7 +127,7 @@ export function parseJsonObject(flag: string, text: string): Record<string, unkn
  */
 export async function withDeps<T>(cli: Cli, fn: (deps: AppDeps, rt: Runtime) => Promise<T>): Promise<T> {
   const rt = await openRuntime(cli.env, cli.logger);
-  const database = createDatabase(rt.databaseUrl, { max: 2, applicationName: 'dsr-connector-cli' });
+  const database = createDatabase(rt.databaseUrl, { max: 2, applicationName: 'dsr-connector-cli', prepare: cli.env.DB_PREPARE });
   const deps = createNodeDeps({ env: cli.env, database, digestKey: rt.digestKey, sealer: rt.sealer, logger: cli.logger });
   try {
     return await fn(deps, rt);

@@ -33,4 +33,13 @@ export function errorCodeOf(err: unknown): string {
   return code ? `db_${code}` : 'internal_error';
 }
 
+/** The column a constraint error names (NOT NULL, check), if the driver passed it on. */
+export function columnOf(err: unknown): string | undefined {
+  for (const e of causes(err)) {
+    const column = (e as { column_name?: unknown }).column_name;
+    if (typeof column === 'string') return column;
+  }
+  return undefined;
+}
+
 export const isUniqueViolation = (err: unknown): boolean => pgCode(err) === '23505';

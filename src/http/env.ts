@@ -1,5 +1,6 @@
 import type { OpenAPIHono } from '@hono/zod-openapi';
 import type postgres from 'postgres';
+import type { WebhookConnectors } from '../upstream/store.ts';
 import type { Context } from 'hono';
 import type { AuthSettings } from '../config.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
@@ -8,6 +9,8 @@ import type { Principal } from './auth.ts';
 export interface AppDeps extends UpstreamDeps {
   sql: postgres.Sql;
   bodyLimitBytes: number;
+  /** Connectors opened for webhooks, kept between requests. */
+  webhookConnectors: WebhookConnectors;
   /** Sessions, recent authentication, login rate limit. */
   auth: AuthSettings;
   /** The connection's peer address as the runtime sees it (Node socket, Workers' CF-Connecting-IP). */

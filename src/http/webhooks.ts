@@ -7,7 +7,7 @@ import {
 } from '../../connectors/types.ts';
 import { VENDORS } from '../db/schema/index.ts';
 import { ApiError } from '../lib/errors.ts';
-import { adapterContext, findWebhookConnector, openConnector } from '../upstream/store.ts';
+import { adapterContext, StaleConnectorError, type WebhookConnector } from '../upstream/store.ts';
 import { receiveTickets } from '../upstream/tickets.ts';
 import type { App, AppDeps } from './env.ts';
 import { ErrorBody } from './schemas.ts';
@@ -60,21 +60,43 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
 
   app.post('/webhooks/:vendor/:connectorId', async (c) => {
     const { vendor, connectorId } = c.req.param();
-    const row = await findWebhookConnector(deps.db, vendor, connectorId);
-    if (!row) throw new ApiError('not_found', 'no such webhook');
-    const { adapter, instance } = openConnector(deps.sealer, row);
+    const connectors = deps.webhookConnectors;
+    const cached = connectors.cached(vendor, connectorId);
+    const connector = cached ?? (await connectors.load(vendor, connectorId));
+    if (!connector) throw new ApiError('not_found', 'no such webhook');
     const req: RawWebhook = { rawBody: await c.req.text(), header: (n) => c.req.header(n), receivedAt: new Date() };
-    const log = deps.logger.child({ requestId: c.get('requestId'), connectorId: row.id, vendor: row.vendor });
-    try {
+    let log = deps.logger.child({ requestId: c.get('requestId'), connectorId: connector.row.id, vendor: connector.row.vendor });
+    const handle = async (conn: WebhookConnector) => {
+      const { adapter, instance, row, version } = conn;
       const verified = await adapter.verify(req, instance, adapterContext(deps));
       const parsed = adapter.parse(req, instance, verified);
       if (parsed.kind === 'health_check') {
         log.info('health check answered');
         return c.json({ received: [] }, 200);
       }
-      const received = await receiveTickets(deps, row, parsed.tickets, verified, req.rawBody);
+      const received = await receiveTickets(deps, { id: row.id, workspaceId: row.workspaceId, version }, parsed.tickets, verified, req.rawBody);
       return c.json({ received: received.map((r) => ({ ticketId: r.ticketId, requestId: r.requestId })) }, 200);
+    };
+    try {
+      try {
+        return await handle(connector);
+      } catch (err) {
+        // A copy kept from an earlier webhook may be out of date (secrets replaced, config changed, disabled): when it
+        // refused this one or could not store it, read the connector again and, if it changed, decide again.
+        const mayBeStale = err instanceof StaleConnectorError || (cached && isAdapterVerdict(err));
+        if (!mayBeStale) throw err;
+        const current = await connectors.load(vendor, connectorId);
+        if (!current) throw new ApiError('not_found', 'no such webhook');
+        if (current.version === connector.version) throw err;
+        log = deps.logger.child({ requestId: c.get('requestId'), connectorId: current.row.id, vendor: current.row.vendor });
+        return await handle(current);
+      }
     } catch (err) {
+      if (err instanceof StaleConnectorError) {
+        // Changed twice while one webhook was handled: the sender will retry.
+        c.header('Retry-After', '5');
+        throw new ApiError('service_unavailable', 'the connector changed while this webhook was handled; retry');
+      }
       const mapped = toApiError(err);
       if (mapped instanceof ApiError && mapped.status < 500) log.warn({ code: mapped.code, reason: mapped.message }, 'webhook refused');
       if (mapped instanceof ApiError && mapped.code === 'service_unavailable') {
@@ -84,4 +106,9 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
       throw mapped;
     }
   });
+}
+
+/** The adapter's own refusals (signature, payload): what a copy with old secrets or config could get wrong. */
+function isAdapterVerdict(err: unknown): boolean {
+  return err instanceof WebhookAuthError || err instanceof WebhookPayloadError;
 }

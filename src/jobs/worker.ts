@@ -51,10 +51,17 @@ export async function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Prom
     await liveness.stop();
     throw err;
   }
+  // Jobs a web process committed to the outbox but could not hand over (it stopped, or the database blinked) are
+  // moved here; a web process normally moves its own right after each commit.
+  deps.outbox.kick();
+  const outboxSweep = setInterval(() => deps.outbox.kick(), opts.sweepIntervalMs ?? 10_000);
+  outboxSweep.unref();
   return {
     runner,
     liveness,
     async stop() {
+      clearInterval(outboxSweep);
+      await deps.outbox.idle();
       await runner.stop();
       await liveness.stop();
     },

@@ -1,4 +1,5 @@
 import type { Db } from '../db/client.ts';
+import type { OutboxDispatcher } from '../jobs/outbox.ts';
 import type { ActorType } from '../db/schema/index.ts';
 import type { Logger } from '../lib/logger.ts';
 import type { Sealer } from '../lib/sealing.ts';
@@ -14,6 +15,8 @@ export interface PrivacyDeps {
   executeMaxAttempts: number;
   /** Days a failed request keeps its sealed identifier for a retry. */
   failedSubjectRetentionDays: number;
+  /** Hands jobs committed to the job outbox to graphile-worker (kick after such a commit). */
+  outbox: OutboxDispatcher;
 }
 
 /** Who asked: lands on the request and on its audit record. */

@@ -1,10 +1,11 @@
-import { and, eq, inArray, sql } from 'drizzle-orm';
+import { and, eq, inArray, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { dsrRequests, REQUEST_ACTIONS, REQUEST_SCOPES } from '../db/schema/index.ts';
 import { subjectDigest } from '../lib/digest.ts';
 import { DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { Tx } from '../db/client.ts';
+import type { OutboxJob } from '../jobs/outbox.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 
 export type DsrRequest = typeof dsrRequests.$inferSelect;
@@ -58,42 +59,16 @@ export async function intake({ ctx, actor, input }: { ctx: PrivacyDeps; actor: A
 /** The same verb inside a caller's transaction (a connector stores its ticket with the request, atomically). */
 export async function intakeInTx(tx: Tx, ctx: PrivacyDeps, actor: Actor, input: IntakeInput): Promise<IntakeResult> {
   const v = intakeInputSchema.parse(input);
-  const subject = v.subject;
-  const digest = subject
-    ? subjectDigest(ctx.digestKey, v.workspaceId, subject.kind, subject.value)
-    : subjectDigest(ctx.digestKey, v.workspaceId, 'workspace', v.workspaceId);
+  const digest = requestDigest(ctx, v);
 
   // Under READ COMMITTED each statement sees what committed before it, so a retry inside the transaction can find
   // that a conflicting pending request has meanwhile finished.
   for (let attempt = 0; attempt < 3; attempt++) {
-    const id = newId('req');
-    const dedupeKey =
-      v.dedupeKey ?? (v.externalRequestId ? `${actor.source}:ext:${v.externalRequestId}` : `${actor.source}:id:${id}`);
-    const [created] = await tx
-      .insert(dsrRequests)
-      .values({
-        id,
-        workspaceId: v.workspaceId,
-        source: actor.source,
-        actorType: actor.type,
-        actorId: actor.id,
-        action: v.action,
-        scope: v.scope,
-        subjectKind: subject?.kind ?? 'workspace',
-        // Emails match trimmed; a user id is an exact external id, spaces included (the digest is computed the same way).
-        subjectValue: subject ? (subject.kind === 'email' ? subject.value.trim() : subject.value) : null,
-        subjectDigest: digest,
-        externalRequestId: v.externalRequestId ?? null,
-        upstreamRef: v.upstreamRef ?? null,
-        dedupeKey,
-      })
-      .onConflictDoNothing()
-      .returning();
+    const row = newRequestRow(actor, v, digest);
+    const { id, dedupeKey } = row;
+    const [created] = await tx.insert(dsrRequests).values(row).onConflictDoNothing().returning();
     if (created) {
-      await tx.execute(
-        sql`select graphile_worker.add_job('execute_request', json_build_object('requestId', ${id}::text),
-              job_key => ${id}::text, max_attempts => ${ctx.executeMaxAttempts}::int)`,
-      );
+      await tx.execute(sql`select ${addJob(executeJob(ctx, id))}`);
       return { result: 'created', request: created };
     }
     const [sameKey] = await tx
@@ -122,8 +97,54 @@ export async function intakeInTx(tx: Tx, ctx: PrivacyDeps, actor: Actor, input: 
   throw new DomainError('intake_contention', 'could not settle a conflicting request; retry');
 }
 
+type ParsedIntake = z.output<typeof intakeInputSchema>;
+
+/** The subject's keyed digest, or the workspace's own for a workspace-scope request. */
+export function requestDigest(ctx: Pick<PrivacyDeps, 'digestKey'>, v: Pick<ParsedIntake, 'workspaceId' | 'subject'>): string {
+  return v.subject
+    ? subjectDigest(ctx.digestKey, v.workspaceId, v.subject.kind, v.subject.value)
+    : subjectDigest(ctx.digestKey, v.workspaceId, 'workspace', v.workspaceId);
+}
+
+/** A new request row for validated input (a fresh id; the dedupe key derived unless the input gives one). */
+export function newRequestRow(actor: Actor, v: ParsedIntake, digest: string): typeof dsrRequests.$inferInsert & { id: string; dedupeKey: string } {
+  const id = newId('req');
+  const subject = v.subject;
+  return {
+    id,
+    workspaceId: v.workspaceId,
+    source: actor.source,
+    actorType: actor.type,
+    actorId: actor.id,
+    action: v.action,
+    scope: v.scope,
+    subjectKind: subject?.kind ?? 'workspace',
+    // Emails match trimmed; a user id is an exact external id, spaces included (the digest is computed the same way).
+    subjectValue: subject ? (subject.kind === 'email' ? subject.value.trim() : subject.value) : null,
+    subjectDigest: digest,
+    externalRequestId: v.externalRequestId ?? null,
+    upstreamRef: v.upstreamRef ?? null,
+    dedupeKey:
+      v.dedupeKey ?? (v.externalRequestId ? `${actor.source}:ext:${v.externalRequestId}` : `${actor.source}:id:${id}`),
+  };
+}
+
+/** A request's execute_request job (job key = request id). */
+export function executeJob(ctx: Pick<PrivacyDeps, 'executeMaxAttempts'>, requestId: string): OutboxJob {
+  return { task: 'execute_request', payload: { requestId }, jobKey: requestId, maxAttempts: ctx.executeMaxAttempts };
+}
+
+/** The add_job call for a job, for a SELECT list (enqueued with the caller's transaction). */
+export function addJob(job: OutboxJob): SQL {
+  return sql`graphile_worker.add_job(${job.task}::text, ${JSON.stringify(job.payload)}::json,
+               job_key => ${job.jobKey ?? null}::text, max_attempts => ${job.maxAttempts ?? null}::int,
+               priority => ${job.priority ?? null}::int)`;
+}
+
 export function logCreated(ctx: PrivacyDeps, actor: Actor, outcome: IntakeResult): void {
-  if (outcome.result !== 'created') return;
-  const r = outcome.request;
+  if (outcome.result === 'created') logQueued(ctx, actor, outcome.request);
+}
+
+export function logQueued(ctx: PrivacyDeps, actor: Actor, r: Pick<DsrRequest, 'id' | 'action' | 'scope'>): void {
   ctx.logger.info({ requestId: r.id, action: r.action, scope: r.scope, source: actor.source }, 'request queued');
 }

@@ -1,4 +1,4 @@
-import { and, asc, eq, isNull, sql } from 'drizzle-orm';
+import { and, asc, eq, getTableColumns, isNull, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
 import type { AdapterContext, ConnectorInstance } from '../../connectors/types.ts';
@@ -126,11 +126,15 @@ export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, i
   deps.logger.info({ connectorId: id }, 'connector deleted');
 }
 
-/** The connector a webhook URL names, if it exists, is enabled and belongs to that vendor. */
-export async function findWebhookConnector(db: Db, vendor: string, id: string): Promise<ConnectorRow | undefined> {
+/** The connector a webhook URL names, if it exists, is enabled and belongs to that vendor; with its row version. */
+export async function findWebhookConnector(
+  db: Db,
+  vendor: string,
+  id: string,
+): Promise<(ConnectorRow & { version: string }) | undefined> {
   if (!(VENDORS as readonly string[]).includes(vendor) || !/^con_[0-9a-z]{25}$/.test(id)) return undefined;
   const [row] = await db
-    .select()
+    .select({ ...getTableColumns(connectors), version: rowVersion })
     .from(connectors)
     .where(
       and(
@@ -141,6 +145,64 @@ export async function findWebhookConnector(db: Db, vendor: string, id: string): 
       ),
     );
   return row;
+}
+
+/**
+ * A connector row's version: its xmin, which every UPDATE of the row changes (whoever makes it), and which freezing
+ * keeps. What a webhook was verified with is current exactly when the row still has this version.
+ */
+const rowVersion = sql<string>`${connectors}.xmin::text`;
+
+/** The connector as a webhook found it: still this version, enabled and not deleted (SQL true/false). */
+export function connectorIsCurrent(c: { id: string; version: string }): SQL {
+  return sql`exists (select 1 from ${connectors} where ${connectors.id} = ${c.id} and ${rowVersion} = ${c.version}
+                       and ${connectors.enabled} and ${connectors.deletedAt} is null)`;
+}
+
+/** The connector changed (secrets, config, disabled, deleted) after a webhook was verified with it. */
+export class StaleConnectorError extends Error {
+  constructor() {
+    super('connector changed while the webhook was handled');
+  }
+}
+
+export interface WebhookConnector {
+  row: ConnectorRow;
+  version: string;
+  adapter: AnyConnector;
+  instance: ConnectorInstance;
+}
+
+/**
+ * The web process's opened connectors (secrets unsealed, config parsed), so a webhook costs no look-up: each is
+ * used as it was at `version`, and whatever stores a webhook's ticket checks in the same statement that the row is
+ * still at that version (connectorIsCurrent), throwing StaleConnectorError if not; the caller then loads it again.
+ * Only connectors that exist are kept, so the map is as large as the connectors table at most.
+ */
+export class WebhookConnectors {
+  private readonly opened = new Map<string, WebhookConnector>();
+
+  constructor(private readonly deps: { db: Db; sealer: Sealer }) {}
+
+  cached(vendor: string, id: string): WebhookConnector | undefined {
+    const entry = this.opened.get(id);
+    return entry?.row.vendor === vendor ? entry : undefined;
+  }
+
+  /** Reads the row again; unknown, disabled, deleted or another vendor's → undefined (and forgotten). */
+  async load(vendor: string, id: string): Promise<WebhookConnector | undefined> {
+    const found = await findWebhookConnector(this.deps.db, vendor, id);
+    if (!found) {
+      this.opened.delete(id);
+      return undefined;
+    }
+    const { version, ...row } = found;
+    const known = this.opened.get(id);
+    if (known?.version === version && known.row.vendor === row.vendor) return known;
+    const entry = { row, version, ...openConnector(this.deps.sealer, row) };
+    this.opened.set(id, entry);
+    return entry;
+  }
 }
 
 /** Opens a stored connector for its adapter: config re-validated (fills newer defaults), secrets unsealed. */

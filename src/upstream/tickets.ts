@@ -3,12 +3,23 @@ import { and, eq, sql, type SQL } from 'drizzle-orm';
 import type { DsrTicket, Verified } from '../../connectors/types.ts';
 import type { DbOrTx, Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
-import { dsrRequests, upstreamTickets, webhookTokens } from '../db/schema/index.ts';
+import { dsrRequests, jobOutbox, upstreamTickets, webhookTokens } from '../db/schema/index.ts';
 import { lockKey, subjectDigest } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { Actor } from '../privacy/context.ts';
-import { intakeInTx, logCreated } from '../privacy/intake.ts';
+import {
+  executeJob,
+  intakeInputSchema,
+  intakeInTx,
+  logCreated,
+  logQueued,
+  newRequestRow,
+  requestDigest,
+  type IntakeInput,
+} from '../privacy/intake.ts';
+import { columnOf, isUniqueViolation, pgCode } from '../db/errors.ts';
+import { connectorIsCurrent, StaleConnectorError } from './store.ts';
 import type { UpstreamDeps } from './context.ts';
 
 export type TicketRow = typeof upstreamTickets.$inferSelect;
@@ -33,14 +44,22 @@ export const ticketSecretContext = (ticketId: string) => `ticket:${ticketId}:sec
  */
 export async function receiveTickets(
   deps: UpstreamDeps,
-  connector: { id: string; workspaceId: string },
+  connector: TicketConnector,
   tickets: DsrTicket[],
   verified: Verified,
   rawBody: string,
 ): Promise<ReceivedTicket[]> {
   const actor: Actor = { type: 'connector', id: connector.id, source: 'connector' };
+  if (tickets.length === 1) {
+    const fresh = await receiveFreshTicket(deps, connector, actor, tickets[0]!, verified, rawBody);
+    if (fresh) return [fresh];
+  }
   const created: Parameters<typeof logCreated>[2][] = [];
   const results = await deps.db.transaction(async (tx) => {
+    if (connector.version !== undefined) {
+      const [row] = await tx.execute<{ current: boolean }>(sql`select ${connectorIsCurrent({ id: connector.id, version: connector.version })} as current`);
+      if (!row?.current) throw new StaleConnectorError();
+    }
     if (verified.tokenId) await rememberToken(tx, connector.id, verified, rawBody);
     await lockKeys(
       tx,
@@ -73,28 +92,11 @@ export async function receiveTickets(
         out.push({ ticketId: existing.id, requestId: existing.requestId, replayed: true });
         continue;
       }
-      const result = await intakeInTx(tx, deps, actor, {
-        workspaceId: connector.workspaceId,
-        action: t.action,
-        scope: 'user',
-        subject: t.subject,
-        upstreamRef: t.upstreamRef.slice(0, 500),
-        dedupeKey: `connector:${connector.id}:${t.ticketKey}`.slice(0, 500),
-      });
+      const result = await intakeInTx(tx, deps, actor, ticketIntake(connector, t));
       if (result.result === 'created') created.push(result);
-      const ticketId = newId('tkt');
-      await tx.insert(upstreamTickets).values({
-        id: ticketId,
-        workspaceId: connector.workspaceId,
-        connectorId: connector.id,
-        ticketKey: t.ticketKey,
-        requestId: result.request.id,
-        action: t.action,
-        subjectDigest: digest,
-        upstreamRef: t.upstreamRef,
-        upstream: t.upstream,
-        secretSealed: t.secret ? deps.sealer.seal(t.secret, ticketSecretContext(ticketId)) : null,
-      });
+      const ticket = newTicketRow(deps, connector, t, digest, result.request.id);
+      await tx.insert(upstreamTickets).values(ticket);
+      const ticketId = ticket.id;
       if (result.result !== 'created') await reportIfAlreadyFinished(tx, result.request.id, ticketId);
       out.push({ ticketId, requestId: result.request.id, replayed: false });
     }
@@ -104,16 +106,115 @@ export async function receiveTickets(
   return results;
 }
 
+/** The connector a ticket came through; `version` when it was verified with a cached copy (WebhookConnectors). */
+export interface TicketConnector {
+  id: string;
+  workspaceId: string;
+  version?: string;
+}
+
+/** The request a ticket asks for; its dedupe key is the ticket's, so a redelivery finds the same request. */
+function ticketIntake(connector: { id: string; workspaceId: string }, t: DsrTicket): IntakeInput {
+  return {
+    workspaceId: connector.workspaceId,
+    action: t.action,
+    scope: 'user',
+    subject: t.subject,
+    upstreamRef: t.upstreamRef.slice(0, 500),
+    dedupeKey: `connector:${connector.id}:${t.ticketKey}`.slice(0, 500),
+  };
+}
+
+function newTicketRow(
+  deps: UpstreamDeps,
+  connector: { id: string; workspaceId: string },
+  t: DsrTicket,
+  digest: string,
+  requestId: string,
+): typeof upstreamTickets.$inferInsert & { id: string } {
+  const id = newId('tkt');
+  return {
+    id,
+    workspaceId: connector.workspaceId,
+    connectorId: connector.id,
+    ticketKey: t.ticketKey,
+    requestId,
+    action: t.action,
+    subjectDigest: digest,
+    upstreamRef: t.upstreamRef,
+    upstream: t.upstream,
+    secretSealed: t.secret ? deps.sealer.seal(t.secret, ticketSecretContext(id)) : null,
+  };
+}
+
+function tokenRow(connectorId: string, verified: Verified, rawBody: string): typeof webhookTokens.$inferInsert {
+  return {
+    connectorId,
+    tokenId: verified.tokenId!,
+    bodyDigest: createHash('sha256').update(rawBody).digest('hex'),
+    expiresAt: verified.tokenExpiresAt ?? new Date(Date.now() + DEFAULT_TOKEN_MEMORY_MS),
+  };
+}
+
+/**
+ * The common case in one statement (one round trip, committed on its own): a ticket never seen, for a subject with
+ * nothing pending, with a token never seen. It inserts the token, the request, the ticket and the request's job (into
+ * the job outbox: an add_job here would NOTIFY, and notifying commits cannot be grouped) with no ON CONFLICT
+ * anywhere, so if anything of the kind already exists (a redelivery, a copy arriving at the same time, a pending
+ * request to join, a replayed token) a unique index refuses it, the whole statement rolls back, and the answer is
+ * undefined: the transaction in receiveTickets then works out what exists, exactly as it always does.
+ */
+async function receiveFreshTicket(
+  deps: UpstreamDeps,
+  connector: TicketConnector,
+  actor: Actor,
+  t: DsrTicket,
+  verified: Verified,
+  rawBody: string,
+): Promise<ReceivedTicket | undefined> {
+  const v = intakeInputSchema.parse(ticketIntake(connector, t));
+  const request = newRequestRow(actor, v, requestDigest(deps, v));
+  const ticket = newTicketRow(
+    deps,
+    connector,
+    t,
+    subjectDigest(deps.digestKey, connector.workspaceId, t.subject.kind, t.subject.value),
+    request.id,
+  );
+  const db = deps.db;
+  const { version } = connector;
+  // A connector verified at a version that is no longer current leaves the request without a workspace: the insert
+  // fails on that NOT NULL, and nothing is stored.
+  const workspaceId =
+    version === undefined ? request.workspaceId : sql`case when ${connectorIsCurrent({ id: connector.id, version })} then ${request.workspaceId} end`;
+  const token = verified.tokenId ? sql`tok as (${db.insert(webhookTokens).values(tokenRow(connector.id, verified, rawBody)).getSQL()}),` : sql``;
+  try {
+    await db.execute(sql`
+      with ${token}
+           req as (${db.insert(dsrRequests).values({ ...request, workspaceId }).getSQL()}),
+           tkt as (${db.insert(upstreamTickets).values(ticket).getSQL()}),
+           box as (${db.insert(jobOutbox).values(executeJob(deps, request.id)).getSQL()})
+      select 1`);
+  } catch (err) {
+    if (isUniqueViolation(err)) return undefined;
+    if (pgCode(err) === '23502' && columnOf(err) === 'workspace_id') throw new StaleConnectorError();
+    throw err;
+  }
+  deps.outbox.kick();
+  logQueued(deps, actor, request);
+  return { ticketId: ticket.id, requestId: request.id, replayed: false };
+}
+
 /**
  * A signed token may only ever carry the body it was first seen with: the same message again is a harmless
  * redelivery, the same token on another body is a replay.
  */
 async function rememberToken(tx: Tx, connectorId: string, verified: Verified, rawBody: string): Promise<void> {
-  const bodyDigest = createHash('sha256').update(rawBody).digest('hex');
-  const expiresAt = verified.tokenExpiresAt ?? new Date(Date.now() + DEFAULT_TOKEN_MEMORY_MS);
+  const row = tokenRow(connectorId, verified, rawBody);
+  const bodyDigest = row.bodyDigest;
   const inserted = await tx
     .insert(webhookTokens)
-    .values({ connectorId, tokenId: verified.tokenId!, bodyDigest, expiresAt })
+    .values(row)
     .onConflictDoNothing()
     .returning({ bodyDigest: webhookTokens.bodyDigest });
   if (inserted.length > 0) return;

@@ -593,7 +593,7 @@ describe('keys rotate-master', () => {
         expect(res.status, await res.clone().text()).toBe(200);
         return { ...((await res.json()) as { received: { ticketId: string; requestId: string }[] }).received[0]!, nonce: w.headers['x-transcend-nonce']! };
       },
-      runJobs: () => runDueJobs(renv.sql, { connectionString: renv.url, taskList: taskList(deps), logger: deps.logger }),
+      runJobs: () => runDueJobs(renv.sql, { connectionString: renv.url, taskList: taskList(deps), logger: deps.logger, outbox: deps.outbox }),
     };
   }
 

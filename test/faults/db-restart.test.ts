@@ -23,7 +23,7 @@ import { createLogger } from '../../src/lib/logger.ts';
 import { request } from '../helpers/db.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { poll } from '../helpers/process.ts';
-import { errorShapeProblem, runConcurrently, startServiceFor, type RunningService } from './support.ts';
+import { errorShapeProblem, outboxEmptied, runConcurrently, startServiceFor, type RunningService } from './support.ts';
 
 const SENDERS = 8;
 /** A 503 must come back well within this: the point is that it is not a hang (a correctness bound, not a benchmark). */
@@ -208,8 +208,10 @@ describe('PostgreSQL restart under webhook load', () => {
       expect(after.filter((s) => s.status !== 200).map((s) => `${s.status} ${s.text}`)).toEqual([]);
       expect(sent.filter((s) => s.ended < stopBegan).every((s) => s.status === 200)).toBe(true);
 
-      // Every acknowledged ticket is stored, with its request and its job.
+      // Every acknowledged ticket is stored, with its request and its job (the server hands the jobs its webhooks
+      // committed to graphile-worker by itself, retrying while the database was away).
       sql = postgres(pg.url, { max: 2, onnotice: () => {} });
+      await outboxEmptied(sql);
       const acked = sent.filter((s) => s.status === 200).map((s) => s.ticketId!);
       const stored = await sql<{ id: string; jobs: number }[]>`
         select t.id, (select count(*) from graphile_worker.jobs j where j.key = t.request_id)::int as jobs
@@ -220,6 +222,7 @@ describe('PostgreSQL restart under webhook load', () => {
       // The vendor retries what was refused: each of those lands now, and every webhook is one ticket in the end.
       const retried = await runConcurrently(refused, SENDERS, (s) => deliver(s.webhookRequestId));
       expect(retried.filter((s) => s.status !== 200).map((s) => `${s.status} ${s.text}`)).toEqual([]);
+      await outboxEmptied(sql);
       const [totals] = await sql<{ tickets: number; requests: number; jobs: number }[]>`
         select (select count(*) from upstream_tickets)::int as tickets,
                (select count(*) from dsr_requests)::int as requests,

@@ -16,7 +16,7 @@ import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../con
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { call, createTestEnv, request, type TestEnv } from '../helpers/db.ts';
-import { keysOf, runConcurrently, startServiceFor, type RunningService } from './support.ts';
+import { keysOf, outboxEmptied, runConcurrently, startServiceFor, type RunningService } from './support.ts';
 
 const TICKETS = { datagrail: 100, onetrust: 50, transcend: 50 };
 const COPIES = 5;
@@ -145,6 +145,7 @@ describe('duplicate storm', () => {
     expect(ticketIds.size).toBe(tickets.length);
     expect(requestIds.size).toBe(tickets.length);
 
+    await outboxEmptied(env.sql);
     const [db] = await env.sql<{ requests: number; tickets: number; jobs: number; keyedJobs: number }[]>`
       select (select count(*) from dsr_requests where workspace_id = ${ws.workspaceId})::int as requests,
              (select count(*) from upstream_tickets where workspace_id = ${ws.workspaceId})::int as tickets,

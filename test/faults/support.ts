@@ -8,6 +8,7 @@ import path from 'node:path';
 import type { TestEnv } from '../helpers/db.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { childEnv, startService, type Service } from '../helpers/process.ts';
+import type postgres from 'postgres';
 
 export interface RunningService extends Service {
   base: string;
@@ -127,4 +128,18 @@ export function errorShapeProblem(res: { status: number; text: string; headers: 
     }
   }
   return null;
+}
+
+/**
+ * Waits until the web process has handed every job its webhooks committed to graphile-worker (the job outbox is
+ * empty), as it does by itself after each commit and again a second after a failed attempt.
+ */
+export async function outboxEmptied(sql: postgres.Sql, timeoutMs = 15_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const [row] = await sql<{ n: number }[]>`select count(*)::int as n from job_outbox`;
+    if (row!.n === 0) return;
+    if (Date.now() > until) throw new Error(`${row!.n} job(s) still in the outbox after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }

@@ -95,7 +95,7 @@ export async function createTestEnv(
     sql,
     app: newApp(deps),
     newWorkspace: (n = 'Test workspace') => createWorkspace(database.db, { name: n }),
-    runJobs: () => runDueJobs(sql, { connectionString: url, taskList: taskList(deps), logger }),
+    runJobs: () => runDueJobs(sql, { connectionString: url, taskList: taskList(deps), logger, outbox: deps.outbox }),
     async close() {
       await sql.end({ timeout: 5 });
       await deps.http.close();

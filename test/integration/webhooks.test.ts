@@ -275,11 +275,12 @@ describe('tickets joining a request that is finishing', () => {
     const user = await seedUser(env, a.ingestKey);
     const api = await call(env, 'POST', '/v1/privacy/requests', { key: a.privacyKey, body: { action: 'erase', email: user.email } });
     const pendingId = api.json.results[0].requestId as string;
-    // Pause the webhook's transaction right after it decided to join the pending request (at its ticket insert).
+    // Pause the webhook's transaction right after it decided to join the pending request (at its ticket insert; the
+    // one-statement attempt before it, which would create a new request, is refused by the pending request).
     const HOLD = 424242;
     await env.sql.unsafe(`
       create function hold_ticket() returns trigger language plpgsql as $$
-      begin perform pg_advisory_xact_lock(${HOLD}); return new; end $$;
+      begin if new.request_id = '${pendingId}' then perform pg_advisory_xact_lock(${HOLD}); end if; return new; end $$;
       create trigger hold_ticket before insert on upstream_tickets for each row execute function hold_ticket();`);
     const holder = await env.sql.reserve();
     try {

@@ -1,4 +1,4 @@
-import { serial, text, pgTable } from 'drizzle-orm/pg-core';
+import { bigserial, integer, jsonb, pgTable, serial, text } from 'drizzle-orm/pg-core';
 import { ts } from './columns.ts';
 
 /**
@@ -13,4 +13,20 @@ export const workerProcesses = pgTable('worker_processes', {
   /** graphile-worker ids of this process's workers (what jobs.locked_by holds). */
   workerIds: text('worker_ids').array().notNull().default([]),
   startedAt: ts('started_at').notNull().defaultNow(),
+});
+
+/**
+ * Jobs committed with the data they act on but not yet handed to graphile-worker. graphile-worker's add_job sends a
+ * NOTIFY, and PostgreSQL serialises the commits of notifying transactions (each holds a global lock through its WAL
+ * flush), so a webhook that enqueued its own job could not commit alongside others. A webhook commits a row here
+ * instead; the dispatcher (src/jobs/outbox.ts) moves rows to graphile-worker in batches, one NOTIFY per batch.
+ */
+export const jobOutbox = pgTable('job_outbox', {
+  id: bigserial('id', { mode: 'number' }).primaryKey(),
+  task: text('task').notNull(),
+  payload: jsonb('payload').$type<Record<string, unknown>>().notNull(),
+  jobKey: text('job_key'),
+  maxAttempts: integer('max_attempts'),
+  priority: integer('priority'),
+  createdAt: ts('created_at').notNull().defaultNow(),
 });

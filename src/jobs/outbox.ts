@@ -1,0 +1,95 @@
+import { sql } from 'drizzle-orm';
+import type { DbOrTx } from '../db/client.ts';
+import { pgCode } from '../db/errors.ts';
+import { jobOutbox } from '../db/schema/index.ts';
+import type { Logger } from '../lib/logger.ts';
+
+/** A graphile-worker job to add once the transaction that wrote this row has committed. */
+export type OutboxJob = typeof jobOutbox.$inferInsert;
+
+/** Rows moved per statement: one add_jobs call, one NOTIFY. */
+export const OUTBOX_BATCH = 500;
+
+/**
+ * Moves up to `limit` outbox rows to graphile-worker in one statement: the rows are deleted and their jobs added in
+ * the same transaction, so a job is added exactly once. Rows another dispatcher holds are skipped, not waited for.
+ * Returns how many jobs were added.
+ */
+export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<number> {
+  const rows = await db.execute<{ n: number }>(sql`
+    with batch as (
+      delete from ${jobOutbox}
+      where id in (select id from ${jobOutbox} order by id limit ${limit}::int for update skip locked)
+      returning task, payload, job_key, max_attempts, priority)
+    select case when exists (select 1 from batch) then (
+      select count(*)::int from graphile_worker.add_jobs(array(
+        select (task, payload::json, null, null, max_attempts::smallint, job_key, priority::smallint, null)::graphile_worker.job_spec
+        from batch))) else 0 end as n`);
+  return rows[0]?.n ?? 0;
+}
+
+/** After a failed pass, the next one (unless a kick comes first). */
+const RETRY_MS = 1_000;
+
+/**
+ * Runs dispatchOutbox in the background, one pass at a time per process: kick() after committing outbox rows. A kick
+ * while a pass runs makes it go round once more, so rows committed during a pass are never left behind. A failed
+ * pass (the database gone) is logged and tried again a second later; the rows stay meanwhile, and a worker's periodic
+ * sweep moves them too (should this process stop first).
+ */
+export class OutboxDispatcher {
+  private running: Promise<void> | undefined;
+  private again = false;
+  private retry: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(
+    private readonly db: DbOrTx,
+    private readonly logger: Logger,
+  ) {}
+
+  kick(): void {
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = this.pass().finally(() => {
+      this.running = undefined;
+    });
+  }
+
+  /** Stops retrying failed passes (a kick still runs one). */
+  close(): void {
+    if (this.retry) clearTimeout(this.retry);
+    this.retry = undefined;
+  }
+
+  /** Resolves once no pass is running (what was committed before the call has been moved, unless a pass failed). */
+  async idle(): Promise<void> {
+    while (this.running) await this.running;
+  }
+
+  /** Waits for a running pass, then moves everything committed so far; errors are thrown, not logged. */
+  async flush(): Promise<void> {
+    await this.idle();
+    while ((await dispatchOutbox(this.db)) === OUTBOX_BATCH);
+  }
+
+  private async pass(): Promise<void> {
+    do {
+      this.again = false;
+      try {
+        while ((await dispatchOutbox(this.db)) === OUTBOX_BATCH);
+      } catch (err) {
+        this.logger.warn({ errorCode: pgCode(err) ?? (err as { code?: unknown }).code }, 'job outbox not dispatched; will retry');
+        if (!this.retry) {
+          this.retry = setTimeout(() => {
+            this.retry = undefined;
+            this.kick();
+          }, RETRY_MS);
+          this.retry.unref?.();
+        }
+        return;
+      }
+    } while (this.again);
+  }
+}
