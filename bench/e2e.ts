@@ -80,6 +80,9 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   const perRound = intEnv('BENCH_E2E_TICKETS', 20, 10);
   const eventsPerUser = intEnv('BENCH_E2E_EVENTS', 1000, 200);
   // For experiments only (the reference run uses the service default): how the burst responds to more job slots.
+  // BENCH_E2E_ROLES=split: the deployment the README gives for production, a web process and a worker process
+  // (`--role web` + `--role worker`), instead of one `--role all` process.
+  const split = process.env.BENCH_E2E_ROLES === 'split';
   const workerConcurrency = intEnv('BENCH_E2E_WORKER_CONCURRENCY', Number(serviceEnv('').WORKER_CONCURRENCY));
 
   const server = await ctx.server();
@@ -87,7 +90,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   console.log(`machine: ${os.cpus().length} CPUs, load average ${loadAvg()} at start (other load skews timings)`);
   console.log(
     `${rounds} round(s) × ${perRound} DataGrail webhooks at once (one warm-up round discarded); each user ` +
-      `${fmtInt(eventsPerUser)} events; service role all, WORKER_CONCURRENCY ${workerConcurrency}, REPORT_* defaults`,
+      `${fmtInt(eventsPerUser)} events; service ${split ? 'role web + role worker (two processes)' : 'role all'}, WORKER_CONCURRENCY ${workerConcurrency}, REPORT_* defaults`,
   );
 
   const dbs = new Databases(server, ctx, 'e2e');
@@ -125,15 +128,13 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     return authorized ? { status: 200, body: { success: true } } : { status: 401, body: { error: 'unauthorized' } };
   });
 
-  const service = await spawnChild(
-    ctx,
-    'service (role all)',
-    serviceEnv(url, {
-      PORT: String(await freePort()),
-      WORKER_CONCURRENCY: String(workerConcurrency),
-    }),
-    ['--role', 'all'],
-  );
+  const shared = serviceEnv(url, { WORKER_CONCURRENCY: String(workerConcurrency) }); // one set of keys for both
+  const roleEnv = async () => ({ ...shared, PORT: String(await freePort()) });
+  const service = await spawnChild(ctx, split ? 'service (role web)' : 'service (role all)', await roleEnv(), [
+    '--role',
+    split ? 'web' : 'all',
+  ]);
+  const worker = split ? await spawnChild(ctx, 'service (role worker)', await roleEnv(), ['--role', 'worker']) : undefined;
   const baseline = await spawnChild(
     ctx,
     'baseline server',
@@ -302,7 +303,8 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   const [left] = await sql<{ n: number }[]>`
     select count(*)::int as n from graphile_worker.jobs where task_identifier in ('execute_request', 'report_upstream')`;
   if (left!.n !== 0) throw new VerificationError(`${left!.n} execute/report jobs left in the queue`);
-  await stopAndCheck(service, 'service (role all)');
+  await stopAndCheck(service, split ? 'service (role web)' : 'service (role all)');
+  if (worker) await stopAndCheck(worker, 'service (role worker)');
   await stopAndCheck(baseline, 'baseline server');
 
   const pick = (k: keyof Omit<Sample, 'round'>) => samples.map((s) => s[k]);

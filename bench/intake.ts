@@ -34,6 +34,7 @@ import {
 import { startFakeTranscend, type FakeTranscend } from '../connectors/transcend/fake.ts';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
 import { createDatabase } from '../src/db/client.ts';
+import { NPM_START_ARGS } from '../test/helpers/process.ts';
 import { freePort } from '../src/lib/net.ts';
 import {
   callJson,
@@ -417,7 +418,7 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
     ['--import', 'tsx', 'bench/baseline-server.ts'],
   );
   console.log(
-    `web server: node --import tsx src/main.ts --role web (pid ${web.pid}, DB_POOL_MAX ${poolMax}, LOG_LEVEL warn); ` +
+    `web server: node ${NPM_START_ARGS.join(' ')} --role web (as npm start; pid ${web.pid}, DB_POOL_MAX ${poolMax}, LOG_LEVEL warn); ` +
       `baseline: bench/baseline-server.ts, a separate process, same runtime and pool size (pid ${baseline.pid})`,
   );
 

@@ -12,7 +12,7 @@ import postgres from 'postgres';
 import { withDatabase } from '../src/db/client.ts';
 import { quoteIdent, startEmbeddedPostgres } from '../src/db/embedded.ts';
 import { freePort } from '../src/lib/net.ts';
-import { childEnv, startService, type Service } from '../test/helpers/process.ts';
+import { childEnv, NPM_START_ARGS, startService, type Service } from '../test/helpers/process.ts';
 import type { BenchContext } from './run.ts';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -215,8 +215,8 @@ export interface Child {
 }
 
 /**
- * Starts a process the way test/helpers/process.ts does (`node --import tsx <entry>`, output captured, ready at
- * the banner) and registers its shutdown in the cleanup registry before anything else can fail.
+ * Starts a process the way test/helpers/process.ts does (by default exactly what `npm start` runs; output captured,
+ * ready at the banner) and registers its shutdown in the cleanup registry before anything else can fail.
  */
 export async function spawnChild(
   ctx: BenchContext,
@@ -233,7 +233,7 @@ export async function spawnChild(
   const service: Service = startService(
     childEnv({ DATA_DIR: dataDir, ...env }),
     args,
-    [...profile, ...(entry ?? ['--import', 'tsx', 'src/main.ts'])],
+    [...profile, ...(entry ?? NPM_START_ARGS)],
   );
   const stopStep = ctx.cleanup.add(`stop ${label} (pid ${service.proc.pid})`, async () => {
     if (service.proc.exitCode === null && service.proc.signalCode === null) {

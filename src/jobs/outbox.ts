@@ -13,18 +13,22 @@ export const OUTBOX_BATCH = 500;
 /**
  * Moves up to `limit` outbox rows to graphile-worker in one statement: the rows are deleted and their jobs added in
  * the same transaction, so a job is added exactly once. Rows another dispatcher holds are skipped, not waited for.
- * Returns how many jobs were added.
+ * Rows naming the same job key become one job (the newest row's). Returns how many jobs were added.
  */
 export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<number> {
   const rows = await db.execute<{ n: number }>(sql`
     with batch as (
       delete from ${jobOutbox}
       where id in (select id from ${jobOutbox} order by id limit ${limit}::int for update skip locked)
-      returning task, payload, job_key, max_attempts, priority)
-    select case when exists (select 1 from batch) then (
+      returning id, task, payload, job_key, max_attempts, priority),
+    -- One spec per job key (the newest row's): add_jobs cannot take the same key twice in one call.
+    specs as (
+      select distinct on (coalesce(job_key, 'row:' || id)) *
+      from batch order by coalesce(job_key, 'row:' || id), id desc)
+    select case when exists (select 1 from specs) then (
       select count(*)::int from graphile_worker.add_jobs(array(
         select (task, payload::json, null, null, max_attempts::smallint, job_key, priority::smallint, null)::graphile_worker.job_spec
-        from batch))) else 0 end as n`);
+        from specs order by id))) else 0 end as n`);
   return rows[0]?.n ?? 0;
 }
 
@@ -69,9 +73,14 @@ export class OutboxDispatcher {
   }
 
   /** Waits for a running pass, then moves everything committed so far; errors are thrown, not logged. */
-  async flush(): Promise<void> {
+  async flush(): Promise<number> {
     await this.idle();
-    while ((await dispatchOutbox(this.db)) === OUTBOX_BATCH);
+    let moved = 0;
+    for (;;) {
+      const n = await dispatchOutbox(this.db);
+      moved += n;
+      if (n < OUTBOX_BATCH) return moved;
+    }
   }
 
   private async pass(): Promise<void> {

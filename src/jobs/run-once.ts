@@ -14,16 +14,30 @@ export async function runDueJobs(
   sql: postgres.Sql,
   opts: { connectionString: string; taskList: TaskList; logger: Logger; maxPoolSize?: number; outbox: OutboxDispatcher },
 ): Promise<void> {
-  // Jobs still in the outbox are due too (a worker's sweep would move them).
+  // Jobs in the outbox are due too (a worker's sweep would move them), including those the jobs just run added
+  // (a finished erasure's reports): go round until a run leaves none behind.
   await opts.outbox.flush();
-  await runOnce({
-    connectionString: opts.connectionString,
-    taskList: opts.taskList,
-    logger: graphileLogger(opts.logger),
-    crontab: '',
-    noHandleSignals: true,
-    maxPoolSize: opts.maxPoolSize ?? 2,
-  });
+  for (let round = 0; ; round++) {
+    await runOnce({
+      connectionString: opts.connectionString,
+      taskList: opts.taskList,
+      logger: graphileLogger(opts.logger),
+      crontab: '',
+      noHandleSignals: true,
+      maxPoolSize: opts.maxPoolSize ?? 2,
+    });
+    await untilUnlocked(sql);
+    await opts.outbox.flush();
+    // The outbox may also have been emptied in the background (the jobs kick it), so ask what is due now.
+    const [due] = await sql<{ n: number }[]>`
+      select count(*)::int as n from graphile_worker._private_jobs
+      where run_at <= now() and locked_at is null and attempts < max_attempts`;
+    if (due!.n === 0) return;
+    if (round >= 20) throw new Error('jobs kept adding due jobs for 20 rounds');
+  }
+}
+
+async function untilUnlocked(sql: postgres.Sql): Promise<void> {
   const until = Date.now() + 10_000;
   for (;;) {
     const [row] = await sql<{ n: number }[]>`

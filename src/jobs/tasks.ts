@@ -3,15 +3,11 @@ import { z } from 'zod';
 import { executeRequest } from '../privacy/execute.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
 import { connectorsTick, pollConnector } from '../upstream/poll.ts';
-import { deliverReport } from '../upstream/report.ts';
+import { deliverReport, reportNow, reportPayload } from '../upstream/report.ts';
 import { maintenanceTick } from './maintenance.ts';
 
 // Jobs outlive code and may be added from SQL: parse every payload before trusting it.
 const executeRequestPayload = z.object({ requestId: z.string().regex(/^req_[0-9a-z]{25}$/) });
-const reportUpstreamPayload = z.object({
-  ticketId: z.string().regex(/^tkt_[0-9a-z]{25}$/),
-  attempt: z.number().int().min(1),
-});
 const pollConnectorPayload = z.object({ connectorId: z.string().regex(/^con_[0-9a-z]{25}$/) });
 
 /** Cron entries, in graphile-worker's crontab format: the connectors fan-out every minute, housekeeping hourly. */
@@ -28,10 +24,14 @@ export function taskList(deps: UpstreamDeps): TaskList {
     execute_request: async (payload, helpers) => {
       const p = parse(executeRequestPayload, payload, 'execute_request', helpers.job.id);
       if (!p) return;
-      await executeRequest(deps, p.requestId, { attempt: helpers.job.attempts, maxAttempts: helpers.job.max_attempts });
+      const result = await executeRequest(deps, p.requestId, { attempt: helpers.job.attempts, maxAttempts: helpers.job.max_attempts });
+      // The proof goes out from this job, not after a report job waited for a slot; what is not delivered here (and
+      // anything else in the outbox) goes to graphile-worker.
+      if (result.kind !== 'skipped') await reportNow(deps, result.reports);
+      deps.outbox.kick();
     },
     report_upstream: async (payload, helpers) => {
-      const p = parse(reportUpstreamPayload, payload, 'report_upstream', helpers.job.id);
+      const p = parse(reportPayload, payload, 'report_upstream', helpers.job.id);
       if (!p) return;
       await deliverReport(deps, p.ticketId, p.attempt);
     },

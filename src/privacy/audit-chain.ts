@@ -10,7 +10,13 @@ export type AuditRecord = typeof auditRecords.$inferSelect;
 export type NewAuditRecord = Omit<
   typeof auditRecords.$inferInsert,
   'id' | 'chainSeq' | 'prevHash' | 'hash' | 'recordedAt' | 'finishedAt'
-> & { startedAt: Date };
+> & {
+  startedAt: Date;
+  /** Chosen by a caller that must name the record before appending it (e.g. on its request row). */
+  id?: string;
+  /** Likewise; by default now, never before startedAt (auditFinishedAt). */
+  finishedAt?: Date;
+};
 
 export const CHAIN_ALGORITHM = 'sha256';
 
@@ -88,6 +94,12 @@ const ms = (d: Date) => new Date(Math.floor(d.getTime()));
  * transaction ends, so two completions in one workspace cannot claim the same position; the previous head is read
  * after the lock is granted (a fresh statement, so a head committed while we waited is seen).
  */
+/** Now, to the millisecond; the database clock set startedAt, so a slightly behind app clock never finishes before it. */
+export function auditFinishedAt(startedAt: Date): Date {
+  const now = ms(new Date());
+  return now < ms(startedAt) ? ms(startedAt) : now;
+}
+
 export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<AuditRecord> {
   await lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]);
   const [head] = await tx
@@ -97,11 +109,9 @@ export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<Audit
     .orderBy(desc(auditRecords.chainSeq))
     .limit(1);
   const startedAt = ms(values.startedAt);
-  const now = ms(new Date());
-  // The database clock set startedAt; never let a slightly behind app clock put the finish before the start.
-  const finishedAt = now < startedAt ? startedAt : now;
+  const finishedAt = values.finishedAt ? ms(values.finishedAt) : auditFinishedAt(startedAt);
   const record: Hashed = {
-    id: newId('aud'),
+    id: values.id ?? newId('aud'),
     workspaceId: values.workspaceId,
     chainSeq: (head?.seq ?? 0) + 1,
     prevHash: head?.hash ?? null,

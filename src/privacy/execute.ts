@@ -19,7 +19,8 @@ import { errorCodeOf, isTransient } from '../db/errors.ts';
 import { DomainError } from '../lib/errors.ts';
 import type { PrivacyDeps } from './context.ts';
 import type { DsrRequest } from './intake.ts';
-import { appendAudit, type AuditRecord } from './audit-chain.ts';
+import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
+import { newId } from '../lib/ids.ts';
 
 export type { AuditRecord };
 import { enqueueReports } from '../upstream/tickets.ts';
@@ -31,10 +32,14 @@ export interface ExecuteOptions {
   maxAttempts: number;
 }
 
+/**
+ * `reports`: the job-outbox rows of the request's report jobs, committed with it; the caller delivers them at once
+ * (reportNow) or lets the outbox hand them to graphile-worker (kick).
+ */
 export type ExecuteResult =
   | { kind: 'skipped'; reason: 'missing' | 'terminal' }
-  | { kind: 'complete'; request: DsrRequest; audit: AuditRecord }
-  | { kind: 'failed'; request: DsrRequest; audit: AuditRecord; errorCode: string };
+  | { kind: 'complete'; request: DsrRequest; audit: AuditRecord; reports: number[] }
+  | { kind: 'failed'; request: DsrRequest; audit: AuditRecord; reports: number[]; errorCode: string };
 
 export class TransientFailure extends Error {
   constructor(readonly code: string) {
@@ -103,8 +108,32 @@ async function finish(
   req: DsrRequest,
   startedAt: Date,
   result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
-): Promise<{ request: DsrRequest; audit: AuditRecord }> {
+): Promise<{ request: DsrRequest; audit: AuditRecord; reports: number[] }> {
+  // The request row and its reports first, the audit record last: appending takes the workspace's chain lock, which
+  // is then held only for the append and the commit.
+  const auditId = newId('aud');
+  const finishedAt = auditFinishedAt(startedAt);
+  const [request] = await tx
+    .update(dsrRequests)
+    .set({
+      status: result.status,
+      outcome: result.outcome,
+      errorCode: result.errorCode,
+      auditRecordId: auditId,
+      subjectValue: null,
+      subjectSealed:
+        result.status === 'failed' && req.subjectValue !== null
+          ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
+          : null,
+      finishedAt,
+      updatedAt: sql`now()`,
+    })
+    .where(eq(dsrRequests.id, req.id))
+    .returning();
+  const reports = await enqueueReports(tx, { requestId: req.id });
   const audit = await appendAudit(tx, {
+    id: auditId,
+    finishedAt,
     workspaceId: req.workspaceId,
     requestId: req.id,
     action: req.action,
@@ -120,28 +149,7 @@ async function finish(
     errorCode: result.errorCode,
     startedAt,
   });
-  // Terminal: the raw identifier goes; the digest stays for lookups. A failed request keeps it sealed for a retry.
-  const [request] = await tx
-    .update(dsrRequests)
-    .set({
-      status: result.status,
-      outcome: result.outcome,
-      errorCode: result.errorCode,
-      auditRecordId: audit.id,
-      subjectValue: null,
-      subjectSealed:
-        result.status === 'failed' && req.subjectValue !== null
-          ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
-          : null,
-      finishedAt: audit.finishedAt,
-      updatedAt: sql`now()`,
-    })
-    .where(eq(dsrRequests.id, req.id))
-    .returning();
-  // After the row update: a ticket joining this request concurrently holds a share lock on the row, so by now it
-  // has committed and is seen here (or it saw us finished and enqueued its own report).
-  await enqueueReports(tx, { requestId: req.id });
-  return { request: request!, audit };
+  return { request: request!, audit, reports };
 }
 
 /** Where a failed request's sealed identifier is bound: it opens only on its own row. */
@@ -213,32 +221,37 @@ async function resolveAndLock(tx: Tx, req: DsrRequest): Promise<ResolvedUser[]> 
 
 async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[]): Promise<Applied> {
   const ids = users.map((u) => u.id);
-  const counts: AuditCounts = {
-    messages: (await tx.delete(messages).where(inArray(messages.userId, ids))).count,
-    conversations: (await tx.delete(conversations).where(inArray(conversations.userId, ids))).count,
-    events: (await tx.delete(events).where(inArray(events.userId, ids))).count,
-    topicQuestions: (await tx.delete(topicQuestions).where(inArray(topicQuestions.userId, ids))).count,
-    suppressions: (await tx.delete(suppressions).where(inArray(suppressions.userId, ids))).count,
-    profiles: (await tx.delete(endUsers).where(inArray(endUsers.id, ids))).count,
-  };
   const externalIds = users.map((u) => u.externalId);
-  // Proof that nothing of the subject remains. Events, the one big table, are proven by the profile delete above:
-  // events_user_fk is a plain (non-deferrable) foreign key, so that DELETE fails with 23503 if a single event
-  // still points at the profile. Counting them again would walk the 100k just-deleted index entries a second time
-  // (about a fifth of the whole erasure; see bench/erase.ts). The other tables are small and re-queried directly.
-  const [left] = await tx.execute<{ remaining: number }>(sql`
-    select (
-      (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId}
-         and (${inArray(endUsers.id, ids)} or ${inArray(endUsers.externalId, externalIds)}))
-      + (select count(*) from ${messages} where ${inArray(messages.userId, ids)})
-      + (select count(*) from ${conversations} where ${inArray(conversations.userId, ids)})
-      + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})
-      + (select count(*) from ${suppressions} where ${inArray(suppressions.userId, ids)})
-    )::int as remaining`);
-  if (!left || left.remaining !== 0) {
+  // Sent together and run in this order on the transaction's connection (one round trip instead of eight); the
+  // check that nothing remains runs after the deletes, and a failure of any statement rolls all of them back.
+  const [m, c, e, q, s, p, left] = await Promise.all([
+    tx.delete(messages).where(inArray(messages.userId, ids)),
+    tx.delete(conversations).where(inArray(conversations.userId, ids)),
+    tx.delete(events).where(inArray(events.userId, ids)),
+    tx.delete(topicQuestions).where(inArray(topicQuestions.userId, ids)),
+    tx.delete(suppressions).where(inArray(suppressions.userId, ids)),
+    tx.delete(endUsers).where(inArray(endUsers.id, ids)),
+    tx.execute<{ remaining: number }>(sql`
+      select (
+        (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId}
+           and (${inArray(endUsers.id, ids)} or ${inArray(endUsers.externalId, externalIds)}))
+        + (select count(*) from ${messages} where ${inArray(messages.userId, ids)})
+        + (select count(*) from ${conversations} where ${inArray(conversations.userId, ids)})
+        + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})
+        + (select count(*) from ${suppressions} where ${inArray(suppressions.userId, ids)})
+      )::int as remaining`),
+  ]);
+  const counts: AuditCounts = {
+    messages: m.count,
+    conversations: c.count,
+    events: e.count,
+    topicQuestions: q.count,
+    suppressions: s.count,
+    profiles: p.count,
+  };
+  if (left[0]?.remaining !== 0) {
     throw new DomainError('erasure_verification_failed', 'data of the subject remained after erasure');
   }
-  // Ingest that waited on our lock sees these markers and drops its write instead of resurrecting the profile.
   await tx
     .insert(erasureMarkers)
     .values(

@@ -4,7 +4,7 @@ import { isUniqueViolation } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 import { subjectSealContext } from './execute.ts';
-import type { DsrRequest } from './intake.ts';
+import { addJob, executeJob, type DsrRequest } from './intake.ts';
 
 /**
  * Runs a failed request again (e.g. after the cause was fixed): it goes back to queued with its sealed identifier
@@ -56,10 +56,7 @@ export async function retryRequest(
         .update(upstreamTickets)
         .set({ status: 'pending', attempts: 0, nextAttemptAt: null, lastError: null, updatedAt: sql`now()` })
         .where(and(eq(upstreamTickets.requestId, req.id), inArray(upstreamTickets.status, ['pending', 'failed'])));
-      await tx.execute(
-        sql`select graphile_worker.add_job('execute_request', json_build_object('requestId', ${req.id}::text),
-              job_key => ${req.id}::text, max_attempts => ${ctx.executeMaxAttempts}::int)`,
-      );
+      await tx.execute(sql`select ${addJob(executeJob(ctx, req.id))}`);
       ctx.logger.info({ requestId: req.id, action: req.action, scope: req.scope }, 'request retry queued');
       return queued!;
     });

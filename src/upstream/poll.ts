@@ -19,7 +19,10 @@ export async function connectorsTick(
 ): Promise<{ scheduled: string[]; requeued: number }> {
   await deps.db.delete(webhookTokens).where(lt(webhookTokens.expiresAt, now));
   const requeued = await requeueStalledReports(deps.db, STALLED_REPORT_MINUTES);
-  if (requeued > 0) deps.logger.warn({ requeued }, 'requeued reports whose jobs were lost');
+  if (requeued > 0) {
+    deps.outbox.kick();
+    deps.logger.warn({ requeued }, 'requeued reports whose jobs were lost');
+  }
   const rows = await deps.db
     .select({ id: connectors.id, vendor: connectors.vendor, config: connectors.config, lastPolledAt: connectors.lastPolledAt })
     .from(connectors)

@@ -1,6 +1,8 @@
 import { and, eq, sql } from 'drizzle-orm';
 import type { JsonValue, ReportResult, StoredTicket, TicketAction, TicketOutcome } from '../../connectors/types.ts';
-import { auditRecords, connectors, dsrRequests, upstreamTickets } from '../db/schema/index.ts';
+import { auditRecords, connectors, dsrRequests, jobOutbox, upstreamTickets } from '../db/schema/index.ts';
+import { pgCode } from '../db/errors.ts';
+import { z } from 'zod';
 import type { ReportPolicy, UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector } from './store.ts';
 import { ApiError } from '../lib/errors.ts';
@@ -117,11 +119,41 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
 }
 
 /**
+ * Delivers reports whose jobs are still in the job outbox right away, in the job that finished their request, instead
+ * of waiting for a worker slot to pick up a report job. Each outbox row is claimed by deleting it (a row a
+ * dispatcher already took is left to its job), so a report is attempted here or by its job, never both. If the
+ * attempt throws, the row is put back for a job to make it; should this process die between the claim and the
+ * recorded outcome, the ticket stays pending and the connectors tick re-queues it (requeueStalledReports).
+ */
+export async function reportNow(deps: UpstreamDeps, outboxIds: number[]): Promise<void> {
+  for (const id of outboxIds) {
+    const [row] = await deps.db.delete(jobOutbox).where(eq(jobOutbox.id, id)).returning();
+    if (!row) continue;
+    const p = reportPayload.safeParse(row.payload);
+    if (!p.success) continue;
+    try {
+      await deliverReport(deps, p.data.ticketId, p.data.attempt);
+    } catch (err) {
+      deps.logger.warn({ errorCode: pgCode(err) ?? (err instanceof Error ? err.name : 'unknown') }, 'report left to its job');
+      const { task, payload, jobKey, maxAttempts, priority } = row;
+      await deps.db.insert(jobOutbox).values({ task, payload, jobKey, maxAttempts, priority });
+      deps.outbox.kick();
+    }
+  }
+}
+
+/** What a report_upstream job carries (jobs outlive code and may be added from SQL: parse before trusting). */
+export const reportPayload = z.object({
+  ticketId: z.string().regex(/^tkt_[0-9a-z]{25}$/),
+  attempt: z.number().int().min(1),
+});
+
+/**
  * An admin's second chance for a report that failed (vendor outage beyond the retry window, credentials fixed
  * since): the ticket goes back to pending with a fresh attempt budget and its first job is queued again.
  */
 export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, ticketId: string): Promise<TicketRow> {
-  return deps.db.transaction(async (tx) => {
+  const row = await deps.db.transaction(async (tx) => {
     const [row] = await tx
       .select()
       .from(upstreamTickets)
@@ -138,4 +170,6 @@ export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, t
     deps.logger.info({ ticketId }, 'report redelivery requested');
     return updated!;
   });
+  deps.outbox.kick();
+  return row;
 }

@@ -102,6 +102,8 @@ export async function receiveTickets(
     }
     return out;
   });
+  // Jobs of requests created here were added directly; a joined ticket's report may be waiting in the outbox.
+  deps.outbox.kick();
   for (const c of created) logCreated(deps, actor, c);
   return results;
 }
@@ -242,11 +244,12 @@ async function reportIfAlreadyFinished(tx: Tx, requestId: string, ticketId: stri
 }
 
 /**
- * Adds the next report_upstream job of every pending ticket of a request (or of one ticket). Job keys carry the
- * attempt number, so enqueueing twice is harmless and each retry is a job of its own.
+ * Adds the next report_upstream job of every pending ticket of a request (or of one ticket), through the job outbox:
+ * kick deps.outbox after the commit. Job keys carry the attempt number, so enqueueing twice is harmless and each
+ * retry is a job of its own.
  */
-export async function enqueueReports(tx: DbOrTx, which: { requestId: string } | { ticketId: string }): Promise<void> {
-  await addReportJobs(tx, 'requestId' in which ? sql`t.request_id = ${which.requestId}` : sql`t.id = ${which.ticketId}`);
+export async function enqueueReports(tx: DbOrTx, which: { requestId: string } | { ticketId: string }): Promise<number[]> {
+  return addReportJobs(tx, 'requestId' in which ? sql`t.request_id = ${which.requestId}` : sql`t.id = ${which.ticketId}`);
 }
 
 /**
@@ -255,22 +258,28 @@ export async function enqueueReports(tx: DbOrTx, which: { requestId: string } | 
  * same key revives a failed job; a delivered or failed ticket is never touched.
  */
 export async function requeueStalledReports(db: DbOrTx, stalledForMinutes: number): Promise<number> {
-  return addReportJobs(
+  const added = await addReportJobs(
     db,
     sql`exists (select 1 from ${dsrRequests} r where r.id = t.request_id and r.status in ('complete', 'failed')
               and coalesce(t.next_attempt_at, r.finished_at) < now() - make_interval(mins => ${stalledForMinutes}::int))`,
   );
+  return added.length;
 }
 
-async function addReportJobs(db: DbOrTx, cond: SQL): Promise<number> {
-  const rows = await db.execute(sql`
-    select graphile_worker.add_job('report_upstream',
-             json_build_object('ticketId', t.id, 'attempt', t.attempts + 1),
-             job_key => 'report:' || t.id || ':' || (t.attempts + 1),
-             max_attempts => 3,
-             -- Ahead of queued erasures: the work is done, only the proof is waiting to go out.
-             priority => -1)
+/**
+ * Report jobs go through the job outbox (kick it after the commit): an add_job would NOTIFY, and the commits of
+ * notifying transactions are serialised, which would put every erasure's commit in one line.
+ */
+/** Returns the outbox rows' ids (reportNow can deliver them right after the commit). */
+async function addReportJobs(db: DbOrTx, cond: SQL): Promise<number[]> {
+  const rows = await db.execute<{ id: number }>(sql`
+    insert into ${jobOutbox} (task, payload, job_key, max_attempts, priority)
+    select 'report_upstream', jsonb_build_object('ticketId', t.id, 'attempt', t.attempts + 1),
+           'report:' || t.id || ':' || (t.attempts + 1), 3,
+           -- Ahead of queued erasures: the work is done, only the proof is waiting to go out.
+           -1
     from ${upstreamTickets} t
-    where t.status = 'pending' and ${cond}`);
-  return rows.length;
+    where t.status = 'pending' and ${cond}
+    returning id`);
+  return rows.map((r) => Number(r.id));
 }

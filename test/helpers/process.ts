@@ -1,4 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -12,10 +14,21 @@ export interface Service {
 }
 
 /**
- * `npm start` as a newcomer runs it (tsx src/main.ts), with its own environment; `entry` runs another entry point
- * instead (e.g. `['bin/dsr-connector.mjs', 'serve']`).
+ * What `npm start` runs after `node`, read from package.json so tests and benchmarks start the service with the same
+ * flags (e.g. the V8 heap settings that keep its memory in bounds).
  */
-export function startService(env: NodeJS.ProcessEnv, args: string[] = [], entry = ['--import', 'tsx', 'src/main.ts']): Service {
+export const NPM_START_ARGS: string[] = (() => {
+  const pkg = JSON.parse(readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { scripts: { start: string } };
+  const [node, ...args] = pkg.scripts.start.split(/\s+/);
+  if (node !== 'node') throw new Error(`package.json scripts.start must run node directly (got "${pkg.scripts.start}")`);
+  return args;
+})();
+
+/**
+ * `npm start` as a newcomer runs it, with its own environment; `entry` runs another entry point instead (e.g.
+ * `['bin/dsr-connector.mjs', 'serve']`).
+ */
+export function startService(env: NodeJS.ProcessEnv, args: string[] = [], entry = NPM_START_ARGS): Service {
   const proc = spawn(process.execPath, [...entry, ...args], {
     cwd: ROOT,
     env,

@@ -14,6 +14,10 @@ import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { failFirst } from '../helpers/fake-vendor.ts';
 import { freePort } from '../../src/lib/net.ts';
+import { taskList } from '../../src/jobs/tasks.ts';
+import { runDueJobs } from '../../src/jobs/run-once.ts';
+import { executeRequest } from '../../src/privacy/execute.ts';
+import { reportNow } from '../../src/upstream/report.ts';
 
 let env: TestEnv;
 let a: CreatedWorkspace;
@@ -545,3 +549,45 @@ describe('webhook URLs', () => {
 function signed404Body() {
   return datagrailWebhook({ secret: DG_SECRET, body: datagrailBody({ webhook_request_id: randomUUID() }) });
 }
+
+describe('reports delivered by the job that finished the request', () => {
+  const dgCalls = (ticket: string) =>
+    datagrail.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE).filter((c) => JSON.parse(c.body).webhook_request_id === ticket);
+
+  async function dgTicket() {
+    const wrid = randomUUID();
+    const w = datagrailWebhook({
+      secret: DG_SECRET,
+      body: datagrailBody({ webhook_request_id: wrid, identifiers: { email: `${uniq('n')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+    });
+    const res = await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody);
+    expect(res.status, res.text).toBe(200);
+    return { wrid, requestId: res.json.received[0].requestId as string };
+  }
+
+  it('the execute job itself delivers the report: no report job is needed', async () => {
+    const { wrid, requestId } = await dgTicket();
+    // Only the execute_request task exists here: a report that waited for a report job would never be made.
+    const { execute_request } = taskList(env.deps);
+    await runDueJobs(env.sql, { connectionString: env.url, taskList: { execute_request }, logger: env.deps.logger, outbox: env.deps.outbox });
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
+    expect(dgCalls(wrid)).toHaveLength(1);
+    const [left] = await env.sql`select count(*)::int as n from job_outbox`;
+    expect(left!.n).toBe(0);
+  });
+
+  it('a report already handed to graphile-worker is left to its job: one delivery in all', async () => {
+    const { wrid, requestId } = await dgTicket();
+    await env.deps.outbox.flush();
+    const result = await executeRequest(env.deps, requestId, { attempt: 1, maxAttempts: 5 });
+    expect(result.kind).toBe('complete');
+    const reports = result.kind === 'complete' ? result.reports : [];
+    expect(reports).toHaveLength(1);
+    await env.deps.outbox.flush(); // a dispatcher got there first
+    await reportNow(env.deps, reports);
+    expect(dgCalls(wrid)).toHaveLength(0);
+    await settle(requestId);
+    expect(dgCalls(wrid)).toHaveLength(1);
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
+  });
+});
