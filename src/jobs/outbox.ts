@@ -32,19 +32,21 @@ export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<
   return rows[0]?.n ?? 0;
 }
 
-/** After a failed pass, the next one (unless a kick comes first). */
+/** After a failed pass, the next one (unless a kick comes first), doubling up to MAX_RETRY_MS. */
 const RETRY_MS = 1_000;
+const MAX_RETRY_MS = 30_000;
 
 /**
  * Runs dispatchOutbox in the background, one pass at a time per process: kick() after committing outbox rows. A kick
  * while a pass runs makes it go round once more, so rows committed during a pass are never left behind. A failed
- * pass (the database gone) is logged and tried again a second later; the rows stay meanwhile, and a worker's periodic
- * sweep moves them too (should this process stop first).
+ * pass (the database gone) is logged and tried again a second later, backing off while it keeps failing; the rows
+ * stay meanwhile, and a worker's periodic sweep moves them too (should this process stop first).
  */
 export class OutboxDispatcher {
   private running: Promise<void> | undefined;
   private again = false;
   private retry: ReturnType<typeof setTimeout> | undefined;
+  private failures = 0;
 
   constructor(
     private readonly db: DbOrTx,
@@ -90,15 +92,22 @@ export class OutboxDispatcher {
         while ((await dispatchOutbox(this.db)) === OUTBOX_BATCH);
       } catch (err) {
         this.logger.warn({ errorCode: pgCode(err) ?? (err as { code?: unknown }).code }, 'job outbox not dispatched; will retry');
+        this.failures++;
         if (!this.retry) {
-          this.retry = setTimeout(() => {
-            this.retry = undefined;
-            this.kick();
-          }, RETRY_MS);
+          // 1 s, doubling to 30 s while it keeps failing (e.g. a web process started before any worker installed
+          // graphile-worker's schema); the next successful pass resets it.
+          this.retry = setTimeout(
+            () => {
+              this.retry = undefined;
+              this.kick();
+            },
+            Math.min(RETRY_MS * 2 ** (this.failures - 1), MAX_RETRY_MS),
+          );
           this.retry.unref?.();
         }
         return;
       }
+      this.failures = 0;
     } while (this.again);
   }
 }

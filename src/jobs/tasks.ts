@@ -5,6 +5,7 @@ import type { UpstreamDeps } from '../upstream/context.ts';
 import { connectorsTick, pollConnector } from '../upstream/poll.ts';
 import { deliverReport, reportNow, reportPayload } from '../upstream/report.ts';
 import { maintenanceTick } from './maintenance.ts';
+import { errorCodeOf } from '../db/errors.ts';
 
 // Jobs outlive code and may be added from SQL: parse every payload before trusting it.
 const executeRequestPayload = z.object({ requestId: z.string().regex(/^req_[0-9a-z]{25}$/) });
@@ -27,8 +28,14 @@ export function taskList(deps: UpstreamDeps): TaskList {
       const result = await executeRequest(deps, p.requestId, { attempt: helpers.job.attempts, maxAttempts: helpers.job.max_attempts });
       // The proof goes out from this job, not after a report job waited for a slot; what is not delivered here (and
       // anything else in the outbox) goes to graphile-worker.
-      if (result.kind !== 'skipped') await reportNow(deps, result.reports);
-      deps.outbox.kick();
+      try {
+        if (result.kind !== 'skipped') await reportNow(deps, result.reports);
+      } catch (err) {
+        // The request is finished and committed; a report not claimed stays in the outbox for its own job.
+        deps.logger.warn({ requestId: p.requestId, errorCode: errorCodeOf(err) }, 'reports left to their jobs');
+      } finally {
+        deps.outbox.kick();
+      }
     },
     report_upstream: async (payload, helpers) => {
       const p = parse(reportPayload, payload, 'report_upstream', helpers.job.id);
