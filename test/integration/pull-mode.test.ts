@@ -102,6 +102,7 @@ describe('Transcend pull mode', () => {
     const { requeued } = await connectorsTick(env.deps);
     expect(requeued).toBe(1);
     // Reports go ahead of queued erasures (priority -1): the proof of finished work is not held up by new work.
+    await env.deps.outbox.idle(); // the tick kicked the outbox
     const [job] = await env.sql`select priority from graphile_worker._private_jobs where payload->>'ticketId' = ${ticket!.id}`;
     expect(job!.priority).toBe(-1);
     await env.runJobs();

@@ -46,6 +46,7 @@ async function publicColumns(env: TestEnv): Promise<Map<string, string[]>> {
  * workspace's rows of the tables that name a workspace.
  */
 export async function snapshot(env: TestEnv, opts: { workspaceId?: string } = {}): Promise<Record<string, string>> {
+  await env.deps.outbox.idle(); // jobs on their way from the outbox to graphile-worker land first
   const out: Record<string, string> = {};
   for (const [table, columns] of await publicColumns(env)) {
     const scopeColumn = table === 'workspaces' ? 'id' : columns.includes('workspace_id') ? 'workspace_id' : undefined;
@@ -69,6 +70,7 @@ export async function snapshot(env: TestEnv, opts: { workspaceId?: string } = {}
 
 /** Row counts of the tables a request, ticket, key, admin or session would land in. */
 export async function rowCounts(env: TestEnv): Promise<Record<string, number>> {
+  await env.deps.outbox.idle(); // jobs on their way from the outbox to graphile-worker land first
   const out: Record<string, number> = {};
   for (const table of (await publicColumns(env)).keys()) {
     const [row] = await env.sql.unsafe<{ n: number }[]>(`select count(*)::int as n from public.${quoteIdent(table)}`);
@@ -90,6 +92,7 @@ export interface StoredText {
  * and errors: what someone reading the database (or a dump of it) would see.
  */
 export async function everyStoredValue(env: TestEnv): Promise<StoredText[]> {
+  await env.deps.outbox.idle(); // jobs on their way from the outbox to graphile-worker land first
   const out: StoredText[] = [];
   for (const [table, columns] of await publicColumns(env)) {
     for (const column of columns) {
