@@ -23,11 +23,18 @@ import { commonErrors, ErrorBody, notFoundError, Pagination } from './schemas.ts
 
 export const MAX_PRIVACY_BATCH = 100;
 
+/**
+ * PostgreSQL text cannot hold a NUL character. The database would refuse the value, but only after the earlier items
+ * of a batch were stored, so it is refused here as that item's mistake.
+ */
+const noNul = (s: string) => !s.includes('\u0000');
+const NO_NUL = 'must not contain a NUL character';
+
 export const PrivacyRequestInput = z
   .object({
     action: z.enum(REQUEST_ACTIONS),
     scope: z.enum(['user', 'workspace']).default('user'),
-    userId: z.string().min(1).max(256).optional().openapi({ description: 'External user id (exact match)' }),
+    userId: z.string().min(1).max(256).refine(noNul, NO_NUL).optional().openapi({ description: 'External user id (exact match)' }),
     email: z
       .string()
       .trim()
@@ -39,6 +46,7 @@ export const PrivacyRequestInput = z
       .string()
       .min(1)
       .max(200)
+      .refine(noNul, NO_NUL)
       .optional()
       .openapi({ description: 'Your own id; resubmitting it returns the original request' }),
   })

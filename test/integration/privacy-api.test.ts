@@ -294,6 +294,26 @@ describe('POST /v1/privacy/requests', () => {
     expect(await workspaceJobCount(ws.workspaceId)).toBe(100);
   });
 
+  it('a NUL character in a later item is that item\'s mistake: the batch is answered per item, as stored', async () => {
+    const ws = await env.newWorkspace();
+    const res = await submit(ws, {
+      requests: [
+        { action: 'suppress', userId: 'nul-ok', externalRequestId: 'nul-1' },
+        { action: 'suppress', userId: 'nul-ok-2', externalRequestId: 'bad\u0000id' },
+        { action: 'suppress', userId: 'nul\u0000user' },
+      ],
+    });
+    expect(res.status, res.text).toBe(202);
+    expect(res.json.results.map((r: { accepted: boolean; reason?: string }) => [r.accepted, r.reason ?? null])).toEqual([
+      [true, null],
+      [false, 'invalid'],
+      [false, 'invalid'],
+    ]);
+    expect(JSON.stringify(res.json.results[1].details)).toMatch(/externalRequestId.*NUL/);
+    expect(await requestCount(ws.workspaceId)).toBe(1);
+    expect(await workspaceJobCount(ws.workspaceId)).toBe(1);
+  });
+
   it('a batch over 100 names the requests field in its details', async () => {
     const ws = await env.newWorkspace();
     const res = await submit(ws, {
