@@ -3,7 +3,8 @@ import postgres from 'postgres';
 import * as schema from './schema/index.ts';
 
 export type Schema = typeof schema;
-export type Db = PostgresJsDatabase<Schema>;
+/** drizzle over postgres.js; `$client` is the driver (prepared by default, see preparedByDefault). */
+export type Db = PostgresJsDatabase<Schema> & { $client: postgres.Sql };
 /** A drizzle transaction handle (what `db.transaction` passes to its callback). */
 export type Tx = Parameters<Parameters<Db['transaction']>[0]>[0];
 export type DbOrTx = Db | Tx;

@@ -16,6 +16,7 @@ export async function runDueJobs(
 ): Promise<void> {
   // Jobs in the outbox are due too (a worker's sweep would move them), including those the jobs just run added
   // (a finished erasure's reports): go round until a run leaves none behind.
+  const since = (await sql<{ t: Date }[]>`select now() as t`)[0]!.t;
   await opts.outbox.flush();
   for (let round = 0; ; round++) {
     await runOnce({
@@ -28,12 +29,13 @@ export async function runDueJobs(
     });
     await untilUnlocked(sql);
     await opts.outbox.flush();
-    // The outbox may also have been emptied in the background (the jobs kick it), so ask what is due now.
+    // The outbox may also have been emptied in the background (the jobs kick it), so ask the queue: jobs added since
+    // this call began, to run at once (not a retry scheduled for later that happens to be due by now), not yet run.
     const [due] = await sql<{ n: number }[]>`
       select count(*)::int as n from graphile_worker._private_jobs
-      where run_at <= now() and locked_at is null and attempts < max_attempts`;
+      where created_at >= ${since} and run_at <= created_at and attempts = 0 and locked_at is null`;
     if (due!.n === 0) return;
-    if (round >= 20) throw new Error('jobs kept adding due jobs for 20 rounds');
+    if (round >= 20) throw new Error('jobs kept adding jobs for 20 rounds');
   }
 }
 
