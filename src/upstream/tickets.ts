@@ -216,14 +216,18 @@ interface FreshRows {
 /**
  * The one-statement store, built by drizzle once per shape (with or without a token, with or without the version
  * check) with a placeholder for every value, so a webhook only fills in values: building the statement per request
- * cost more than a fifth of the web process's CPU per webhook. The rows' keys are the same for every ticket (the row
- * builders always set every key), which is what makes the text reusable.
+ * cost more than a fifth of the web process's CPU per webhook. The row builders set every key for every ticket, so
+ * there are at most four shapes: with or without a token id, with or without the version check (webhooks through a
+ * kept connector, or tickets a poll found).
  */
 const freshStatements = new Map<string, { sql: string; params: unknown[] }>();
 const dialect = new PgDialect();
 
 function freshStatement(db: DbOrTx, rows: FreshRows): { sql: string; params: unknown[] } {
-  const shape = `${rows.token ? 'token' : '-'}:${rows.current ? 'current' : '-'}`;
+  // The columns each row sets and the optional parts: the same for every webhook today, part of the key regardless.
+  const shape = [rows.token, rows.request, rows.ticket, rows.job, rows.current]
+    .map((row) => (row ? Object.keys(row).join(',') : '-'))
+    .join('|');
   const known = freshStatements.get(shape);
   if (known) return known;
   const request = placeholders('r.', rows.request);
