@@ -27,7 +27,7 @@ import { migrateDatabase } from '../src/db/migrate.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { freePort } from '../src/lib/net.ts';
 import {
-  callJson,
+  createBenchDataGrail,
   Databases,
   epochMs,
   fmtInt,
@@ -142,16 +142,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     [],
     ['--import', 'tsx', 'bench/baseline-server.ts'],
   );
-  const connector = await callJson<{ id: string; webhookPath: string }>(service.base, 'POST', '/v1/admin/connectors', {
-    key: ws.adminKey,
-    expect: 201,
-    body: {
-      vendor: 'datagrail',
-      name: 'Bench DataGrail',
-      config: { callbackHosts: ['127.0.0.1'] },
-      secrets: { webhookSecret: FAKE_DATAGRAIL_WEBHOOK_SECRET, apiKey: FAKE_DATAGRAIL_API_KEY },
-    },
-  });
+  const connector = await createBenchDataGrail(service.base, ws.adminKey);
 
   /** One round: a webhook for each of `roundUsers` at once; resolves with verified samples. */
   async function ticketRound(round: number, roundUsers: string[]): Promise<Sample[]> {

@@ -26,7 +26,6 @@ import { base64url } from 'jose';
 import type postgres from 'postgres';
 import {
   DATAGRAIL_CALLBACK_PATH,
-  FAKE_DATAGRAIL_API_KEY,
   FAKE_DATAGRAIL_WEBHOOK_SECRET,
   datagrailBody,
   datagrailWebhook,
@@ -38,6 +37,7 @@ import { NPM_START_ARGS } from '../test/helpers/process.ts';
 import { freePort } from '../src/lib/net.ts';
 import {
   callJson,
+  createBenchDataGrail,
   Databases,
   fmtInt,
   fmtMb,
@@ -427,16 +427,7 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const sql = database.sql;
   const ws = await createWorkspace(database.db, { name: 'Bench: intake' });
   const callbackUrl = `http://127.0.0.1:9${DATAGRAIL_CALLBACK_PATH}`; // never called: this process runs no worker
-  const dg = await callJson<{ id: string }>(web.base, 'POST', '/v1/admin/connectors', {
-    key: ws.adminKey,
-    expect: 201,
-    body: {
-      vendor: 'datagrail',
-      name: 'Bench DataGrail',
-      config: { callbackHosts: ['127.0.0.1'] },
-      secrets: { webhookSecret: FAKE_DATAGRAIL_WEBHOOK_SECRET, apiKey: FAKE_DATAGRAIL_API_KEY },
-    },
-  });
+  const dg = await createBenchDataGrail(web.base, ws.adminKey);
   const tc = await callJson<{ id: string }>(web.base, 'POST', '/v1/admin/connectors', {
     key: ws.adminKey,
     expect: 201,

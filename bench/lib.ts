@@ -13,6 +13,7 @@ import { withDatabase } from '../src/db/client.ts';
 import { quoteIdent, startEmbeddedPostgres } from '../src/db/embedded.ts';
 import { freePort } from '../src/lib/net.ts';
 import { childEnv, NPM_START_ARGS, startService, type Service } from '../test/helpers/process.ts';
+import { FAKE_DATAGRAIL_API_KEY, FAKE_DATAGRAIL_WEBHOOK_SECRET } from '../connectors/datagrail/fake.ts';
 import type { BenchContext } from './run.ts';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -456,6 +457,20 @@ export async function callJson<T>(
     throw new VerificationError(`${method} ${urlPath}: ${res.status} ${text.slice(0, 300)}`);
   }
   return (text ? JSON.parse(text) : undefined) as T;
+}
+
+/** A DataGrail connector with the fake's secrets, allowed to call back to loopback, created through the admin API. */
+export function createBenchDataGrail(base: string, adminKey: string): Promise<{ id: string; webhookPath: string }> {
+  return callJson(base, 'POST', '/v1/admin/connectors', {
+    key: adminKey,
+    expect: 201,
+    body: {
+      vendor: 'datagrail',
+      name: 'Bench DataGrail',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: FAKE_DATAGRAIL_WEBHOOK_SECRET, apiKey: FAKE_DATAGRAIL_API_KEY },
+    },
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -126,6 +126,12 @@ export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, i
   deps.logger.info({ connectorId: id }, 'connector deleted');
 }
 
+/**
+ * A connector row's version: its xmin, which every UPDATE of the row changes (whoever makes it), and which freezing
+ * keeps. What a webhook was verified with is current exactly when the row still has this version.
+ */
+const rowVersion = sql<string>`${connectors}.xmin::text`;
+
 /** The connector a webhook URL names, if it exists, is enabled and belongs to that vendor; with its row version. */
 export async function findWebhookConnector(
   db: Db,
@@ -146,12 +152,6 @@ export async function findWebhookConnector(
     );
   return row;
 }
-
-/**
- * A connector row's version: its xmin, which every UPDATE of the row changes (whoever makes it), and which freezing
- * keeps. What a webhook was verified with is current exactly when the row still has this version.
- */
-const rowVersion = sql<string>`${connectors}.xmin::text`;
 
 /** The connector as a webhook found it: still this version, enabled and not deleted (SQL true/false). */
 export function connectorIsCurrent(c: { id: string; version: string }): SQL {
