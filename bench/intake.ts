@@ -446,6 +446,9 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
     transcendSide(sql, tc.id, transcend, tag),
     baselineSide(sql, callbackUrl, true),
   ];
+  // BENCH_INTAKE_SIDES=baseline,DataGrail runs only those sides (e.g. to profile one of them); the baseline always runs.
+  const only = process.env.BENCH_INTAKE_SIDES?.split(',').map((x) => x.trim().toLowerCase());
+  if (only) sides.splice(0, sides.length, ...sides.filter((s) => s.name === 'baseline' || only.includes(s.name.toLowerCase())));
   const isBaseline = (s: Side) => s.name.startsWith('baseline');
   const baseOf = (s: Side) => (isBaseline(s) ? baseline.base : web.base);
   const pidOf = (s: Side) => (isBaseline(s) ? baseline.pid : web.pid);
@@ -522,6 +525,7 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const figures: Figure[] = [];
   for (const name of ['baseline', 'baseline+NOTIFY', 'DataGrail', 'Transcend'] as const) {
     const rs = results.filter((r) => r.side === name);
+    if (rs.length === 0) continue; // left out by BENCH_INTAKE_SIDES
     const perSec = rs.map((r) => r.reqPerSec);
     const paired = median(
       rs.map((r) => r.reqPerSec / results.find((b) => b.side === 'baseline' && b.round === r.round)!.reqPerSec),

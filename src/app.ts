@@ -65,14 +65,25 @@ export function newApp(deps: AppDeps): App {
       'http request',
     );
   });
-  app.use(
-    bodyLimit({
-      maxSize: deps.bodyLimitBytes,
-      onError: () => {
-        throw new ApiError('payload_too_large', `body exceeds ${deps.bodyLimitBytes} bytes`);
-      },
-    }),
-  );
+  const tooLarge = () => new ApiError('payload_too_large', `body exceeds ${deps.bodyLimitBytes} bytes`);
+  const limitStreamed = bodyLimit({
+    maxSize: deps.bodyLimitBytes,
+    onError: () => {
+      throw tooLarge();
+    },
+  });
+  app.use(async (c, next) => {
+    // A declared length is checked as declared: the HTTP parser never reads past it. Only a body without one
+    // (chunked) is counted as it streams in, by hono's bodyLimit, which reads the request as a web stream (building
+    // the whole Request object, which a declared length spares every webhook). GET and HEAD bodies are never read.
+    const declared = c.req.header('content-length');
+    if (declared !== undefined && c.req.header('transfer-encoding') === undefined) {
+      if (Number(declared) > deps.bodyLimitBytes) throw tooLarge();
+      return next();
+    }
+    if (c.req.method === 'GET' || c.req.method === 'HEAD') return next();
+    return limitStreamed(c, next);
+  });
   app.use(async (c, next) => {
     const length = c.req.header('content-length');
     const hasBody = (length !== undefined && length !== '0') || c.req.header('transfer-encoding') !== undefined;

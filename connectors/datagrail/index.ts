@@ -67,6 +67,8 @@ export function subjectFrom(identifiers: Record<string, unknown>, preferred: Con
   return null;
 }
 
+const objectBodySchema = z.looseObject({});
+
 const actionBodySchema = z.looseObject({
   // A UUID in DataGrail's docs; other ids are tolerated since it is only our deduplication key.
   webhook_request_id: z.string().trim().min(1).max(200),
@@ -120,7 +122,7 @@ export const datagrail: Connector<Config, Secrets> = {
   },
 
   parse(req, conn) {
-    const body = parseWith(z.looseObject({}), parseJson(req.rawBody), 'DataGrail webhook body');
+    const body = parseWith(objectBodySchema, parseJson(req.rawBody), 'DataGrail webhook body');
     const requestType = requestTypeOf(body);
     if (requestType === undefined) {
       throw new WebhookPayloadError('validation_failed', 'DataGrail webhook body has no request_type', [

@@ -65,13 +65,17 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
     const connector = cached ?? (await connectors.load(vendor, connectorId));
     if (!connector) throw new ApiError('not_found', 'no such webhook');
     const req: RawWebhook = { rawBody: await c.req.text(), header: (n) => c.req.header(n), receivedAt: new Date() };
-    let log = deps.logger.child({ requestId: c.get('requestId'), connectorId: connector.row.id, vendor: connector.row.vendor });
+    // The connector that decided (the kept copy, or the reloaded one); its logger is made only when something is logged.
+    let decider = connector;
+    const log = () =>
+      deps.logger.child({ requestId: c.get('requestId'), connectorId: decider.row.id, vendor: decider.row.vendor });
     const handle = async (conn: WebhookConnector) => {
+      decider = conn;
       const { adapter, instance, row, version } = conn;
       const verified = await adapter.verify(req, instance, adapterContext(deps));
       const parsed = adapter.parse(req, instance, verified);
       if (parsed.kind === 'health_check') {
-        log.info('health check answered');
+        log().info('health check answered');
         return c.json({ received: [] }, 200);
       }
       const received = await receiveTickets(deps, { id: row.id, workspaceId: row.workspaceId, version }, parsed.tickets, verified, req.rawBody);
@@ -88,7 +92,6 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
         const current = await connectors.load(vendor, connectorId);
         if (!current) throw new ApiError('not_found', 'no such webhook');
         if (current.version === connector.version) throw err;
-        log = deps.logger.child({ requestId: c.get('requestId'), connectorId: current.row.id, vendor: current.row.vendor });
         return await handle(current);
       }
     } catch (err) {
@@ -98,9 +101,9 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
         throw new ApiError('service_unavailable', 'the connector changed while this webhook was handled; retry');
       }
       const mapped = toApiError(err);
-      if (mapped instanceof ApiError && mapped.status < 500) log.warn({ code: mapped.code, reason: mapped.message }, 'webhook refused');
+      if (mapped instanceof ApiError && mapped.status < 500) log().warn({ code: mapped.code, reason: mapped.message }, 'webhook refused');
       if (mapped instanceof ApiError && mapped.code === 'service_unavailable') {
-        log.warn({ reason: mapped.message }, 'webhook could not be verified now');
+        log().warn({ reason: mapped.message }, 'webhook could not be verified now');
         c.header('Retry-After', '30');
       }
       throw mapped;

@@ -25,7 +25,11 @@ export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<
     specs as (
       select distinct on (coalesce(job_key, 'row:' || id)) *
       from batch order by coalesce(job_key, 'row:' || id), id desc)
-    select case when exists (select 1 from specs) then (
+    -- Custom plans for add_jobs' statements (CASE evaluates its conditions in order, so this comes first; local to
+    -- the transaction). Its key-clearing UPDATE joins the job table; a plan cached while that table was small scans
+    -- all of it on every call, so each call would cost more the more jobs are waiting.
+    select case when set_config('plan_cache_mode', 'force_custom_plan', true) is null then 0
+                when exists (select 1 from specs) then (
       select count(*)::int from graphile_worker.add_jobs(array(
         select (task, payload::json, null, null, max_attempts::smallint, job_key, priority::smallint, null)::graphile_worker.job_spec
         from specs order by id))) else 0 end as n`);

@@ -101,13 +101,17 @@ export function auditFinishedAt(startedAt: Date): Date {
 }
 
 export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<AuditRecord> {
-  await lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]);
-  const [head] = await tx
-    .select({ seq: auditRecords.chainSeq, hash: auditRecords.hash })
-    .from(auditRecords)
-    .where(and(eq(auditRecords.workspaceId, values.workspaceId), isNotNull(auditRecords.chainSeq)))
-    .orderBy(desc(auditRecords.chainSeq))
-    .limit(1);
+  // Sent together, run in order: the head is read by a statement that starts once the chain lock is held, so (read
+  // committed: a snapshot per statement) it sees the record the previous holder committed. One round trip, not two.
+  const [, [head]] = await Promise.all([
+    lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]),
+    tx
+      .select({ seq: auditRecords.chainSeq, hash: auditRecords.hash })
+      .from(auditRecords)
+      .where(and(eq(auditRecords.workspaceId, values.workspaceId), isNotNull(auditRecords.chainSeq)))
+      .orderBy(desc(auditRecords.chainSeq))
+      .limit(1),
+  ]);
   const startedAt = ms(values.startedAt);
   const finishedAt = values.finishedAt ? ms(values.finishedAt) : auditFinishedAt(startedAt);
   const record: Hashed = {

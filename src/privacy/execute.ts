@@ -109,11 +109,11 @@ async function finish(
   startedAt: Date,
   result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
 ): Promise<{ request: DsrRequest; audit: AuditRecord; reports: number[] }> {
-  // The request row and its reports first, the audit record last: appending takes the workspace's chain lock, which
-  // is then held only for the append and the commit.
+  // One round trip for the request row, its reports and the chain lock with the chain's head (sent in this order,
+  // so the workspace's chain lock is taken last and held only for the append and the commit).
   const auditId = newId('aud');
   const finishedAt = auditFinishedAt(startedAt);
-  const [request] = await tx
+  const updating = tx
     .update(dsrRequests)
     .set({
       status: result.status,
@@ -129,9 +129,10 @@ async function finish(
       updatedAt: sql`now()`,
     })
     .where(eq(dsrRequests.id, req.id))
-    .returning();
-  const reports = await enqueueReports(tx, { requestId: req.id });
-  const audit = await appendAudit(tx, {
+    .returning()
+    .then((rows) => rows); // sent now, ahead of the statements below
+  const reporting = enqueueReports(tx, { requestId: req.id });
+  const auditing = appendAudit(tx, {
     id: auditId,
     finishedAt,
     workspaceId: req.workspaceId,
@@ -149,6 +150,7 @@ async function finish(
     errorCode: result.errorCode,
     startedAt,
   });
+  const [[request], reports, audit] = await Promise.all([updating, reporting, auditing]);
   return { request: request!, audit, reports };
 }
 
@@ -166,7 +168,6 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: DsrRequest): Promise<Applied
         return setSuppression(tx, req.workspaceId, null, req);
     }
   }
-  await lockKeys(tx, 'shared', [workspaceLockKey(req.workspaceId)]);
   const users = await resolveAndLock(tx, req);
   if (users.length === 0) return { outcome: 'not_found', counts: {} };
   switch (req.action) {
@@ -183,7 +184,11 @@ interface ResolvedUser {
   externalId: string;
 }
 
-/** Finds the subject's profiles (an email may match several) and takes their exclusive locks before acting. */
+/**
+ * Takes the workspace's shared lock, finds the subject's profiles (an email may match several) and takes their
+ * exclusive locks before acting. Each lookup is sent together with the locks it must come after (run in order, a
+ * snapshot per statement), so the common case is one round trip.
+ */
 async function resolveAndLock(tx: Tx, req: DsrRequest): Promise<ResolvedUser[]> {
   if (req.subjectValue === null) throw new DomainError('subject_missing', 'request has no subject identifier');
   const value = req.subjectValue;
@@ -200,22 +205,26 @@ async function resolveAndLock(tx: Tx, req: DsrRequest): Promise<ResolvedUser[]> 
         ),
       );
   const locked = new Set<string>();
+  // lockKeys sends its statement when called, so each batch's locks go out ahead of the lookup awaited with them.
+  const locks = [lockKeys(tx, 'shared', [workspaceLockKey(req.workspaceId)])];
   // An external id is known up front; an email is resolved first, then re-resolved under the locks.
   if (req.subjectKind === 'user_id') {
-    await lockKeys(tx, 'exclusive', [userLockKey(req.workspaceId, value)]);
+    locks.push(lockKeys(tx, 'exclusive', [userLockKey(req.workspaceId, value)]));
     locked.add(value);
   }
-  for (let round = 0; round < 5; round++) {
-    const users = await find();
+  let [users] = await Promise.all([find(), ...locks]);
+  for (let round = 1; round < 5; round++) {
     const missing = users.filter((u) => !locked.has(u.externalId));
     if (missing.length === 0) return users;
-    await lockKeys(
+    const locking = lockKeys(
       tx,
       'exclusive',
       missing.map((u) => userLockKey(req.workspaceId, u.externalId)),
     );
     for (const u of missing) locked.add(u.externalId);
+    [users] = await Promise.all([find(), locking]);
   }
+  if (users.every((u) => locked.has(u.externalId))) return users;
   throw new DomainError('subject_unstable', 'subject profiles kept changing during resolution');
 }
 
@@ -223,7 +232,8 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
   const ids = users.map((u) => u.id);
   const externalIds = users.map((u) => u.externalId);
   // Sent together and run in this order on the transaction's connection (one round trip instead of eight); the
-  // check that nothing remains runs after the deletes, and a failure of any statement rolls all of them back.
+  // check that nothing remains runs after the deletes, and a failure of any statement (or that check) rolls all of
+  // them back, the erasure markers included.
   const [m, c, e, q, s, p, left] = await Promise.all([
     tx.delete(messages).where(inArray(messages.userId, ids)),
     tx.delete(conversations).where(inArray(conversations.userId, ids)),
@@ -240,6 +250,19 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
         + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})
         + (select count(*) from ${suppressions} where ${inArray(suppressions.userId, ids)})
       )::int as remaining`),
+    tx
+      .insert(erasureMarkers)
+      .values(
+        externalIds.map((ext) => ({
+          workspaceId,
+          userDigest: subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext),
+          erasedAt: sql`clock_timestamp()`,
+        })),
+      )
+      .onConflictDoUpdate({
+        target: [erasureMarkers.workspaceId, erasureMarkers.userDigest],
+        set: { erasedAt: sql`excluded.erased_at` },
+      }),
   ]);
   const counts: AuditCounts = {
     messages: m.count,
@@ -252,19 +275,6 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
   if (left[0]?.remaining !== 0) {
     throw new DomainError('erasure_verification_failed', 'data of the subject remained after erasure');
   }
-  await tx
-    .insert(erasureMarkers)
-    .values(
-      externalIds.map((ext) => ({
-        workspaceId,
-        userDigest: subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext),
-        erasedAt: sql`clock_timestamp()`,
-      })),
-    )
-    .onConflictDoUpdate({
-      target: [erasureMarkers.workspaceId, erasureMarkers.userDigest],
-      set: { erasedAt: sql`excluded.erased_at` },
-    });
   return { outcome: 'erased', counts };
 }
 

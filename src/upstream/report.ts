@@ -28,13 +28,14 @@ export function retryDelayMs(policy: ReportPolicy, attempt: number, retryAfterMs
  */
 export async function deliverReport(deps: UpstreamDeps, ticketId: string, attempt: number): Promise<DeliveryResult> {
   const [row] = await deps.db
-    .select({ ticket: upstreamTickets, request: dsrRequests, connector: connectors })
+    .select({ ticket: upstreamTickets, request: dsrRequests, connector: connectors, counts: auditRecords.counts })
     .from(upstreamTickets)
     .innerJoin(dsrRequests, eq(dsrRequests.id, upstreamTickets.requestId))
     .innerJoin(connectors, eq(connectors.id, upstreamTickets.connectorId))
+    .leftJoin(auditRecords, eq(auditRecords.id, dsrRequests.auditRecordId))
     .where(eq(upstreamTickets.id, ticketId));
   if (!row) return { kind: 'skipped', reason: 'missing' };
-  const { ticket, request, connector } = row;
+  const { ticket, request, connector, counts } = row;
   if (ticket.status !== 'pending') return { kind: 'skipped', reason: 'not_pending' };
   if (ticket.attempts + 1 !== attempt) return { kind: 'skipped', reason: 'stale_attempt' };
   if ((request.status !== 'complete' && request.status !== 'failed') || !request.auditRecordId) {
@@ -46,13 +47,12 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
   if (connector.deletedAt || !connector.secretsSealed) {
     result = { kind: 'permanent', error: 'connector_deleted: the connector was deleted before the report was delivered' };
   } else {
-    const [audit] = await deps.db.select().from(auditRecords).where(eq(auditRecords.id, request.auditRecordId));
     const outcome: TicketOutcome = {
       requestId: request.id,
       auditRecordId: request.auditRecordId,
       status: request.status,
       outcome: request.outcome ?? 'failed',
-      counts: (audit?.counts ?? {}) as Record<string, number>,
+      counts: (counts ?? {}) as Record<string, number>,
       errorCode: request.errorCode,
     };
     const stored: StoredTicket = {
@@ -79,19 +79,20 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
   const delayMs = result.kind === 'retry' ? retryDelayMs(policy, attempt, result.retryAfterMs) : 0;
   const error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
 
-  await deps.db.transaction(async (tx) => {
-    if (result.kind === 'delivered') {
-      // The per-ticket capability (e.g. a nonce) has served its purpose: wipe it.
-      await tx
-        .update(upstreamTickets)
-        .set({ status: 'delivered', attempts: attempt, deliveredAt: sql`now()`, lastError: null, nextAttemptAt: null, secretSealed: null, updatedAt: sql`now()` })
-        .where(eq(upstreamTickets.id, ticketId));
-    } else if (result.kind === 'permanent' || outOfAttempts) {
-      await tx
-        .update(upstreamTickets)
-        .set({ status: 'failed', attempts: attempt, lastError: error, nextAttemptAt: null, updatedAt: sql`now()` })
-        .where(eq(upstreamTickets.id, ticketId));
-    } else {
+  if (result.kind === 'delivered') {
+    // One statement, committed on its own. The per-ticket capability (e.g. a nonce) has served its purpose: wipe it.
+    await deps.db
+      .update(upstreamTickets)
+      .set({ status: 'delivered', attempts: attempt, deliveredAt: sql`now()`, lastError: null, nextAttemptAt: null, secretSealed: null, updatedAt: sql`now()` })
+      .where(eq(upstreamTickets.id, ticketId));
+  } else if (result.kind === 'permanent' || outOfAttempts) {
+    await deps.db
+      .update(upstreamTickets)
+      .set({ status: 'failed', attempts: attempt, lastError: error, nextAttemptAt: null, updatedAt: sql`now()` })
+      .where(eq(upstreamTickets.id, ticketId));
+  } else {
+    // The next attempt is recorded and scheduled in one transaction.
+    await deps.db.transaction(async (tx) => {
       const runAt = new Date(Date.now() + delayMs);
       await tx
         .update(upstreamTickets)
@@ -103,8 +104,8 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
                  run_at => ${runAt.toISOString()}::timestamptz,
                  job_key => ${`report:${ticketId}:${attempt + 1}`}::text,
                  max_attempts => 3)`);
-    }
-  });
+    });
+  }
 
   if (result.kind === 'delivered') {
     log.info('report delivered');

@@ -177,13 +177,8 @@ async function receiveFreshTicket(
 ): Promise<ReceivedTicket | undefined> {
   const v = intakeInputSchema.parse(ticketIntake(connector, t));
   const request = newRequestRow(actor, v, requestDigest(deps, v));
-  const ticket = newTicketRow(
-    deps,
-    connector,
-    t,
-    subjectDigest(deps.digestKey, connector.workspaceId, t.subject.kind, t.subject.value),
-    request.id,
-  );
+  // The same digest as the request's: the intake schema only trims an email, which the digest does anyway.
+  const ticket = newTicketRow(deps, connector, t, request.subjectDigest, request.id);
   const rows: FreshRows = {
     token: verified.tokenId ? tokenRow(connector.id, verified, rawBody) : undefined,
     request,
