@@ -162,4 +162,17 @@ describe('connectors kept between webhooks', () => {
     expect((await deliver('datagrail', id, dgWebhook('secret-6'))).status).toBe(200);
     expectError(await deliver('transcend', id, dgWebhook('secret-6')), 404, 'not_found');
   });
+
+  it('the database refuses a ticket filed under a workspace other than its connector’s', async () => {
+    const id = await datagrail('secret-7');
+    const res = await deliver('datagrail', id, dgWebhook('secret-7'));
+    expect(res.status, res.text).toBe(200);
+    const other = await env.newWorkspace('cache-other');
+    const ticketId = res.json.received[0].ticketId as string;
+    // One key over (workspace, connector): moving a ticket to another workspace breaks it, as would a new one.
+    await expect(env.sql`update upstream_tickets set workspace_id = ${other.workspaceId} where id = ${ticketId}`).rejects.toMatchObject({
+      code: '23503',
+      constraint_name: 'upstream_tickets_connector_fk',
+    });
+  });
 });

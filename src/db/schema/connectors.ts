@@ -2,6 +2,7 @@ import { sql } from 'drizzle-orm';
 import {
   boolean,
   check,
+  foreignKey,
   index,
   integer,
   jsonb,
@@ -42,7 +43,8 @@ export const connectors = pgTable(
     deletedAt: ts('deleted_at'),
   },
   (t) => [
-    index('connectors_workspace_idx').on(t.workspaceId, t.id),
+    // Unique so that a ticket can name its connector together with the workspace (upstream_tickets_connector_fk).
+    uniqueIndex('connectors_workspace_idx').on(t.workspaceId, t.id),
     check('connectors_vendor_ck', sql`${t.vendor} in ('transcend', 'onetrust', 'datagrail')`),
     check('connectors_deleted_wiped_ck', sql`${t.deletedAt} is null or ${t.secretsSealed} is null`),
   ],
@@ -60,8 +62,9 @@ export const upstreamTickets = pgTable(
   'upstream_tickets',
   {
     id: text('id').primaryKey(),
-    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
-    connectorId: text('connector_id').notNull().references(() => connectors.id),
+    /** The connector's workspace (upstream_tickets_connector_fk checks both columns together). */
+    workspaceId: text('workspace_id').notNull(),
+    connectorId: text('connector_id').notNull(),
     /** The vendor's stable id for this ticket: the deduplication key for redeliveries. */
     ticketKey: text('ticket_key').notNull(),
     requestId: text('request_id').notNull().references(() => dsrRequests.id),
@@ -80,6 +83,13 @@ export const upstreamTickets = pgTable(
     updatedAt: ts('updated_at').notNull().defaultNow(),
   },
   (t) => [
+    // One key for both columns: the ticket's workspace is its connector's, and each stored ticket locks one parent
+    // row instead of two (with a separate workspace key, every webhook locked the busy workspace row twice).
+    foreignKey({
+      name: 'upstream_tickets_connector_fk',
+      columns: [t.workspaceId, t.connectorId],
+      foreignColumns: [connectors.workspaceId, connectors.id],
+    }),
     uniqueIndex('upstream_tickets_key_uq').on(t.connectorId, t.ticketKey),
     index('upstream_tickets_request_idx').on(t.requestId),
     index('upstream_tickets_workspace_idx').on(t.workspaceId, t.id),
