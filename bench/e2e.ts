@@ -27,6 +27,7 @@ import { migrateDatabase } from '../src/db/migrate.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { freePort } from '../src/lib/net.ts';
 import {
+  cpuMs,
   createBenchDataGrail,
   Databases,
   epochMs,
@@ -35,6 +36,7 @@ import {
   loadAvg,
   median,
   percentile,
+  postgresCpuMs,
   seconds,
   seedUsers,
   serviceEnv,
@@ -274,10 +276,21 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   ctx.cleanup.add('stop wait sampler', () => waits.stop().then(() => {}));
   const floorConcurrent: number[] = [];
   const floorSingle: number[] = [];
+  // CPU spent during the bursts (each process's own count): where a ticket's cost lands on this machine.
+  const burstCpu = { service: 0, postgres: 0, bench: 0 };
+  const servicePids = [service.pid, ...(worker ? [worker.pid] : [])];
+  const cpuNow = () => ({
+    service: servicePids.reduce((sum, pid) => sum + (cpuMs(pid) ?? 0), 0),
+    postgres: postgresCpuMs(),
+    bench: (process.cpuUsage().user + process.cpuUsage().system) / 1000,
+  });
   for (let round = 1; round <= rounds; round++) {
     if (ctx.interrupted()) return [];
     await dbs.checkpoint();
+    const before = cpuNow();
     const s = await ticketRound(round, takeUsers(perRound));
+    const after = cpuNow();
+    for (const k of ['service', 'postgres', 'bench'] as const) burstCpu[k] += after[k] - before[k];
     samples.push(...s);
     for (let i = 0; i < SOLO_PER_ROUND; i++) solo.push(...(await ticketRound(round, takeUsers(1))));
     const f = await floorRound();
@@ -336,6 +349,11 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     ].join('\n'),
   );
   console.log(`\nPostgreSQL sessions of the service during the measured rounds (sampled every 20 ms): ${waitSummary}`);
+  const perTicket = (ms: number) => (ms / samples.length).toFixed(1);
+  console.log(
+    `CPU per ticket during the bursts (ms): service ${perTicket(burstCpu.service)}, PostgreSQL ${perTicket(burstCpu.postgres)}, ` +
+      `this process (load, fake vendor, checks) ${perTicket(burstCpu.bench)}; ${os.cpus().length} cores`,
+  );
   console.log(`\nload average at end: ${loadAvg()}`);
 
   const total = pick('totalMs');

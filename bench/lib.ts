@@ -4,7 +4,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -362,6 +362,22 @@ export const MEMORY_TARGET_MB = 250;
 let clockTicks: number | undefined;
 
 /** CPU time (user + system) a process has used so far, in ms; undefined where /proc is not readable. */
+/** CPU time (user + system) of every process named `postgres` on this machine, in ms. */
+export function postgresCpuMs(): number {
+  let total = 0;
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      if (stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')) !== 'postgres') continue;
+      total += cpuMs(Number(entry)) ?? 0;
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return total;
+}
+
 export function cpuMs(pid: number): number | undefined {
   try {
     clockTicks ??= Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;

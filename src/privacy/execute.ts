@@ -36,10 +36,37 @@ export interface ExecuteOptions {
  * `reports`: the job-outbox rows of the request's report jobs, committed with it; the caller delivers them at once
  * (reportNow) or lets the outbox hand them to graphile-worker (kick).
  */
+/** What running a request reads of its row (returned by the statement that marks it running). */
+const runningColumns = {
+  id: dsrRequests.id,
+  workspaceId: dsrRequests.workspaceId,
+  action: dsrRequests.action,
+  scope: dsrRequests.scope,
+  subjectKind: dsrRequests.subjectKind,
+  subjectValue: dsrRequests.subjectValue,
+  subjectDigest: dsrRequests.subjectDigest,
+  actorType: dsrRequests.actorType,
+  actorId: dsrRequests.actorId,
+  upstreamRef: dsrRequests.upstreamRef,
+  startedAt: dsrRequests.startedAt,
+};
+type RunningRequest = Pick<DsrRequest, keyof typeof runningColumns>;
+
+/** The finished request's outcome columns. */
+const finishedColumns = {
+  id: dsrRequests.id,
+  status: dsrRequests.status,
+  outcome: dsrRequests.outcome,
+  errorCode: dsrRequests.errorCode,
+  auditRecordId: dsrRequests.auditRecordId,
+  finishedAt: dsrRequests.finishedAt,
+};
+export type FinishedRequest = Pick<DsrRequest, keyof typeof finishedColumns>;
+
 export type ExecuteResult =
   | { kind: 'skipped'; reason: 'missing' | 'terminal' }
-  | { kind: 'complete'; request: DsrRequest; audit: AuditRecord; reports: number[] }
-  | { kind: 'failed'; request: DsrRequest; audit: AuditRecord; reports: number[]; errorCode: string };
+  | { kind: 'complete'; request: FinishedRequest; audit: AuditRecord; reports: number[] }
+  | { kind: 'failed'; request: FinishedRequest; audit: AuditRecord; reports: number[]; errorCode: string };
 
 export class TransientFailure extends Error {
   constructor(readonly code: string) {
@@ -72,7 +99,7 @@ export async function executeRequest(
       updatedAt: sql`now()`,
     })
     .where(and(eq(dsrRequests.id, requestId), inArray(dsrRequests.status, ['queued', 'running'])))
-    .returning();
+    .returning(runningColumns);
   if (!running) {
     const [exists] = await ctx.db.select({ id: dsrRequests.id }).from(dsrRequests).where(eq(dsrRequests.id, requestId));
     return { kind: 'skipped', reason: exists ? 'terminal' : 'missing' };
@@ -105,10 +132,10 @@ export async function executeRequest(
 async function finish(
   tx: Tx,
   ctx: PrivacyDeps,
-  req: DsrRequest,
+  req: RunningRequest,
   startedAt: Date,
   result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
-): Promise<{ request: DsrRequest; audit: AuditRecord; reports: number[] }> {
+): Promise<{ request: FinishedRequest; audit: AuditRecord; reports: number[] }> {
   // One round trip for the request row, its reports and the chain lock with the chain's head (sent in this order,
   // so the workspace's chain lock is taken last and held only for the append and the commit).
   const auditId = newId('aud');
@@ -129,7 +156,7 @@ async function finish(
       updatedAt: sql`now()`,
     })
     .where(eq(dsrRequests.id, req.id))
-    .returning()
+    .returning(finishedColumns)
     .then((rows) => rows); // sent now, ahead of the statements below
   const reporting = enqueueReports(tx, { requestId: req.id });
   const auditing = appendAudit(tx, {
@@ -157,7 +184,7 @@ async function finish(
 /** Where a failed request's sealed identifier is bound: it opens only on its own row. */
 export const subjectSealContext = (requestId: string) => `dsr_requests:${requestId}:subject`;
 
-async function apply(tx: Tx, ctx: PrivacyDeps, req: DsrRequest): Promise<Applied> {
+async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<Applied> {
   if (req.scope === 'workspace') {
     await lockKeys(tx, 'exclusive', [workspaceLockKey(req.workspaceId)]);
     switch (req.action) {
@@ -189,7 +216,7 @@ interface ResolvedUser {
  * exclusive locks before acting. Each lookup is sent together with the locks it must come after (run in order, a
  * snapshot per statement), so the common case is one round trip.
  */
-async function resolveAndLock(tx: Tx, req: DsrRequest): Promise<ResolvedUser[]> {
+async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser[]> {
   if (req.subjectValue === null) throw new DomainError('subject_missing', 'request has no subject identifier');
   const value = req.subjectValue;
   const find = () =>
@@ -309,7 +336,7 @@ async function setSuppression(
   tx: Tx,
   workspaceId: string,
   users: ResolvedUser[] | null,
-  req: DsrRequest,
+  req: RunningRequest,
 ): Promise<Applied> {
   if (req.action === 'suppress') {
     const rows = users

@@ -27,8 +27,33 @@ export function retryDelayMs(policy: ReportPolicy, attempt: number, retryAfterMs
  * dropped silently: it ends delivered, or failed with its last error for an operator to see.
  */
 export async function deliverReport(deps: UpstreamDeps, ticketId: string, attempt: number): Promise<DeliveryResult> {
+  // Only the columns a report uses: building and mapping whole rows of three tables cost more CPU than the query.
+  const t = upstreamTickets;
+  const r = dsrRequests;
+  const c = connectors;
   const [row] = await deps.db
-    .select({ ticket: upstreamTickets, request: dsrRequests, connector: connectors, counts: auditRecords.counts })
+    .select({
+      ticket: {
+        id: t.id,
+        ticketKey: t.ticketKey,
+        upstreamRef: t.upstreamRef,
+        upstream: t.upstream,
+        secretSealed: t.secretSealed,
+        action: t.action,
+        status: t.status,
+        attempts: t.attempts,
+      },
+      request: { id: r.id, status: r.status, outcome: r.outcome, auditRecordId: r.auditRecordId, errorCode: r.errorCode },
+      connector: {
+        id: c.id,
+        workspaceId: c.workspaceId,
+        vendor: c.vendor,
+        config: c.config,
+        secretsSealed: c.secretsSealed,
+        deletedAt: c.deletedAt,
+      },
+      counts: auditRecords.counts,
+    })
     .from(upstreamTickets)
     .innerJoin(dsrRequests, eq(dsrRequests.id, upstreamTickets.requestId))
     .innerJoin(connectors, eq(connectors.id, upstreamTickets.connectorId))

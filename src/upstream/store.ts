@@ -208,7 +208,7 @@ export class WebhookConnectors {
 /** Opens a stored connector for its adapter: config re-validated (fills newer defaults), secrets unsealed. */
 export function openConnector(
   sealer: Sealer,
-  row: ConnectorRow,
+  row: Pick<ConnectorRow, 'id' | 'workspaceId' | 'vendor' | 'config' | 'secretsSealed'>,
 ): { adapter: AnyConnector; instance: ConnectorInstance } {
   const adapter = adapterOf(row.vendor);
   if (!row.secretsSealed) throw new Error('connector has no secrets (deleted)');

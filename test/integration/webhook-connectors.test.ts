@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { datagrailBody, datagrailWebhook, FAKE_DATAGRAIL_API_KEY } from '../../connectors/datagrail/fake.ts';
 import { onetrustWebhook } from '../../connectors/onetrust/fake.ts';
+import { freshWriter } from '../../src/upstream/tickets.ts';
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { uniq } from '../helpers/factories.ts';
 
@@ -174,5 +175,41 @@ describe('connectors kept between webhooks', () => {
       code: '23503',
       constraint_name: 'upstream_tickets_connector_fk',
     });
+  });
+
+  it('concurrent webhooks share store statements; a copy or an unstorable value among them gets its own answer', async () => {
+    const id = await datagrail('secret-8');
+    const hooks = Array.from({ length: 16 }, () => dgWebhook('secret-8'));
+    const copy = hooks[5]!; // the same ticket delivered twice at once
+    // A NUL character passes the adapter but PostgreSQL cannot store it in text: a statement carrying it fails whole.
+    const unstorable = datagrailWebhook({
+      secret: 'secret-8',
+      body: datagrailBody({
+        webhook_request_id: randomUUID(),
+        identifiers: { user_id: 'bad\u0000id' },
+        callback_url: 'http://127.0.0.1:9/api/v2/webhooks/callback',
+      }),
+    });
+    const writer = freshWriter(env.deps.db);
+    const before = { ...writer.stats };
+    const [answers, copyAnswer, badAnswer] = await Promise.all([
+      Promise.all(hooks.map((w) => deliver('datagrail', id, w))),
+      deliver('datagrail', id, copy),
+      deliver('datagrail', id, unstorable),
+    ]);
+    for (const res of answers) expect(res.status, res.text).toBe(200);
+    expect(copyAnswer.status, copyAnswer.text).toBe(200);
+    expect(copyAnswer.json.received[0].ticketId).toBe(answers[5]!.json.received[0].ticketId);
+    expectError(badAnswer, 400, 'validation_failed');
+    // Batches formed (a batch that failed was stored again ticket by ticket), and each ticket is stored exactly
+    // once with its job.
+    expect(writer.stats.largestBatch).toBeGreaterThan(1);
+    expect(writer.stats.statements).toBeGreaterThan(before.statements);
+    expect(await stored(id)).toMatchObject({ tickets: 16, requests: 16 });
+    const [jobs] = await env.sql<{ n: number }[]>`
+      select (select count(*) from job_outbox o where o.payload->>'requestId' in (select id from dsr_requests where actor_id = ${id}))
+           + (select count(*) from graphile_worker._private_jobs j where j.key in (select id from dsr_requests where actor_id = ${id}))
+           as n`;
+    expect(Number(jobs!.n)).toBe(16);
   });
 });
