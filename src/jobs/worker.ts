@@ -43,6 +43,15 @@ export async function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Prom
       pollInterval: opts.pollInterval ?? 2_000,
       noHandleSignals: true,
       crontab: opts.crontab ?? CRONTAB,
+      preset: {
+        worker: {
+          // Jobs are fetched (and locked) a few at a time and completions of the same tick go out together: a burst of
+          // webhooks no longer costs one fetch and one completion round trip per job. Kept small so that a report job
+          // (higher priority) added meanwhile waits for at most a handful of erasures.
+          localQueue: { size: opts.concurrency + 1 },
+          completeJobBatchDelay: 0,
+        },
+      },
       logger: graphileLogger(deps.logger),
       taskList: taskList(deps),
       events,
