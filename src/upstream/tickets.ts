@@ -213,7 +213,7 @@ function shapeOf(rows: FreshRows): string {
  * a placeholder for every value, so a webhook only fills in values: building the statement per request cost more
  * than a fifth of the web process's CPU per webhook. The row builders set every key for every ticket, so there are
  * at most four shapes (with or without a token id, with or without the version check: webhooks through a kept
- * connector, or tickets a poll found) times FRESH_BATCH_MAX sizes.
+ * connector, or tickets a poll found) times six sizes (1, 2, 4 … 32).
  */
 const freshStatements = new Map<string, { sql: string; params: unknown[] }>();
 const dialect = new PgDialect();
@@ -310,10 +310,14 @@ export class FreshTicketWriter {
 
   private pump(): void {
     while (this.inFlight < this.maxInFlight && this.waiting.length > 0) {
-      // The oldest waiting ticket and those of its shape behind it (every webhook has the same shape today).
+      // The oldest waiting ticket and those of its shape behind it (every webhook has the same shape today), as many
+      // as the largest power of two allows: each size is its own prepared statement on every connection, so sizes
+      // are kept to 1, 2, 4 … FRESH_BATCH_MAX. The rest wait for the next statement.
       const shape = this.waiting[0]!.shape;
+      const same = this.waiting.filter((item) => item.shape === shape).length;
+      const size = 2 ** Math.floor(Math.log2(Math.min(same, FRESH_BATCH_MAX)));
       const batch: FreshItem[] = [];
-      for (let i = 0; i < this.waiting.length && batch.length < FRESH_BATCH_MAX; ) {
+      for (let i = 0; i < this.waiting.length && batch.length < size; ) {
         if (this.waiting[i]!.shape === shape) batch.push(...this.waiting.splice(i, 1));
         else i++;
       }
