@@ -15,7 +15,7 @@ import {
 import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
-import { call, createTestEnv, request, type TestEnv } from '../helpers/db.ts';
+import { createConnectorVia, createTestEnv, request, type TestEnv } from '../helpers/db.ts';
 import { keysOf, outboxEmptied, runConcurrently, startServiceFor, type RunningService } from './support.ts';
 
 const TICKETS = { datagrail: 100, onetrust: 50, transcend: 50 };
@@ -31,11 +31,7 @@ let datagrail: Awaited<ReturnType<typeof startFakeDataGrail>>;
 let onetrust: FakeOneTrust;
 let transcend: FakeTranscend;
 
-async function createConnector(body: unknown): Promise<string> {
-  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
-  expect(res.status, res.text).toBe(201);
-  return res.json.id as string;
-}
+const createConnector = (body: unknown) => createConnectorVia(env, ws.adminKey, body);
 
 beforeAll(async () => {
   env = await createTestEnv();

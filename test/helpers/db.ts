@@ -143,6 +143,13 @@ export function call(env: TestEnv, method: string, path: string, opts: Parameter
 
 export type Res = Awaited<ReturnType<typeof call>>;
 
+/** Creates a connector through the admin API (the test fails unless it is created); returns its id. */
+export async function createConnectorVia(env: TestEnv, adminKey: string, body: unknown): Promise<string> {
+  const res = await call(env, 'POST', '/v1/admin/connectors', { key: adminKey, body });
+  expect(res.status, res.text).toBe(201);
+  return res.json.id as string;
+}
+
 /** Every error answers `{ error: { code, message, requestId, details? } }` with the id echoed in X-Request-Id. */
 export function expectError(res: Res, status: number, code: string) {
   expect(res.status, res.text).toBe(status);

@@ -8,7 +8,7 @@ import { retryRequest } from '../../src/privacy/retry.ts';
 import { resealAll } from '../../src/upstream/rotate.ts';
 import { secretsContext } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
-import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { call, createConnectorVia, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { requestRow, seedUser, uniq } from '../helpers/factories.ts';
 
 let env: TestEnv;
@@ -48,11 +48,7 @@ async function allSealed(): Promise<Sealed[]> {
   ];
 }
 
-async function createConnector(body: unknown): Promise<string> {
-  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
-  expect(res.status, res.text).toBe(201);
-  return res.json.id;
-}
+const createConnector = (body: unknown) => createConnectorVia(env, ws.adminKey, body);
 
 const datagrail = (name: string) => ({
   vendor: 'datagrail',

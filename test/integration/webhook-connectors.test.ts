@@ -10,17 +10,13 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { datagrailBody, datagrailWebhook, FAKE_DATAGRAIL_API_KEY } from '../../connectors/datagrail/fake.ts';
 import { onetrustWebhook } from '../../connectors/onetrust/fake.ts';
 import { freshWriter } from '../../src/upstream/tickets.ts';
-import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { uniq } from '../helpers/factories.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
 
-async function createConnector(body: unknown): Promise<string> {
-  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
-  expect(res.status, res.text).toBe(201);
-  return res.json.id as string;
-}
+const createConnector = (body: unknown) => createConnectorVia(env, ws.adminKey, body);
 
 const datagrail = (secret: string) =>
   createConnector({

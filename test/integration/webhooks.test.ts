@@ -10,7 +10,7 @@ import {
 } from '../../connectors/datagrail/fake.ts';
 import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
-import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { failFirst } from '../helpers/fake-vendor.ts';
 import { freePort } from '../../src/lib/net.ts';
@@ -31,11 +31,7 @@ const OT = { clientId: 'ot-client', clientSecret: 'ot-client-secret', inbound: '
 const DG_SECRET = 'dg-webhook-secret-a';
 const DG_SECRET_B = 'dg-webhook-secret-b';
 
-async function createConnector(ws: CreatedWorkspace, body: unknown): Promise<string> {
-  const res = await call(env, 'POST', '/v1/admin/connectors', { key: ws.adminKey, body });
-  expect(res.status, res.text).toBe(201);
-  return res.json.id as string;
-}
+const createConnector = (ws: CreatedWorkspace, body: unknown) => createConnectorVia(env, ws.adminKey, body);
 
 /** Posts exactly these bytes with these headers, as a vendor would. */
 async function deliver(vendor: string, id: string, headers: Record<string, string>, rawBody: string) {
@@ -579,12 +575,12 @@ describe('reports delivered by the job that finished the request', () => {
   });
 
   it('a connector kept open between reports is opened again once its secrets change', async () => {
-    const created = await call(env, 'POST', '/v1/admin/connectors', {
-      key: a.adminKey,
-      body: { vendor: 'datagrail', name: 'rotating', config: { callbackHosts: ['127.0.0.1'] }, secrets: { webhookSecret: DG_SECRET, apiKey: 'first-key' } },
+    const id = await createConnector(a, {
+      vendor: 'datagrail',
+      name: 'rotating',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: DG_SECRET, apiKey: 'first-key' },
     });
-    expect(created.status, created.text).toBe(201);
-    const id = created.json.id as string;
     const ticket = async () => {
       const wrid = randomUUID();
       const w = datagrailWebhook({
