@@ -90,25 +90,30 @@ describe('connectors kept between webhooks', () => {
     expect(await stored(id)).toMatchObject({ tickets: 2, requests: 2 });
   });
 
-  it('disabled after use: a new ticket and a redelivery both get 404 and nothing is stored', async () => {
-    const id = await datagrail('secret-3');
-    const first = dgWebhook('secret-3');
+  // Through the admin API, and in SQL behind the service's back (no updated_at, no API): the same outcome.
+  it.each([
+    {
+      how: 'through the admin API',
+      secret: 'secret-3',
+      disable: async (id: string) => {
+        const patch = await call(env, 'PATCH', `/v1/admin/connectors/${id}`, { key: ws.adminKey, body: { enabled: false } });
+        expect(patch.status, patch.text).toBe(200);
+      },
+    },
+    {
+      how: 'in SQL behind the service',
+      secret: 'secret-4',
+      disable: async (id: string) => {
+        await env.sql`update connectors set enabled = false where id = ${id}`;
+      },
+    },
+  ])('disabled after use ($how): a new ticket and a redelivery both get 404 and nothing is stored', async ({ secret, disable }) => {
+    const id = await datagrail(secret);
+    const first = dgWebhook(secret);
     expect((await deliver('datagrail', id, first)).status).toBe(200);
     const before = await stored(id);
-    const patch = await call(env, 'PATCH', `/v1/admin/connectors/${id}`, { key: ws.adminKey, body: { enabled: false } });
-    expect(patch.status, patch.text).toBe(200);
-    expectError(await deliver('datagrail', id, dgWebhook('secret-3')), 404, 'not_found');
-    expectError(await deliver('datagrail', id, first), 404, 'not_found');
-    expect(await stored(id)).toEqual(before);
-  });
-
-  it('changed in SQL behind the service (no updated_at, no API): disabled → 404, nothing stored', async () => {
-    const id = await datagrail('secret-4');
-    const first = dgWebhook('secret-4');
-    expect((await deliver('datagrail', id, first)).status).toBe(200);
-    const before = await stored(id);
-    await env.sql`update connectors set enabled = false where id = ${id}`;
-    expectError(await deliver('datagrail', id, dgWebhook('secret-4')), 404, 'not_found');
+    await disable(id);
+    expectError(await deliver('datagrail', id, dgWebhook(secret)), 404, 'not_found');
     expectError(await deliver('datagrail', id, first), 404, 'not_found');
     expect(await stored(id)).toEqual(before);
   });
