@@ -285,9 +285,9 @@ interface FreshItem {
  * still answered only after its own ticket is committed.
  *
  * Should a batch fail on something one ticket could cause (a unique index: a redelivery or a pending request; a
- * connector that changed; a value the database cannot store), each of its tickets is stored again on its own, so
- * every ticket gets exactly the outcome it would have had alone. Any other failure (the database gone) is every
- * ticket's answer.
+ * connector that changed; a value the database cannot store) or on a deadlock with another batch, each of its
+ * tickets is stored again on its own, so every ticket gets exactly the outcome it would have had alone. Any other
+ * failure (the database gone) is every ticket's answer.
  */
 export class FreshTicketWriter {
   private readonly waiting: FreshItem[] = [];
@@ -334,8 +334,10 @@ export class FreshTicketWriter {
     try {
       await this.execute(batch.map((item) => item.rows));
     } catch (err) {
+      // Class 23 (a unique index, the changed connector's NOT NULL), class 22 (an unstorable value) and class 40
+      // (two batches deadlocked on each other's keys): each ticket on its own.
       const code = pgCode(err) ?? '';
-      if (code.startsWith('23') || code.startsWith('22')) {
+      if (code.startsWith('23') || code.startsWith('22') || code.startsWith('40')) {
         await Promise.all(batch.map((item) => settle(item, () => this.execute([item.rows]))));
         return;
       }
