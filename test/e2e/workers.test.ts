@@ -31,7 +31,20 @@ beforeAll(async () => {
   dir = await mkdtemp(path.join(os.tmpdir(), 'dsr-wrangler-'));
   const envFile = path.join(dir, 'vars.env');
   await writeFile(envFile, `DATABASE_URL=${env.url}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nDSR_ENCRYPTION_KEY=${env.encryptionKey.toString('base64')}\nLOG_LEVEL=warn\n`);
+  // freePort only finds a port free now; another process (a test's outgoing connection, say) can take it before
+  // wrangler binds it. Then start again on other ports, a few times.
+  for (let attempt = 1; ; attempt++) {
+    const started = await startWrangler(envFile);
+    if (started === 'ready') break;
+    if (started !== 'port-taken' || attempt === 3) throw new Error(`wrangler dev did not start: ${started}\n${output}`);
+  }
+}, 180_000);
+
+async function startWrangler(envFile: string): Promise<'ready' | 'port-taken' | string> {
   const port = await freePort();
+  let inspectorPort = await freePort();
+  while (inspectorPort === port) inspectorPort = await freePort();
+  output = '';
   const proc = spawn(
     process.execPath,
     [
@@ -39,7 +52,7 @@ beforeAll(async () => {
       'dev',
       '--ip', '127.0.0.1',
       '--port', String(port),
-      '--inspector-port', String(await freePort()),
+      '--inspector-port', String(inspectorPort),
       '--env-file', envFile,
       '--persist-to', path.join(dir, 'state'),
       '--show-interactive-dev-session=false',
@@ -47,14 +60,25 @@ beforeAll(async () => {
     ],
     { cwd: ROOT, env: { ...process.env, WRANGLER_SEND_METRICS: 'false', CLOUDFLARE_CF_FETCH_ENABLED: 'false', CI: 'true' }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
+  let exited = false;
+  const gone = new Promise<void>((resolve) => proc.once('exit', () => { exited = true; resolve(); }));
   proc.stdout.on('data', (c: Buffer) => (output += c.toString()));
   proc.stderr.on('data', (c: Buffer) => (output += c.toString()));
   stop = () => proc.kill('SIGTERM');
   base = `http://127.0.0.1:${port}`;
-  await poll(async () => (/Ready on/.test(output) ? true : undefined), 90_000).catch((err: unknown) => {
-    throw new Error(`wrangler dev did not start: ${String(err)}\n${output}`);
-  });
-}, 120_000);
+  const portTaken = () => /Address already in use/i.test(output);
+  try {
+    await poll(async () => (/Ready on/.test(output) || portTaken() || exited ? true : undefined), 90_000);
+  } catch (err) {
+    return String(err);
+  }
+  if (/Ready on/.test(output) && !portTaken() && !exited) return 'ready';
+  proc.kill('SIGTERM');
+  const killed = setTimeout(() => proc.kill('SIGKILL'), 10_000);
+  await gone;
+  clearTimeout(killed);
+  return portTaken() ? 'port-taken' : `exited early (${String(proc.exitCode)})`;
+}
 
 afterAll(async () => {
   stop?.();
