@@ -1,5 +1,6 @@
 import { sql, type SQL } from 'drizzle-orm';
 import type { Tx } from './client.ts';
+import { p, prebuiltSql, type Prebuilt } from './prebuilt.ts';
 
 /**
  * Advisory locks that serialise ingest with erasure and suppression. Order is always: the workspace key, then user
@@ -8,9 +9,34 @@ import type { Tx } from './client.ts';
  *  - user erasure:     workspace shared,    user exclusive
  *  - workspace scope:  workspace exclusive
  */
-export async function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: string[]): Promise<void> {
-  if (keys.length === 0) return;
-  await tx.execute(sql`select ${lockList(mode, keys)}`);
+export function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: string[]): Promise<unknown> {
+  if (keys.length === 0) return Promise.resolve();
+  const sorted = sortedKeys(keys);
+  // Sent when called (like every prebuilt statement), so a caller can pipeline a statement that must run after it.
+  return lockStatement(mode, sorted.length).run(tx, Object.fromEntries(sorted.map((k, i) => [`k${i}`, k])));
+}
+
+/** Statements for up to this many keys are kept (one or two in practice); more are built for the call. */
+const KEPT_LOCK_STATEMENTS = 8;
+const lockStatements = new Map<string, Prebuilt<unknown>>();
+
+function lockStatement(mode: 'shared' | 'exclusive', n: number): Prebuilt<unknown> {
+  const key = `${mode}:${n}`;
+  const known = lockStatements.get(key);
+  if (known) return known;
+  const statement = prebuiltSql(() => {
+    const calls = Array.from({ length: n }, (_, i) => sql`${lockFunction(mode)}(${p(`k${i}`)}::bigint)`);
+    return sql`select ${sql.join(calls, sql`, `)}`;
+  });
+  if (n <= KEPT_LOCK_STATEMENTS) lockStatements.set(key, statement);
+  return statement;
+}
+
+const lockFunction = (mode: 'shared' | 'exclusive') =>
+  mode === 'shared' ? sql`pg_advisory_xact_lock_shared` : sql`pg_advisory_xact_lock`;
+
+function sortedKeys(keys: string[]): string[] {
+  return [...new Set(keys)].sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
 }
 
 /**
@@ -18,10 +44,8 @@ export async function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: strin
  * one round trip; callers may put other columns after them in the same SELECT.
  */
 export function lockList(mode: 'shared' | 'exclusive', keys: string[]): SQL {
-  const fn = mode === 'shared' ? sql`pg_advisory_xact_lock_shared` : sql`pg_advisory_xact_lock`;
-  const sorted = [...new Set(keys)].sort((a, b) => (BigInt(a) < BigInt(b) ? -1 : BigInt(a) > BigInt(b) ? 1 : 0));
   return sql.join(
-    sorted.map((k) => sql`${fn}(${k}::bigint)`),
+    sortedKeys(keys).map((k) => sql`${lockFunction(mode)}(${k}::bigint)`),
     sql`, `,
   );
 }

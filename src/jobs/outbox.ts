@@ -1,5 +1,6 @@
 import { sql } from 'drizzle-orm';
 import type { DbOrTx } from '../db/client.ts';
+import { p, prebuiltSql } from '../db/prebuilt.ts';
 import { pgCode } from '../db/errors.ts';
 import { jobOutbox } from '../db/schema/index.ts';
 import type { Logger } from '../lib/logger.ts';
@@ -10,16 +11,11 @@ export type OutboxJob = typeof jobOutbox.$inferInsert;
 /** Rows moved per statement: one add_jobs call, one NOTIFY. */
 export const OUTBOX_BATCH = 500;
 
-/**
- * Moves up to `limit` outbox rows to graphile-worker in one statement: the rows are deleted and their jobs added in
- * the same transaction, so a job is added exactly once. Rows another dispatcher holds are skipped, not waited for.
- * Rows naming the same job key become one job (the newest row's). Returns how many jobs were added.
- */
-export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<number> {
-  const rows = await db.execute<{ n: number }>(sql`
+const dispatchStatement = prebuiltSql<{ n: number }>(
+  () => sql`
     with batch as (
       delete from ${jobOutbox}
-      where id in (select id from ${jobOutbox} order by id limit ${limit}::int for update skip locked)
+      where id in (select id from ${jobOutbox} order by id limit ${p('limit')}::int for update skip locked)
       returning id, task, payload, job_key, max_attempts, priority),
     -- One spec per job key (the newest row's): add_jobs cannot take the same key twice in one call.
     specs as (
@@ -28,11 +24,23 @@ export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<
     -- Custom plans for add_jobs' statements (CASE evaluates its conditions in order, so this comes first; local to
     -- the transaction). Its key-clearing UPDATE joins the job table; a plan cached while that table was small scans
     -- all of it on every call, so each call would cost more the more jobs are waiting.
+    -- And a commit that does not wait for its WAL flush: should the database crash before the next synchronous
+    -- commit flushes it, the move is undone as a whole (rows back in the outbox, no jobs) and made again.
     select case when set_config('plan_cache_mode', 'force_custom_plan', true) is null then 0
+                when set_config('synchronous_commit', 'off', true) is null then 0
                 when exists (select 1 from specs) then (
       select count(*)::int from graphile_worker.add_jobs(array(
         select (task, payload::json, null, null, max_attempts::smallint, job_key, priority::smallint, null)::graphile_worker.job_spec
-        from specs order by id))) else 0 end as n`);
+        from specs order by id))) else 0 end as n`,
+);
+
+/**
+ * Moves up to `limit` outbox rows to graphile-worker in one statement: the rows are deleted and their jobs added in
+ * the same transaction, so a job is added exactly once. Rows another dispatcher holds are skipped, not waited for.
+ * Rows naming the same job key become one job (the newest row's). Returns how many jobs were added.
+ */
+export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<number> {
+  const rows = await dispatchStatement.run(db, { limit });
   return rows[0]?.n ?? 0;
 }
 

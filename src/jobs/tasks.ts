@@ -26,14 +26,15 @@ export function taskList(deps: UpstreamDeps): TaskList {
       const p = parse(executeRequestPayload, payload, 'execute_request', helpers.job.id);
       if (!p) return;
       const result = await executeRequest(deps, p.requestId, { attempt: helpers.job.attempts, maxAttempts: helpers.job.max_attempts });
-      // The proof goes out from this job, not after a report job waited for a slot; what is not delivered here (and
-      // anything else in the outbox) goes to graphile-worker.
+      // The proof goes out from this job, not after a report job waited for a slot. A report it could not deliver
+      // here is put back in the outbox (reportNow kicks the dispatcher then); a row it found gone was already taken
+      // by a dispatcher. Only when reportNow itself failed may rows be left unclaimed: kick for those. (Kicking
+      // after every job cost a dispatch statement per ticket, nearly always for an empty outbox.)
       try {
         if (result.kind !== 'skipped') await reportNow(deps, result.reports);
       } catch (err) {
         // The request is finished and committed; a report not claimed stays in the outbox for its own job.
         deps.logger.warn({ requestId: p.requestId, errorCode: errorCodeOf(err) }, 'reports left to their jobs');
-      } finally {
         deps.outbox.kick();
       }
     },

@@ -1,10 +1,11 @@
 import { createHash } from 'node:crypto';
-import { and, asc, desc, eq, gt, isNotNull, isNull, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, getTableColumns, gt, isNotNull, isNull, sql } from 'drizzle-orm';
 import type { Db, Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
 import { auditRecords, dsrRequests, workspaces } from '../db/schema/index.ts';
 import { lockKey } from '../lib/digest.ts';
 import { newId } from '../lib/ids.ts';
+import { p, prebuilt } from '../db/prebuilt.ts';
 
 export type AuditRecord = typeof auditRecords.$inferSelect;
 export type NewAuditRecord = Omit<
@@ -100,17 +101,30 @@ export function auditFinishedAt(startedAt: Date): Date {
   return now < ms(startedAt) ? ms(startedAt) : now;
 }
 
+const chainHead = prebuilt((b) =>
+  b
+    .select({ seq: auditRecords.chainSeq, hash: auditRecords.hash })
+    .from(auditRecords)
+    .where(and(eq(auditRecords.workspaceId, p('workspaceId')), isNotNull(auditRecords.chainSeq)))
+    .orderBy(desc(auditRecords.chainSeq))
+    .limit(1),
+);
+
+/** Every column, each from the record's field of the same name. */
+const insertAudit = prebuilt((b) =>
+  b
+    .insert(auditRecords)
+    .values(
+      Object.fromEntries(Object.keys(getTableColumns(auditRecords)).map((k) => [k, p(k)])) as never,
+    ),
+);
+
 export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<AuditRecord> {
   // Sent together, run in order: the head is read by a statement that starts once the chain lock is held, so (read
   // committed: a snapshot per statement) it sees the record the previous holder committed. One round trip, not two.
   const [, [head]] = await Promise.all([
     lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]),
-    tx
-      .select({ seq: auditRecords.chainSeq, hash: auditRecords.hash })
-      .from(auditRecords)
-      .where(and(eq(auditRecords.workspaceId, values.workspaceId), isNotNull(auditRecords.chainSeq)))
-      .orderBy(desc(auditRecords.chainSeq))
-      .limit(1),
+    chainHead.run(tx, { workspaceId: values.workspaceId }),
   ]);
   const startedAt = ms(values.startedAt);
   const finishedAt = values.finishedAt ? ms(values.finishedAt) : auditFinishedAt(startedAt);
@@ -138,7 +152,7 @@ export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<Audit
   // Every column is set here (nothing is left to a default or a trigger), so the stored row is this one; not reading
   // it back saves mapping a whole row.
   const row: AuditRecord = { ...record, hash: hashAudit(record) };
-  await tx.insert(auditRecords).values(row);
+  await insertAudit.run(tx, row);
   return row;
 }
 

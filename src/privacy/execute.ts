@@ -21,6 +21,7 @@ import type { PrivacyDeps } from './context.ts';
 import type { DsrRequest } from './intake.ts';
 import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
 import { newId } from '../lib/ids.ts';
+import { clientOf, commitWithoutFlush, p, prebuilt, prebuiltSql } from '../db/prebuilt.ts';
 
 export type { AuditRecord };
 import { enqueueReports } from '../upstream/tickets.ts';
@@ -63,6 +64,85 @@ const finishedColumns = {
 };
 export type FinishedRequest = Pick<DsrRequest, keyof typeof finishedColumns>;
 
+// The statements every request runs, built once (see prebuilt.ts). Arrays travel as one parameter each.
+const markRunning = prebuilt((b) =>
+  b
+    .update(dsrRequests)
+    .set({
+      status: 'running',
+      startedAt: sql`coalesce(${dsrRequests.startedAt}, now())`,
+      attempts: sql`${dsrRequests.attempts} + 1`,
+      updatedAt: sql`now()`,
+    })
+    // Not flushed on its own: should the database crash before the erasure commits, the job runs again and marks
+    // the request afresh (its attempt count may then be one short); the erasure's commit makes it durable.
+    .where(and(eq(dsrRequests.id, p('id')), inArray(dsrRequests.status, ['queued', 'running']), commitWithoutFlush))
+    .returning(runningColumns),
+);
+
+const markFinished = prebuilt((b) =>
+  b
+    .update(dsrRequests)
+    .set({
+      status: p('status') as never,
+      outcome: p('outcome') as never,
+      errorCode: p('errorCode') as never,
+      auditRecordId: p('auditRecordId') as never,
+      subjectValue: null,
+      subjectSealed: p('subjectSealed') as never,
+      finishedAt: p('finishedAt') as never,
+      updatedAt: sql`now()`,
+    })
+    .where(eq(dsrRequests.id, p('id')))
+    .returning(finishedColumns),
+);
+
+const findUser = {
+  user_id: prebuilt((b) =>
+    b
+      .select({ id: endUsers.id, externalId: endUsers.externalId })
+      .from(endUsers)
+      .where(and(eq(endUsers.workspaceId, p('workspaceId')), eq(endUsers.externalId, p('value')))),
+  ),
+  email: prebuilt((b) =>
+    b
+      .select({ id: endUsers.id, externalId: endUsers.externalId })
+      .from(endUsers)
+      .where(and(eq(endUsers.workspaceId, p('workspaceId')), eq(endUsers.emailNormalized, p('value')))),
+  ),
+};
+
+/** `= any(…)` over the profile ids being erased (one array parameter, whatever their number). */
+const anyOfIds = sql`any(${p('ids')}::bigint[])`;
+const eraseStatements = {
+  messages: prebuilt((b) => b.delete(messages).where(sql`${messages.userId} = ${anyOfIds}`)),
+  conversations: prebuilt((b) => b.delete(conversations).where(sql`${conversations.userId} = ${anyOfIds}`)),
+  events: prebuilt((b) => b.delete(events).where(sql`${events.userId} = ${anyOfIds}`)),
+  topicQuestions: prebuilt((b) => b.delete(topicQuestions).where(sql`${topicQuestions.userId} = ${anyOfIds}`)),
+  suppressions: prebuilt((b) => b.delete(suppressions).where(sql`${suppressions.userId} = ${anyOfIds}`)),
+  profiles: prebuilt((b) => b.delete(endUsers).where(sql`${endUsers.id} = ${anyOfIds}`)),
+};
+
+/** Runs after the deletes: anything of the subjects still there (a profile re-created under the id included). */
+const remainingAfterErase = prebuiltSql<{ remaining: number }>(
+  () => sql`
+    select (
+      (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${p('workspaceId')}
+         and (${endUsers.id} = ${anyOfIds} or ${endUsers.externalId} = any(${p('externalIds')}::text[])))
+      + (select count(*) from ${messages} where ${messages.userId} = ${anyOfIds})
+      + (select count(*) from ${conversations} where ${conversations.userId} = ${anyOfIds})
+      + (select count(*) from ${topicQuestions} where ${topicQuestions.userId} = ${anyOfIds})
+      + (select count(*) from ${suppressions} where ${suppressions.userId} = ${anyOfIds})
+    )::int as remaining`,
+);
+
+const markErased = prebuiltSql(
+  () => sql`
+    insert into ${erasureMarkers} (workspace_id, user_digest, erased_at)
+    select ${p('workspaceId')}, digest, clock_timestamp() from unnest(${p('digests')}::text[]) as digest
+    on conflict (workspace_id, user_digest) do update set erased_at = excluded.erased_at`,
+);
+
 export type ExecuteResult =
   | { kind: 'skipped'; reason: 'missing' | 'terminal' }
   | { kind: 'complete'; request: FinishedRequest; audit: AuditRecord; reports: number[] }
@@ -90,16 +170,7 @@ export async function executeRequest(
   requestId: string,
   opts: ExecuteOptions,
 ): Promise<ExecuteResult> {
-  const [running] = await ctx.db
-    .update(dsrRequests)
-    .set({
-      status: 'running',
-      startedAt: sql`coalesce(${dsrRequests.startedAt}, now())`,
-      attempts: sql`${dsrRequests.attempts} + 1`,
-      updatedAt: sql`now()`,
-    })
-    .where(and(eq(dsrRequests.id, requestId), inArray(dsrRequests.status, ['queued', 'running'])))
-    .returning(runningColumns);
+  const [running] = await markRunning.run(ctx.db, { id: requestId });
   if (!running) {
     const [exists] = await ctx.db.select({ id: dsrRequests.id }).from(dsrRequests).where(eq(dsrRequests.id, requestId));
     return { kind: 'skipped', reason: exists ? 'terminal' : 'missing' };
@@ -140,24 +211,18 @@ async function finish(
   // so the workspace's chain lock is taken last and held only for the append and the commit).
   const auditId = newId('aud');
   const finishedAt = auditFinishedAt(startedAt);
-  const updating = tx
-    .update(dsrRequests)
-    .set({
-      status: result.status,
-      outcome: result.outcome,
-      errorCode: result.errorCode,
-      auditRecordId: auditId,
-      subjectValue: null,
-      subjectSealed:
-        result.status === 'failed' && req.subjectValue !== null
-          ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
-          : null,
-      finishedAt,
-      updatedAt: sql`now()`,
-    })
-    .where(eq(dsrRequests.id, req.id))
-    .returning(finishedColumns)
-    .then((rows) => rows); // sent now, ahead of the statements below
+  const updating = markFinished.run(tx, {
+    id: req.id,
+    status: result.status,
+    outcome: result.outcome,
+    errorCode: result.errorCode,
+    auditRecordId: auditId,
+    subjectSealed:
+      result.status === 'failed' && req.subjectValue !== null
+        ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
+        : null,
+    finishedAt,
+  }); // sent now, ahead of the statements below
   const reporting = enqueueReports(tx, { requestId: req.id });
   const auditing = appendAudit(tx, {
     id: auditId,
@@ -219,18 +284,11 @@ interface ResolvedUser {
 async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser[]> {
   if (req.subjectValue === null) throw new DomainError('subject_missing', 'request has no subject identifier');
   const value = req.subjectValue;
-  const find = () =>
-    tx
-      .select({ id: endUsers.id, externalId: endUsers.externalId })
-      .from(endUsers)
-      .where(
-        and(
-          eq(endUsers.workspaceId, req.workspaceId),
-          req.subjectKind === 'email'
-            ? eq(endUsers.emailNormalized, normalizeEmail(value))
-            : eq(endUsers.externalId, value),
-        ),
-      );
+  const lookup = {
+    workspaceId: req.workspaceId,
+    value: req.subjectKind === 'email' ? normalizeEmail(value) : value,
+  };
+  const find = () => findUser[req.subjectKind === 'email' ? 'email' : 'user_id'].run(tx, lookup);
   const locked = new Set<string>();
   // lockKeys sends its statement when called, so each batch's locks go out ahead of the lookup awaited with them.
   const locks = [lockKeys(tx, 'shared', [workspaceLockKey(req.workspaceId)])];
@@ -261,35 +319,22 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
   // Sent together and run in this order on the transaction's connection (one round trip instead of eight); the
   // check that nothing remains runs after the deletes, and a failure of any statement (or that check) rolls all of
   // them back, the erasure markers included.
-  const [m, c, e, q, s, p, left] = await Promise.all([
-    tx.delete(messages).where(inArray(messages.userId, ids)),
-    tx.delete(conversations).where(inArray(conversations.userId, ids)),
-    tx.delete(events).where(inArray(events.userId, ids)),
-    tx.delete(topicQuestions).where(inArray(topicQuestions.userId, ids)),
-    tx.delete(suppressions).where(inArray(suppressions.userId, ids)),
-    tx.delete(endUsers).where(inArray(endUsers.id, ids)),
-    tx.execute<{ remaining: number }>(sql`
-      select (
-        (select count(*) from ${endUsers} where ${endUsers.workspaceId} = ${workspaceId}
-           and (${inArray(endUsers.id, ids)} or ${inArray(endUsers.externalId, externalIds)}))
-        + (select count(*) from ${messages} where ${inArray(messages.userId, ids)})
-        + (select count(*) from ${conversations} where ${inArray(conversations.userId, ids)})
-        + (select count(*) from ${topicQuestions} where ${inArray(topicQuestions.userId, ids)})
-        + (select count(*) from ${suppressions} where ${inArray(suppressions.userId, ids)})
-      )::int as remaining`),
-    tx
-      .insert(erasureMarkers)
-      .values(
-        externalIds.map((ext) => ({
-          workspaceId,
-          userDigest: subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext),
-          erasedAt: sql`clock_timestamp()`,
-        })),
-      )
-      .onConflictDoUpdate({
-        target: [erasureMarkers.workspaceId, erasureMarkers.userDigest],
-        set: { erasedAt: sql`excluded.erased_at` },
-      }),
+  const client = clientOf(tx);
+  const values = {
+    workspaceId,
+    ids: client.array(ids, 20),
+    externalIds: client.array(externalIds),
+    digests: client.array(externalIds.map((ext) => subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext))),
+  };
+  const [m, c, e, q, s, profiles, left] = await Promise.all([
+    eraseStatements.messages.run(tx, values),
+    eraseStatements.conversations.run(tx, values),
+    eraseStatements.events.run(tx, values),
+    eraseStatements.topicQuestions.run(tx, values),
+    eraseStatements.suppressions.run(tx, values),
+    eraseStatements.profiles.run(tx, values),
+    remainingAfterErase.run(tx, values),
+    markErased.run(tx, values),
   ]);
   const counts: AuditCounts = {
     messages: m.count,
@@ -297,7 +342,7 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
     events: e.count,
     topicQuestions: q.count,
     suppressions: s.count,
-    profiles: p.count,
+    profiles: profiles.count,
   };
   if (left[0]?.remaining !== 0) {
     throw new DomainError('erasure_verification_failed', 'data of the subject remained after erasure');

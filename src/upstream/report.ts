@@ -7,6 +7,7 @@ import type { ReportPolicy, UpstreamDeps } from './context.ts';
 import { adapterContext, openConnectorAt, rowVersion } from './store.ts';
 import { ApiError } from '../lib/errors.ts';
 import { enqueueReports, ticketSecretContext, type TicketRow } from './tickets.ts';
+import { commitWithoutFlush, p, prebuilt } from '../db/prebuilt.ts';
 
 export type DeliveryResult =
   | { kind: 'skipped'; reason: 'missing' | 'not_pending' | 'stale_attempt' | 'request_not_finished' }
@@ -21,45 +22,106 @@ export function retryDelayMs(policy: ReportPolicy, attempt: number, retryAfterMs
   return Math.min(Math.round(exp * (0.9 + 0.2 * random())), policy.backoffMaxMs);
 }
 
+/** What a report reads: only the columns it uses (building and mapping whole rows of four tables cost more CPU). */
+const t = upstreamTickets;
+const r = dsrRequests;
+const c = connectors;
+const reportColumns = {
+  ticket: {
+    id: t.id,
+    ticketKey: t.ticketKey,
+    upstreamRef: t.upstreamRef,
+    upstream: t.upstream,
+    secretSealed: t.secretSealed,
+    action: t.action,
+    status: t.status,
+    attempts: t.attempts,
+  },
+  request: { id: r.id, status: r.status, outcome: r.outcome, auditRecordId: r.auditRecordId, errorCode: r.errorCode },
+  connector: {
+    id: c.id,
+    workspaceId: c.workspaceId,
+    vendor: c.vendor,
+    config: c.config,
+    secretsSealed: c.secretsSealed,
+    deletedAt: c.deletedAt,
+    version: rowVersion,
+  },
+  counts: auditRecords.counts,
+};
+
+const reportSource = prebuilt((b) =>
+  b
+    .select(reportColumns)
+    .from(t)
+    .innerJoin(r, eq(r.id, t.requestId))
+    .innerJoin(c, eq(c.id, t.connectorId))
+    .leftJoin(auditRecords, eq(auditRecords.id, r.auditRecordId))
+    .where(eq(t.id, p('ticketId'))),
+);
+type ReportSource = Awaited<ReturnType<typeof reportSource.run>>[number];
+
+/**
+ * Claims an outbox row by deleting it and reads what its report needs, in one statement (a row a dispatcher already
+ * took is gone: nothing comes back). The claim is not flushed on its own: the ticket's recorded outcome, committed
+ * after the call, makes it durable; should the database crash before that, the row is back and a report job makes
+ * the attempt, as after a crash of this process.
+ */
+const claimAndLoad = prebuilt((b) => {
+  const claimed = b
+    .$with('claimed')
+    .as(b.delete(jobOutbox).where(and(eq(jobOutbox.id, p('id')), commitWithoutFlush)).returning());
+  return b
+    .with(claimed)
+    .select({
+      claimed: {
+        task: claimed.task,
+        payload: claimed.payload,
+        jobKey: claimed.jobKey,
+        maxAttempts: claimed.maxAttempts,
+        priority: claimed.priority,
+      },
+      ...reportColumns,
+    })
+    .from(claimed)
+    .leftJoin(t, eq(t.id, sql`${claimed.payload} ->> 'ticketId'`))
+    .leftJoin(r, eq(r.id, t.requestId))
+    .leftJoin(c, eq(c.id, t.connectorId))
+    .leftJoin(auditRecords, eq(auditRecords.id, r.auditRecordId));
+});
+
+/** One statement, committed on its own. The per-ticket capability (e.g. a nonce) has served its purpose: wipe it. */
+const markDelivered = prebuilt((b) =>
+  b
+    .update(upstreamTickets)
+    .set({
+      status: 'delivered',
+      attempts: p('attempt') as never,
+      deliveredAt: sql`now()`,
+      lastError: null,
+      nextAttemptAt: null,
+      secretSealed: null,
+      updatedAt: sql`now()`,
+    })
+    .where(eq(upstreamTickets.id, p('ticketId'))),
+);
+
 /**
  * One delivery attempt of a ticket's report. Runs only for finished requests (the completion enqueues it). The
  * outcome is recorded on the ticket in the same transaction that schedules the next attempt, so a report is never
  * dropped silently: it ends delivered, or failed with its last error for an operator to see.
  */
 export async function deliverReport(deps: UpstreamDeps, ticketId: string, attempt: number): Promise<DeliveryResult> {
-  // Only the columns a report uses: building and mapping whole rows of three tables cost more CPU than the query.
-  const t = upstreamTickets;
-  const r = dsrRequests;
-  const c = connectors;
-  const [row] = await deps.db
-    .select({
-      ticket: {
-        id: t.id,
-        ticketKey: t.ticketKey,
-        upstreamRef: t.upstreamRef,
-        upstream: t.upstream,
-        secretSealed: t.secretSealed,
-        action: t.action,
-        status: t.status,
-        attempts: t.attempts,
-      },
-      request: { id: r.id, status: r.status, outcome: r.outcome, auditRecordId: r.auditRecordId, errorCode: r.errorCode },
-      connector: {
-        id: c.id,
-        workspaceId: c.workspaceId,
-        vendor: c.vendor,
-        config: c.config,
-        secretsSealed: c.secretsSealed,
-        deletedAt: c.deletedAt,
-        version: rowVersion,
-      },
-      counts: auditRecords.counts,
-    })
-    .from(upstreamTickets)
-    .innerJoin(dsrRequests, eq(dsrRequests.id, upstreamTickets.requestId))
-    .innerJoin(connectors, eq(connectors.id, upstreamTickets.connectorId))
-    .leftJoin(auditRecords, eq(auditRecords.id, dsrRequests.auditRecordId))
-    .where(eq(upstreamTickets.id, ticketId));
+  const [row] = await reportSource.run(deps.db, { ticketId });
+  return deliverLoaded(deps, ticketId, attempt, row);
+}
+
+async function deliverLoaded(
+  deps: UpstreamDeps,
+  ticketId: string,
+  attempt: number,
+  row: ReportSource | undefined,
+): Promise<DeliveryResult> {
   if (!row) return { kind: 'skipped', reason: 'missing' };
   const { ticket, request, connector, counts } = row;
   if (ticket.status !== 'pending') return { kind: 'skipped', reason: 'not_pending' };
@@ -106,11 +168,7 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
   const error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
 
   if (result.kind === 'delivered') {
-    // One statement, committed on its own. The per-ticket capability (e.g. a nonce) has served its purpose: wipe it.
-    await deps.db
-      .update(upstreamTickets)
-      .set({ status: 'delivered', attempts: attempt, deliveredAt: sql`now()`, lastError: null, nextAttemptAt: null, secretSealed: null, updatedAt: sql`now()` })
-      .where(eq(upstreamTickets.id, ticketId));
+    await markDelivered.run(deps.db, { ticketId, attempt });
   } else if (result.kind === 'permanent' || outOfAttempts) {
     await deps.db
       .update(upstreamTickets)
@@ -154,15 +212,21 @@ export async function deliverReport(deps: UpstreamDeps, ticketId: string, attemp
  */
 export async function reportNow(deps: UpstreamDeps, outboxIds: number[]): Promise<void> {
   for (const id of outboxIds) {
-    const [row] = await deps.db.delete(jobOutbox).where(eq(jobOutbox.id, id)).returning();
+    const [row] = await claimAndLoad.run(deps.db, { id });
     if (!row) continue;
-    const p = reportPayload.safeParse(row.payload);
+    const p = reportPayload.safeParse(row.claimed.payload);
     if (!p.success) continue;
+    const { ticket, request, connector, counts } = row;
     try {
-      await deliverReport(deps, p.data.ticketId, p.data.attempt);
+      await deliverLoaded(
+        deps,
+        p.data.ticketId,
+        p.data.attempt,
+        ticket && request && connector ? { ticket, request, connector, counts } : undefined,
+      );
     } catch (err) {
       deps.logger.warn({ errorCode: pgCode(err) ?? (err instanceof Error ? err.name : 'unknown') }, 'report left to its job');
-      const { task, payload, jobKey, maxAttempts, priority } = row;
+      const { task, payload, jobKey, maxAttempts, priority } = row.claimed;
       await deps.db.insert(jobOutbox).values({ task, payload, jobKey, maxAttempts, priority });
       deps.outbox.kick();
     }

@@ -1,9 +1,11 @@
 import { createHash } from 'node:crypto';
-import { and, eq, fillPlaceholders, sql, type SQL } from 'drizzle-orm';
-import { PgDialect, type PgTable } from 'drizzle-orm/pg-core';
+import { and, eq, sql, type SQL } from 'drizzle-orm';
+import type { PgTable } from 'drizzle-orm/pg-core';
 import type { DsrTicket, Verified } from '../../connectors/types.ts';
 import type { Db, DbOrTx, Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
+import { p, prebuiltSql, type Prebuilt } from '../db/prebuilt.ts';
+import type postgres from 'postgres';
 import { dsrRequests, jobOutbox, upstreamTickets, webhookTokens } from '../db/schema/index.ts';
 import { lockKey, subjectDigest } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
@@ -215,36 +217,37 @@ function shapeOf(rows: FreshRows): string {
  * at most four shapes (with or without a token id, with or without the version check: webhooks through a kept
  * connector, or tickets a poll found) times six sizes (1, 2, 4 … 32).
  */
-const freshStatements = new Map<string, { sql: string; params: unknown[] }>();
-const dialect = new PgDialect();
+const freshStatements = new Map<string, Prebuilt<unknown>>();
 
-function freshStatement(db: DbOrTx, batch: FreshRows[]): { sql: string; params: unknown[] } {
+function freshStatement(batch: FreshRows[]): Prebuilt<unknown> {
   const first = batch[0]!;
   const key = `${shapeOf(first)}|×${batch.length}`;
   const known = freshStatements.get(key);
   if (known) return known;
-  const each = <T extends object>(pick: (rows: FreshRows) => T | undefined, part: string) =>
-    batch.map((rows, i) => placeholders(`${i}.${part}.`, pick(rows)!));
-  const requests = each((rows) => rows.request, 'r');
-  // A connector verified at a version that is no longer current leaves the request without a workspace: the insert
-  // fails on that NOT NULL, and nothing is stored.
-  if (first.current) {
-    requests.forEach((request, i) => {
-      const current = connectorIsCurrent({
-        id: sql.placeholder(`${i}.c.id`) as never,
-        version: sql.placeholder(`${i}.c.version`) as never,
+  const statement = prebuiltSql((b) => {
+    const each = <T extends object>(pick: (rows: FreshRows) => T | undefined, part: string) =>
+      batch.map((rows, i) => placeholders(`${i}.${part}.`, pick(rows)!));
+    const requests = each((rows) => rows.request, 'r');
+    // A connector verified at a version that is no longer current leaves the request without a workspace: the
+    // insert fails on that NOT NULL, and nothing is stored.
+    if (first.current) {
+      requests.forEach((request, i) => {
+        const current = connectorIsCurrent({
+          id: sql.placeholder(`${i}.c.id`) as never,
+          version: sql.placeholder(`${i}.c.version`) as never,
+        });
+        request.workspaceId = sql`case when ${current} then ${request.workspaceId} end`;
       });
-      request.workspaceId = sql`case when ${current} then ${request.workspaceId} end`;
-    });
-  }
-  const insertSql = (table: PgTable, values: Record<string, unknown>[]) => db.insert(table).values(values as never).getSQL();
-  const token = first.token ? sql`tok as (${insertSql(webhookTokens, each((rows) => rows.token, 'k'))}),` : sql``;
-  const statement = dialect.sqlToQuery(sql`
-    with ${token}
-         req as (${insertSql(dsrRequests, requests)}),
-         tkt as (${insertSql(upstreamTickets, each((rows) => rows.ticket, 't'))}),
-         box as (${insertSql(jobOutbox, each((rows) => rows.job, 'j'))})
-    select 1`);
+    }
+    const insertSql = (table: PgTable, values: Record<string, unknown>[]) => b.insert(table).values(values as never).getSQL();
+    const token = first.token ? sql`tok as (${insertSql(webhookTokens, each((rows) => rows.token, 'k'))}),` : sql``;
+    return sql`
+      with ${token}
+           req as (${insertSql(dsrRequests, requests)}),
+           tkt as (${insertSql(upstreamTickets, each((rows) => rows.ticket, 't'))}),
+           box as (${insertSql(jobOutbox, each((rows) => rows.job, 'j'))})
+      select 1`;
+  });
   freshStatements.set(key, statement);
   return statement;
 }
@@ -348,11 +351,11 @@ export class FreshTicketWriter {
   }
 
   private async execute(batch: FreshRows[]): Promise<'stored' | 'exists'> {
-    const statement = freshStatement(this.db, batch);
+    const statement = freshStatement(batch);
     this.stats.statements++;
     this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
     try {
-      await this.db.$client.unsafe(statement.sql, fillPlaceholders(statement.params, placeholderValues(batch)) as never[]);
+      await statement.run(this.db, placeholderValues(batch));
     } catch (err) {
       if (batch.length > 1) throw err;
       if (isUniqueViolation(err)) return 'exists';
@@ -432,7 +435,7 @@ async function reportIfAlreadyFinished(tx: Tx, requestId: string, ticketId: stri
  * retry is a job of its own.
  */
 export async function enqueueReports(tx: DbOrTx, which: { requestId: string } | { ticketId: string }): Promise<number[]> {
-  return addReportJobs(tx, 'requestId' in which ? sql`t.request_id = ${which.requestId}` : sql`t.id = ${which.ticketId}`);
+  return addReportJobs(tx, 'requestId' in which ? reportJobsOf.request : reportJobsOf.ticket, which);
 }
 
 /**
@@ -441,11 +444,7 @@ export async function enqueueReports(tx: DbOrTx, which: { requestId: string } | 
  * same key revives a failed job; a delivered or failed ticket is never touched.
  */
 export async function requeueStalledReports(db: DbOrTx, stalledForMinutes: number): Promise<number> {
-  const added = await addReportJobs(
-    db,
-    sql`exists (select 1 from ${dsrRequests} r where r.id = t.request_id and r.status in ('complete', 'failed')
-              and coalesce(t.next_attempt_at, r.finished_at) < now() - make_interval(mins => ${stalledForMinutes}::int))`,
-  );
+  const added = await addReportJobs(db, reportJobsOf.stalled, { stalledForMinutes });
   return added.length;
 }
 
@@ -453,9 +452,9 @@ export async function requeueStalledReports(db: DbOrTx, stalledForMinutes: numbe
  * Report jobs go through the job outbox (kick it after the commit): an add_job would NOTIFY, and the commits of
  * notifying transactions are serialised, which would put every erasure's commit in one line.
  */
-/** Returns the outbox rows' ids (reportNow can deliver them right after the commit). */
-async function addReportJobs(db: DbOrTx, cond: SQL): Promise<number[]> {
-  const rows = await db.execute<{ id: number }>(sql`
+const reportJobsWhere = (cond: SQL) =>
+  prebuiltSql<{ id: number }>(
+    () => sql`
     insert into ${jobOutbox} (task, payload, job_key, max_attempts, priority)
     select 'report_upstream', jsonb_build_object('ticketId', t.id, 'attempt', t.attempts + 1),
            'report:' || t.id || ':' || (t.attempts + 1), 3,
@@ -463,6 +462,20 @@ async function addReportJobs(db: DbOrTx, cond: SQL): Promise<number[]> {
            -1
     from ${upstreamTickets} t
     where t.status = 'pending' and ${cond}
-    returning id`);
+    returning id`,
+  );
+
+const reportJobsOf = {
+  request: reportJobsWhere(sql`t.request_id = ${p('requestId')}`),
+  ticket: reportJobsWhere(sql`t.id = ${p('ticketId')}`),
+  stalled: reportJobsWhere(
+    sql`exists (select 1 from ${dsrRequests} r where r.id = t.request_id and r.status in ('complete', 'failed')
+              and coalesce(t.next_attempt_at, r.finished_at) < now() - make_interval(mins => ${p('stalledForMinutes')}::int))`,
+  ),
+};
+
+/** Returns the outbox rows' ids (reportNow can deliver them right after the commit). */
+async function addReportJobs(db: DbOrTx, statement: Prebuilt<postgres.RowList<{ id: number }[]>>, values: Record<string, unknown>): Promise<number[]> {
+  const rows = await statement.run(db, values);
   return rows.map((r) => Number(r.id));
 }

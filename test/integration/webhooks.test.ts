@@ -601,6 +601,41 @@ describe('reports delivered by the job that finished the request', () => {
     expect((await ticket()).every((h) => h === 'Bearer second-key')).toBe(true);
   });
 
+  it('a report whose outcome cannot be recorded goes back to the outbox as it was claimed, for its job', async () => {
+    const { wrid, requestId } = await dgTicket();
+    await env.deps.outbox.flush();
+    const result = await executeRequest(env.deps, requestId, { attempt: 1, maxAttempts: 5 });
+    const reports = result.kind === 'complete' ? result.reports : [];
+    expect(reports).toHaveLength(1);
+    const outboxRow = () => env.sql`select task, payload, job_key, max_attempts, priority from job_outbox order by id`;
+    const claimed = await outboxRow();
+    expect(claimed).toHaveLength(1);
+    // Recording the delivery fails (after the vendor has the report).
+    await env.sql.unsafe(`
+      create function refuse_delivered() returns trigger language plpgsql as $$
+      begin if new.status = 'delivered' then raise exception 'refused for the test'; end if; return new; end $$;
+      create trigger refuse_delivered before update on upstream_tickets for each row execute function refuse_delivered();`);
+    try {
+      await reportNow(env.deps, reports);
+      expect(dgCalls(wrid)).toHaveLength(1);
+      // Put back as it was claimed, and handed on at once (reportNow kicks the dispatcher): one job, same settings.
+      await env.deps.outbox.idle();
+      expect(await outboxRow()).toEqual([]);
+      const jobs = await env.sql`
+        select j.payload, j.max_attempts, j.priority from graphile_worker._private_jobs j
+        where j.key = ${claimed[0]!.job_key as string}`;
+      expect(jobs).toEqual([
+        { payload: claimed[0]!.payload, max_attempts: claimed[0]!.max_attempts, priority: claimed[0]!.priority },
+      ]);
+    } finally {
+      await env.sql.unsafe('drop trigger refuse_delivered on upstream_tickets; drop function refuse_delivered();');
+    }
+    // Its job delivers it (the vendor sees it again: the first outcome was never recorded).
+    await settle(requestId);
+    expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
+    expect(dgCalls(wrid)).toHaveLength(2);
+  });
+
   it('a report already handed to graphile-worker is left to its job: one delivery in all', async () => {
     const { wrid, requestId } = await dgTicket();
     await env.deps.outbox.flush();
