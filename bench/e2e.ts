@@ -37,6 +37,7 @@ import {
   median,
   percentile,
   postgresCpuMs,
+  postText,
   seconds,
   seedUsers,
   serviceEnv,
@@ -81,6 +82,10 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   const rounds = intEnv('BENCH_E2E_ROUNDS', 5, 2);
   const perRound = intEnv('BENCH_E2E_TICKETS', 20, 10);
   const eventsPerUser = intEnv('BENCH_E2E_EVENTS', 1000, 200);
+  // Rounds run and discarded first. A service in production has long since compiled its hot paths; a fresh process
+  // runs them unoptimised for its first few dozen tickets (V8 compiles in the background, on the same two cores):
+  // rounds 1–4 of a 12-round run were 10–30% slower than the rest.
+  const warmupRounds = intEnv('BENCH_E2E_WARMUP', 3, 1);
   // For experiments only (the reference run uses the service default): how the burst responds to more job slots.
   // BENCH_E2E_ROLES=split: the deployment the README gives for production, a web process and a worker process
   // (`--role web` + `--role worker`), instead of one `--role all` process.
@@ -91,7 +96,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   console.log(`# e2e benchmark — node ${process.version} · ${server.version.split(' on ')[0]} · ${server.mode}`);
   console.log(`machine: ${os.cpus().length} CPUs, load average ${loadAvg()} at start (other load skews timings)`);
   console.log(
-    `${rounds} round(s) × ${perRound} DataGrail webhooks at once (one warm-up round discarded); each user ` +
+    `${rounds} round(s) × ${perRound} DataGrail webhooks at once (after ${warmupRounds} warm-up round(s), discarded); each user ` +
       `${fmtInt(eventsPerUser)} events; service ${split ? 'role web + role worker (two processes)' : 'role all'}, WORKER_CONCURRENCY ${workerConcurrency}, REPORT_* defaults`,
   );
 
@@ -107,7 +112,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     sql,
     ws.workspaceId,
     'e2e-user-',
-    (rounds + 1) * perRound + rounds * SOLO_PER_ROUND,
+    (rounds + warmupRounds) * perRound + rounds * SOLO_PER_ROUND,
     eventsPerUser,
   );
   let nextUser = 0;
@@ -164,13 +169,9 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     const sent = await Promise.all(
       batch.map(async (b) => {
         const t0 = epochMs();
-        const res = await fetch(`${service.base}${connector.webhookPath}`, {
-          method: 'POST',
-          headers: b.w.headers,
-          body: b.w.rawBody,
-        });
+        const res = await postText(`${service.base}${connector.webhookPath}`, b.w.headers, b.w.rawBody);
         const tAck = epochMs();
-        const text = await res.text();
+        const text = res.text;
         if (res.status !== 200) throw new VerificationError(`webhook: ${res.status} ${text.slice(0, 300)}`);
         const requestId = (JSON.parse(text) as { received: { requestId: string }[] }).received[0]!.requestId;
         return { ...b, t0, tAck, requestId };
@@ -253,8 +254,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
         body: datagrailBody({ webhook_request_id: key, identifiers: { user_id: `floor-${key}` } }),
       });
       const t0 = epochMs();
-      const res = await fetch(`${baseline.base}/baseline`, { method: 'POST', headers: w.headers, body: w.rawBody });
-      await res.text();
+      const res = await postText(`${baseline.base}/baseline`, w.headers, w.rawBody);
       const ms = epochMs() - t0;
       if (res.status !== 200) throw new VerificationError(`baseline: ${res.status}`);
       return ms;
@@ -266,9 +266,13 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   }
 
   t = performance.now();
-  await ticketRound(0, takeUsers(perRound));
-  await floorRound();
-  console.log(`  warm-up round: ${perRound} tickets + baseline POSTs, discarded (${seconds(performance.now() - t)})`);
+  for (let w = 0; w < warmupRounds; w++) {
+    await ticketRound(0, takeUsers(perRound));
+    await floorRound();
+  }
+  console.log(
+    `  warm-up: ${warmupRounds} round(s) of ${perRound} tickets + baseline POSTs, discarded (${seconds(performance.now() - t)})`,
+  );
 
   const samples: Sample[] = [];
   const solo: Sample[] = [];
