@@ -1,13 +1,48 @@
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 
-/** A loopback port nothing listens on right now (for throwaway servers in tests and benchmarks). */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * The kernel's range for ephemeral ports (Linux; elsewhere the common default). Outgoing connections and listeners on
+ * port 0 take their ports from it, so a port found free there can be taken by one of them before it is used.
+ */
+export function ephemeralPortRange(): [number, number] {
+  try {
+    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (low && high && low <= high) return [low, high];
+  } catch {
+    // not Linux
+  }
+  return [32768, 60999];
+}
+
+const FIRST_CHOSEN_PORT = 20000;
+
+function listenable(port: number): Promise<number | undefined> {
+  return new Promise((resolve) => {
     const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
+    srv.once('error', () => resolve(undefined));
+    srv.listen(port, '127.0.0.1', () => {
+      const { port: bound } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(bound));
     });
   });
+}
+
+/**
+ * A loopback port nothing listens on right now, for throwaway servers in tests and benchmarks. It is drawn at random
+ * below the ephemeral range (see ephemeralPortRange), so that only another such draw can take it before the caller
+ * binds it; when that range leaves no room, the kernel picks one.
+ */
+export async function freePort(): Promise<number> {
+  const [ephemeralLow] = ephemeralPortRange();
+  const high = Math.min(ephemeralLow, 65536);
+  if (high - FIRST_CHOSEN_PORT >= 1000) {
+    for (let i = 0; i < 50; i++) {
+      const port = await listenable(FIRST_CHOSEN_PORT + Math.floor(Math.random() * (high - FIRST_CHOSEN_PORT)));
+      if (port !== undefined) return port;
+    }
+  }
+  const port = await listenable(0);
+  if (port === undefined) throw new Error('no free loopback port');
+  return port;
 }
