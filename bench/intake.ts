@@ -53,6 +53,7 @@ import {
   stopAndCheck,
   VerificationError,
   cpuMs,
+  mainThreadCpuMs,
   WaitSampler,
   type Figure,
 } from './lib.ts';
@@ -102,6 +103,8 @@ interface Round {
   note: string;
   /** CPU time of the serving process per 2xx answer. */
   cpuMsPerReq: number;
+  /** The part of it on the process's main thread (its event loop; the rest is libuv's pool and V8's threads). */
+  mainCpuMsPerReq: number;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ async function load(
   side: Side,
   secondsPerSide: number,
   connections: number,
-): Promise<Omit<Round, 'side' | 'round' | 'note' | 'cpuMsPerReq'> & { acked: { key: string; id: string }[]; unanswered: string[] }> {
+): Promise<Omit<Round, 'side' | 'round' | 'note' | 'cpuMsPerReq' | 'mainCpuMsPerReq'> & { acked: { key: string; id: string }[]; unanswered: string[] }> {
   const acked: { key: string; id: string }[] = [];
   const bad: { status: number; body: string }[] = [];
   const inFlight = new Set<string>();
@@ -483,20 +486,25 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
       const before = (await side.stored([])).total;
       await dbs.checkpoint();
       const cpu0 = cpuMs(pidOf(side));
+      const main0 = mainThreadCpuMs(pidOf(side));
       const waits = new WaitSampler(server.adminUrl, datname);
       const out = await load(ctx, baseOf(side), side, secondsPerSide, connections).finally(() => waits.stop());
       const cpu1 = cpuMs(pidOf(side));
+      const main1 = mainThreadCpuMs(pidOf(side));
       const waitSummary = await waits.stop();
       const cutOff = await verifyRound(side, before, out, connections);
       cutOffTotal += cutOff;
       bestRate.set(side.name, Math.max(bestRate.get(side.name) ?? 0, out.reqPerSec));
-      const cpuMsPerReq = cpu0 !== undefined && cpu1 !== undefined ? (cpu1 - cpu0) / (out.ok + cutOff) : NaN;
-      const r: Round = { side: side.name, round, ...out, cutOff, note: side.note(), cpuMsPerReq };
+      const perReq = (a: number | undefined, b: number | undefined) =>
+        a !== undefined && b !== undefined ? (b - a) / (out.ok + cutOff) : NaN;
+      const cpuMsPerReq = perReq(cpu0, cpu1);
+      const mainCpuMsPerReq = perReq(main0, main1);
+      const r: Round = { side: side.name, round, ...out, cutOff, note: side.note(), cpuMsPerReq, mainCpuMsPerReq };
       results.push(r);
       console.log(
         `  round ${round}/${rounds} ${side.name.padEnd(15)} ${fmtInt(r.reqPerSec).padStart(6)} req/s ` +
           `(${fmtInt(r.ok)} × 2xx in ${r.durationS.toFixed(1)} s; latency p50 ${r.p50Ms} ms, p99 ${r.p99Ms} ms; ` +
-          `server CPU ${r.cpuMsPerReq.toFixed(2)} ms/req; ` +
+          `server CPU ${r.cpuMsPerReq.toFixed(2)} ms/req, main thread ${r.mainCpuMsPerReq.toFixed(2)}; ` +
           `verified: ${fmtInt(r.ok)} stored + ${cutOff} cut off at the stop)${prep ? ` — ${prep}` : ''}` +
           (r.note && r.side === 'Transcend' ? `; ${r.note}` : '') +
           `\n      PostgreSQL sessions: ${waitSummary}`,
@@ -519,8 +527,8 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const rate = (name: SideName) => median(results.filter((r) => r.side === name).map((r) => r.reqPerSec));
   const base = rate('baseline');
   const lines = [
-    '| side | median req/s (2xx) | min–max req/s | ratio to baseline | paired ratio (median of rounds) | latency p50 / p99 ms (median) | server CPU ms/req (median) |',
-    '|---|---:|---:|---:|---:|---:|---:|',
+    '| side | median req/s (2xx) | min–max req/s | ratio to baseline | paired ratio (median of rounds) | latency p50 / p99 ms (median) | server CPU ms/req (median) | of which main thread |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
   ];
   const figures: Figure[] = [];
   for (const name of ['baseline', 'baseline+NOTIFY', 'DataGrail', 'Transcend'] as const) {
@@ -533,7 +541,8 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
     lines.push(
       `| ${name} | ${fmtInt(rate(name))} | ${fmtInt(Math.min(...perSec))}–${fmtInt(Math.max(...perSec))} | ` +
         `${(rate(name) / base).toFixed(2)} | ${paired.toFixed(2)} | ${median(rs.map((r) => r.p50Ms))} / ` +
-        `${median(rs.map((r) => r.p99Ms))} | ${median(rs.map((r) => r.cpuMsPerReq)).toFixed(2)} |`,
+        `${median(rs.map((r) => r.p99Ms))} | ${median(rs.map((r) => r.cpuMsPerReq)).toFixed(2)} | ` +
+        `${median(rs.map((r) => r.mainCpuMsPerReq)).toFixed(2)} |`,
     );
     if (name === 'baseline+NOTIFY') {
       figures.push({

@@ -380,9 +380,21 @@ export function postgresCpuMs(): number {
 }
 
 export function cpuMs(pid: number): number | undefined {
+  return statCpuMs(`/proc/${pid}/stat`);
+}
+
+/**
+ * CPU time of a process's main thread (its event loop), in ms: without the threads of libuv's pool (WebCrypto, zlib,
+ * file I/O) or V8's compiler and garbage-collector threads.
+ */
+export function mainThreadCpuMs(pid: number): number | undefined {
+  return statCpuMs(`/proc/${pid}/task/${pid}/stat`);
+}
+
+function statCpuMs(path: string): number | undefined {
   try {
     clockTicks ??= Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const stat = readFileSync(path, 'utf8');
     // Fields after the command name (which may hold spaces): state is the 3rd field, utime the 14th, stime the 15th.
     const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     return ((Number(rest[11]) + Number(rest[12])) * 1000) / clockTicks;
