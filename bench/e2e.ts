@@ -86,6 +86,9 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   // runs them unoptimised for its first few dozen tickets (V8 compiles in the background, on the same two cores):
   // rounds 1–4 of a 12-round run were 10–30% slower than the rest.
   const warmupRounds = intEnv('BENCH_E2E_WARMUP', 3, 1);
+  // Rounds run after the measured ones with PostgreSQL's wait events sampled (every 20 ms), for the log only: the
+  // sampling costs the database CPU, and measured rounds with it on were 3–8 ms slower at p50 (4 of 4 pairs).
+  const diagnosticRounds = intEnv('BENCH_E2E_DIAG_ROUNDS', 2, 1);
   // For experiments only (the reference run uses the service default): how the burst responds to more job slots.
   // BENCH_E2E_ROLES=split: the deployment the README gives for production, a web process and a worker process
   // (`--role web` + `--role worker`), instead of one `--role all` process.
@@ -112,7 +115,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     sql,
     ws.workspaceId,
     'e2e-user-',
-    (rounds + warmupRounds) * perRound + rounds * SOLO_PER_ROUND,
+    (rounds + warmupRounds + diagnosticRounds) * perRound + rounds * SOLO_PER_ROUND,
     eventsPerUser,
   );
   let nextUser = 0;
@@ -276,8 +279,6 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
 
   const samples: Sample[] = [];
   const solo: Sample[] = [];
-  const waits = new WaitSampler(server.adminUrl, datname, 20);
-  ctx.cleanup.add('stop wait sampler', () => waits.stop().then(() => {}));
   const floorConcurrent: number[] = [];
   const floorSingle: number[] = [];
   // CPU spent during the bursts (each process's own count): where a ticket's cost lands on this machine.
@@ -307,7 +308,21 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     );
     await sleep(200);
   }
+  // Diagnostic rounds: the same bursts with the database's wait events sampled; their timings are not figures.
+  const waits = new WaitSampler(server.adminUrl, datname, 20);
+  ctx.cleanup.add('stop wait sampler', () => waits.stop().then(() => {}));
+  const diagnostic: number[] = [];
+  for (let d = 1; d <= diagnosticRounds; d++) {
+    if (ctx.interrupted()) return [];
+    await dbs.checkpoint();
+    diagnostic.push(...(await ticketRound(rounds + d, takeUsers(perRound))).map((x) => x.totalMs));
+    await sleep(200);
+  }
   const waitSummary = await waits.stop();
+  console.log(
+    `  ${diagnosticRounds} diagnostic round(s) with wait sampling (not in the figures): ${diagnostic.length} tickets verified, ` +
+      `p50 ${diagnostic.length ? percentile(diagnostic, 50).toFixed(0) : '-'} ms`,
+  );
   const [left] = await sql<{ n: number }[]>`
     select count(*)::int as n from graphile_worker.jobs where task_identifier in ('execute_request', 'report_upstream')`;
   if (left!.n !== 0) throw new VerificationError(`${left!.n} execute/report jobs left in the queue`);
@@ -352,7 +367,9 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
       }),
     ].join('\n'),
   );
-  console.log(`\nPostgreSQL sessions of the service during the measured rounds (sampled every 20 ms): ${waitSummary}`);
+  console.log(
+    `\nPostgreSQL sessions of the service during the diagnostic rounds (sampled every 20 ms): ${waitSummary}`,
+  );
   const perTicket = (ms: number) => (ms / samples.length).toFixed(1);
   console.log(
     `CPU per ticket during the bursts (ms): service ${perTicket(burstCpu.service)}, PostgreSQL ${perTicket(burstCpu.postgres)}, ` +

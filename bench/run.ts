@@ -77,7 +77,7 @@ function usage(): string {
     '  erase:  BENCH_USER_ROUNDS, BENCH_WORKSPACE_ROUNDS (default 7, 5), BENCH_SCALE (data volume; default 1)',
     '  intake: BENCH_INTAKE_ROUNDS (3), BENCH_INTAKE_SECONDS (10 per side per round), BENCH_INTAKE_CONNECTIONS (32)',
     '  e2e:    BENCH_E2E_ROUNDS (5), BENCH_E2E_WARMUP (3 discarded rounds first), BENCH_E2E_TICKETS (20 per round),',
-    '          BENCH_E2E_EVENTS (1000 per user),',
+    '          BENCH_E2E_EVENTS (1000 per user), BENCH_E2E_DIAG_ROUNDS (2 rounds after, with wait sampling; not figures),',
     '          BENCH_E2E_WORKER_CONCURRENCY (experiments only; default the service default, 4)',
     '  drain:  BENCH_DRAIN_JOBS (5000), BENCH_DRAIN_EVENTS (10 per user), BENCH_DRAIN_ROUNDS (3)',
     '  BENCH_CPU_PROF_DIR=dir   every spawned process writes a V8 CPU profile there (diagnostics)',
