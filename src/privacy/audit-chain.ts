@@ -1,11 +1,11 @@
 import { createHash } from 'node:crypto';
-import { and, asc, desc, eq, getTableColumns, gt, isNotNull, isNull, sql } from 'drizzle-orm';
+import { and, asc, eq, getTableColumns, gt, isNotNull, isNull, sql } from 'drizzle-orm';
 import type { Db, Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
 import { auditRecords, dsrRequests, workspaces } from '../db/schema/index.ts';
 import { lockKey } from '../lib/digest.ts';
 import { newId } from '../lib/ids.ts';
-import { p, prebuilt } from '../db/prebuilt.ts';
+import { p, prebuiltSql } from '../db/prebuilt.ts';
 
 export type AuditRecord = typeof auditRecords.$inferSelect;
 export type NewAuditRecord = Omit<
@@ -90,49 +90,80 @@ const chainLockKey = (workspaceId: string) => lockKey('audit-chain', workspaceId
 /** Timestamps are hashed at millisecond precision: store exactly what was hashed. */
 const ms = (d: Date) => new Date(Math.floor(d.getTime()));
 
-/**
- * Appends a record to its workspace's chain inside the caller's transaction. The chain lock is held until that
- * transaction ends, so two completions in one workspace cannot claim the same position; the previous head is read
- * after the lock is granted (a fresh statement, so a head committed while we waited is seen).
- */
 /** Now, to the millisecond; the database clock set startedAt, so a slightly behind app clock never finishes before it. */
 export function auditFinishedAt(startedAt: Date): Date {
   const now = ms(new Date());
   return now < ms(startedAt) ? ms(startedAt) : now;
 }
 
-const chainHead = prebuilt((b) =>
-  b
-    .select({ seq: auditRecords.chainSeq, hash: auditRecords.hash })
-    .from(auditRecords)
-    .where(and(eq(auditRecords.workspaceId, p('workspaceId')), isNotNull(auditRecords.chainSeq)))
-    .orderBy(desc(auditRecords.chainSeq))
-    .limit(1),
+/**
+ * A record's canonical serialisation around the two fields that only the chain's head decides: `position` and
+ * `prevHash` are adjacent in it (keys sorted), so it is the text before `position`'s value, and after `prevHash`'s.
+ * The cut is found by serialising the record with stand-in values: that exact key/value sequence cannot occur inside
+ * a string value, where every quote is escaped.
+ */
+function canonicalAroundHead(r: Omit<Hashed, 'chainSeq' | 'prevHash'>): { before: string; after: string } {
+  const standIn = { chainSeq: -1, prevHash: '\u0000head' };
+  const cut = `"position":${JSON.stringify(standIn.chainSeq)},"prevHash":${JSON.stringify(standIn.prevHash)}`;
+  const canonical = canonicalAudit({ ...r, ...standIn });
+  const at = canonical.indexOf(cut);
+  if (at < 0 || canonical.lastIndexOf(cut) !== at) throw new Error('canonical audit form: position/prevHash not found');
+  return { before: `${canonical.slice(0, at)}"position":`, after: canonical.slice(at + cut.length) };
+}
+
+/**
+ * The columns insertAtHead sets, in the order of its select list: all of them (checked against the table when this
+ * module loads).
+ */
+const INSERTED_COLUMNS = [
+  'id', 'workspace_id', 'request_id', 'action', 'scope', 'subject_kind', 'subject_digest', 'actor_type', 'actor_id',
+  'upstream_ref', 'status', 'outcome', 'counts', 'error_code', 'started_at', 'finished_at', 'recorded_at',
+  'chain_seq', 'prev_hash', 'hash',
+];
+{
+  const table = Object.values(getTableColumns(auditRecords)).map((c) => c.name);
+  if ([...table].sort().join() !== [...INSERTED_COLUMNS].sort().join()) {
+    throw new Error('audit_records has columns the chain append does not set: update insertAtHead');
+  }
+}
+
+/**
+ * Appends the record at the chain's head in one statement: reads the head (under the chain lock, taken by the
+ * statement sent just before it), takes the next position and links the previous hash, and hashes the canonical form
+ * with that position and link spliced in (`canonicalAroundHead`), exactly what hashAudit computes.
+ */
+const insertAtHead = prebuiltSql<{ chainSeq: number; prevHash: string | null; hash: string }>(
+  () => sql`
+    insert into ${auditRecords} (${sql.raw(INSERTED_COLUMNS.join(', '))})
+    select ${p('id')}, ${p('workspaceId')}, ${p('requestId')}, ${p('action')}, ${p('scope')}, ${p('subjectKind')},
+           ${p('subjectDigest')}, ${p('actorType')}, ${p('actorId')}, ${p('upstreamRef')}, ${p('status')},
+           ${p('outcome')}, ${p('counts')}::jsonb, ${p('errorCode')}, ${p('startedAt')}::timestamptz,
+           ${p('finishedAt')}::timestamptz, ${p('recordedAt')}::timestamptz, next.seq, head.hash,
+           encode(sha256(convert_to(
+             ${p('before')}::text || next.seq::text || ',"prevHash":' || coalesce(to_json(head.hash)::text, 'null')
+               || ${p('after')}::text,
+             'UTF8')), 'hex')
+    from (select 1) as one
+    left join lateral (
+      select ${auditRecords.chainSeq} as seq, ${auditRecords.hash} as hash from ${auditRecords}
+      where ${auditRecords.workspaceId} = ${p('workspaceId')} and ${auditRecords.chainSeq} is not null
+      order by ${auditRecords.chainSeq} desc limit 1
+    ) as head on true
+    cross join lateral (select coalesce(head.seq, 0) + 1 as seq) as next
+    returning chain_seq::int8 as "chainSeq", prev_hash as "prevHash", hash`,
 );
 
-/** Every column, each from the record's field of the same name. */
-const insertAudit = prebuilt((b) =>
-  b
-    .insert(auditRecords)
-    .values(
-      Object.fromEntries(Object.keys(getTableColumns(auditRecords)).map((k) => [k, p(k)])) as never,
-    ),
-);
-
+/**
+ * Appends a record to its workspace's chain inside the caller's transaction. The chain lock is held until that
+ * transaction ends, so two completions in one workspace cannot claim the same position; the head is read after the
+ * lock is granted (by a fresh statement, so a head committed while we waited is seen).
+ */
 export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<AuditRecord> {
-  // Sent together, run in order: the head is read by a statement that starts once the chain lock is held, so (read
-  // committed: a snapshot per statement) it sees the record the previous holder committed. One round trip, not two.
-  const [, [head]] = await Promise.all([
-    lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]),
-    chainHead.run(tx, { workspaceId: values.workspaceId }),
-  ]);
   const startedAt = ms(values.startedAt);
   const finishedAt = values.finishedAt ? ms(values.finishedAt) : auditFinishedAt(startedAt);
-  const record: Hashed = {
+  const fields: Omit<Hashed, 'chainSeq' | 'prevHash'> = {
     id: values.id ?? newId('aud'),
     workspaceId: values.workspaceId,
-    chainSeq: (head?.seq ?? 0) + 1,
-    prevHash: head?.hash ?? null,
     requestId: values.requestId,
     action: values.action,
     scope: values.scope,
@@ -149,11 +180,22 @@ export async function appendAudit(tx: Tx, values: NewAuditRecord): Promise<Audit
     finishedAt,
     recordedAt: finishedAt,
   };
-  // Every column is set here (nothing is left to a default or a trigger), so the stored row is this one; not reading
-  // it back saves mapping a whole row.
-  const row: AuditRecord = { ...record, hash: hashAudit(record) };
-  await insertAudit.run(tx, row);
-  return row;
+  // Sent together, run in order: the insert starts once the chain lock is held, so (read committed: a snapshot per
+  // statement) it sees the record the previous holder committed. One round trip, and the lock is held from there to
+  // the commit only.
+  const [, [linked]] = await Promise.all([
+    lockKeys(tx, 'exclusive', [chainLockKey(values.workspaceId)]),
+    insertAtHead.run(tx, {
+      ...fields,
+      counts: JSON.stringify(fields.counts),
+      startedAt: startedAt.toISOString(),
+      finishedAt: finishedAt.toISOString(),
+      recordedAt: finishedAt.toISOString(),
+      ...canonicalAroundHead(fields),
+    }),
+  ]);
+  // Every column is set here (nothing is left to a default or a trigger), so the stored row is this one.
+  return { ...fields, chainSeq: Number(linked!.chainSeq), prevHash: linked!.prevHash, hash: linked!.hash };
 }
 
 /** The chain facts a privacy team attaches as proof. */

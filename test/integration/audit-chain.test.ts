@@ -432,6 +432,51 @@ describe('audit chain', () => {
     expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({ ok: true, records: 30, firstBreak: null });
   });
 
+  it('the hash the database computes on append is the documented one, whatever the fields hold', async () => {
+    // Fields that JSON escapes, non-ASCII text, and text that looks like the chain's own fields.
+    const awkward = [
+      'quote " backslash \\ slash / tab \t newline \n',
+      'ünïcødé – 日本語 – 🙂 (astral) – \u2028 line separator',
+      '"position":1,"prevHash":null,"recordedAt":"x"',
+      '\\"position\\":7,\\"prevHash\\":\\"abc\\"',
+    ];
+    const ws = await env.newWorkspace(uniq('awkward'));
+    const returned = [];
+    for (const [i, text] of awkward.entries()) {
+      returned.push(
+        await env.database.db.transaction((tx) =>
+          appendAudit(tx, {
+            workspaceId: ws.workspaceId,
+            requestId: `req_awkward${String(i).padStart(14, '0')}`,
+            action: 'erase',
+            scope: 'user',
+            subjectKind: 'user_id',
+            subjectDigest: sha256(text),
+            actorType: 'api_key',
+            actorId: text,
+            upstreamRef: text,
+            status: i % 2 ? 'failed' : 'complete',
+            outcome: i % 2 ? 'failed' : 'erased',
+            counts: i % 2 ? {} : { profiles: 1, events: 1000 + i, messages: 0 },
+            errorCode: i % 2 ? `code_${i}` : null,
+            startedAt: new Date(Date.now() - 1234.567),
+          }),
+        ),
+      );
+    }
+    const rows = await chainRows(ws.workspaceId);
+    expect(rows).toHaveLength(awkward.length);
+    for (const [i, r] of rows.entries()) {
+      expect(Number(r.chain_seq)).toBe(i + 1);
+      expect(r.upstream_ref).toBe(awkward[i]);
+      expect(r.prev_hash).toBe(i === 0 ? null : rows[i - 1]!.hash);
+      expect(r.hash).toBe(sha256(canonicalOfRow(r)));
+      // What appendAudit returned is the stored row.
+      expect(returned[i]).toMatchObject({ id: r.id, chainSeq: i + 1, prevHash: r.prev_hash, hash: r.hash, upstreamRef: awkward[i] });
+    }
+    expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({ ok: true, records: awkward.length });
+  });
+
   it('GET /v1/admin/audit/verify needs an admin key or session, and reports only the caller’s workspace', async () => {
     expectError(await call(env, 'GET', '/v1/admin/audit/verify', { key: a.privacyKey }), 403, 'forbidden');
     expectError(await call(env, 'GET', '/v1/admin/audit/verify'), 401, 'unauthorized');
