@@ -37,12 +37,19 @@ export async function freePort(): Promise<number> {
   const [ephemeralLow] = ephemeralPortRange();
   const high = Math.min(ephemeralLow, 65536);
   if (high - FIRST_CHOSEN_PORT >= 1000) {
-    for (let i = 0; i < 50; i++) {
-      const port = await listenable(FIRST_CHOSEN_PORT + Math.floor(Math.random() * (high - FIRST_CHOSEN_PORT)));
-      if (port !== undefined) return port;
-    }
+    const port = await freePortIn(FIRST_CHOSEN_PORT, high);
+    if (port !== undefined) return port;
   }
   const port = await listenable(0);
   if (port === undefined) throw new Error('no free loopback port');
   return port;
+}
+
+/** A port in [low, high) that could be bound just now, from up to 50 random draws; undefined if none was. */
+export async function freePortIn(low: number, high: number): Promise<number | undefined> {
+  for (let i = 0; i < 50; i++) {
+    const port = await listenable(low + Math.floor(Math.random() * (high - low)));
+    if (port !== undefined) return port;
+  }
+  return undefined;
 }

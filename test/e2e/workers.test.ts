@@ -40,7 +40,8 @@ beforeAll(async () => {
   }
 }, 180_000);
 
-async function startWrangler(envFile: string): Promise<'ready' | 'port-taken' | string> {
+/** Starts wrangler dev on fresh ports: 'ready', 'port-taken' (try again), or why it did not start. */
+async function startWrangler(envFile: string): Promise<string> {
   const port = await freePort();
   let inspectorPort = await freePort();
   while (inspectorPort === port) inspectorPort = await freePort();

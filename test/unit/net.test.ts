@@ -1,6 +1,14 @@
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { ephemeralPortRange, freePort } from '../../src/lib/net.ts';
+import { ephemeralPortRange, freePort, freePortIn } from '../../src/lib/net.ts';
+
+function listen(port: number): Promise<net.Server | undefined> {
+  const srv = net.createServer();
+  return new Promise((resolve) => {
+    srv.once('error', () => resolve(undefined));
+    srv.listen(port, '127.0.0.1', () => resolve(srv));
+  });
+}
 
 describe('freePort', () => {
   it('gives a port below the ephemeral range (where outgoing connections cannot take it) that a server can bind', async () => {
@@ -11,33 +19,32 @@ describe('freePort', () => {
       const port = await freePort();
       expect(port).toBeGreaterThanOrEqual(20000);
       expect(port).toBeLessThan(low);
-      const srv = net.createServer();
-      await new Promise<void>((resolve, reject) => {
-        srv.once('error', reject);
-        srv.listen(port, '127.0.0.1', resolve);
-      });
-      await new Promise((resolve) => srv.close(resolve));
+      const srv = await listen(port);
+      expect(srv, `port ${port} could not be bound`).toBeDefined();
+      await new Promise((resolve) => srv!.close(resolve));
     }
   });
 
   it('never gives a port something listens on', async () => {
-    // Hold half the ports it draws from, so most draws hit a held one: none of them may come back.
-    const [low] = ephemeralPortRange();
+    // A small range with every other port held: half the draws hit a held port, and none of those may come back.
+    const low = 24000 + Math.floor(Math.random() * 4000);
     const held: net.Server[] = [];
     const heldPorts = new Set<number>();
-    for (let port = 20000; port < low; port += 2) {
-      const srv = net.createServer();
-      const ok = await new Promise<boolean>((resolve) => {
-        srv.once('error', () => resolve(false));
-        srv.listen(port, '127.0.0.1', () => resolve(true));
-      });
-      if (!ok) continue;
+    for (let port = low; port < low + 40; port += 2) {
+      const srv = await listen(port);
+      if (!srv) continue; // taken by something else: as good as held
       held.push(srv);
       heldPorts.add(port);
     }
-    expect(heldPorts.size).toBeGreaterThan((low - 20000) / 4);
+    expect(heldPorts.size).toBeGreaterThan(10);
     try {
-      for (let i = 0; i < 50; i++) expect(heldPorts.has(await freePort())).toBe(false);
+      for (let i = 0; i < 50; i++) {
+        const port = await freePortIn(low, low + 40);
+        expect(port).toBeDefined();
+        expect(port).toBeGreaterThanOrEqual(low);
+        expect(port).toBeLessThan(low + 40);
+        expect(heldPorts.has(port!)).toBe(false);
+      }
     } finally {
       await Promise.all(held.map((s) => new Promise((resolve) => s.close(resolve))));
     }
