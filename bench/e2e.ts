@@ -85,10 +85,10 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
   // Rounds run and discarded first. A service in production has long since compiled its hot paths; a fresh process
   // runs them unoptimised for its first few dozen tickets (V8 compiles in the background, on the same two cores):
   // rounds 1–4 of a 12-round run were 10–30% slower than the rest.
-  const warmupRounds = intEnv('BENCH_E2E_WARMUP', 3, 1);
+  const warmupRounds = intEnv('BENCH_E2E_WARMUP', 3, 1, 0);
   // Rounds run after the measured ones with PostgreSQL's wait events sampled (every 20 ms), for the log only: the
   // sampling costs the database CPU, and measured rounds with it on were 3–8 ms slower at p50 (4 of 4 pairs).
-  const diagnosticRounds = intEnv('BENCH_E2E_DIAG_ROUNDS', 2, 1);
+  const diagnosticRounds = intEnv('BENCH_E2E_DIAG_ROUNDS', 2, 1, 0);
   // For experiments only (the reference run uses the service default): how the burst responds to more job slots.
   // BENCH_E2E_ROLES=split: the deployment the README gives for production, a web process and a worker process
   // (`--role web` + `--role worker`), instead of one `--role all` process.
@@ -309,8 +309,9 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     await sleep(200);
   }
   // Diagnostic rounds: the same bursts with the database's wait events sampled; their timings are not figures.
-  const waits = new WaitSampler(server.adminUrl, datname, 20);
-  ctx.cleanup.add('stop wait sampler', () => waits.stop().then(() => {}));
+  // None (BENCH_E2E_DIAG_ROUNDS=0, e.g. while profiling): no sampler either.
+  const waits = diagnosticRounds > 0 ? new WaitSampler(server.adminUrl, datname, 20) : undefined;
+  if (waits) ctx.cleanup.add('stop wait sampler', () => waits.stop().then(() => {}));
   const diagnostic: number[] = [];
   for (let d = 1; d <= diagnosticRounds; d++) {
     if (ctx.interrupted()) return [];
@@ -318,7 +319,7 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     diagnostic.push(...(await ticketRound(rounds + d, takeUsers(perRound))).map((x) => x.totalMs));
     await sleep(200);
   }
-  const waitSummary = await waits.stop();
+  const waitSummary = waits ? await waits.stop() : 'not sampled (no diagnostic rounds)';
   console.log(
     `  ${diagnosticRounds} diagnostic round(s) with wait sampling (not in the figures): ${diagnostic.length} tickets verified, ` +
       `p50 ${diagnostic.length ? percentile(diagnostic, 50).toFixed(0) : '-'} ms`,

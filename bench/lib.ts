@@ -41,11 +41,13 @@ export class VerificationError extends Error {}
 export const QUICK = process.env.BENCH_QUICK === '1' || process.env.BENCH_QUICK === 'true';
 
 /** A positive integer from the environment; `quick` is the default under BENCH_QUICK. */
-export function intEnv(name: string, fallback: number, quick = fallback): number {
+export function intEnv(name: string, fallback: number, quick = fallback, min = 1): number {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return QUICK ? quick : fallback;
   const v = Number(raw);
-  if (!Number.isInteger(v) || v < 1) throw new Error(`${name} must be a positive integer`);
+  if (!Number.isInteger(v) || v < min) {
+    throw new Error(`${name} must be ${min === 1 ? 'a positive integer' : `an integer of at least ${min}`}`);
+  }
   return v;
 }
 
