@@ -320,10 +320,12 @@ export async function runE2eBench(ctx: BenchContext): Promise<Figure[]> {
     await sleep(200);
   }
   const waitSummary = waits ? await waits.stop() : 'not sampled (no diagnostic rounds)';
-  console.log(
-    `  ${diagnosticRounds} diagnostic round(s) with wait sampling (not in the figures): ${diagnostic.length} tickets verified, ` +
-      `p50 ${diagnostic.length ? percentile(diagnostic, 50).toFixed(0) : '-'} ms`,
-  );
+  if (diagnosticRounds > 0) {
+    console.log(
+      `  ${diagnosticRounds} diagnostic round(s) with wait sampling (not in the figures): ${diagnostic.length} tickets verified, ` +
+        `p50 ${diagnostic.length ? percentile(diagnostic, 50).toFixed(0) : '-'} ms`,
+    );
+  }
   const [left] = await sql<{ n: number }[]>`
     select count(*)::int as n from graphile_worker.jobs where task_identifier in ('execute_request', 'report_upstream')`;
   if (left!.n !== 0) throw new VerificationError(`${left!.n} execute/report jobs left in the queue`);

@@ -40,7 +40,7 @@ export class VerificationError extends Error {}
 /** BENCH_QUICK=1: every benchmark shrinks to a smoke run (minutes → seconds); its figures are not the reference. */
 export const QUICK = process.env.BENCH_QUICK === '1' || process.env.BENCH_QUICK === 'true';
 
-/** A positive integer from the environment; `quick` is the default under BENCH_QUICK. */
+/** An integer of at least `min` (1 unless given) from the environment; `quick` is the default under BENCH_QUICK. */
 export function intEnv(name: string, fallback: number, quick = fallback, min = 1): number {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return QUICK ? quick : fallback;
