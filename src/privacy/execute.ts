@@ -22,10 +22,9 @@ import type { DsrRequest } from './intake.ts';
 import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
 import { newId } from '../lib/ids.ts';
 import { clientOf, commitWithoutFlush, p, prebuilt, prebuiltSql } from '../db/prebuilt.ts';
-
-export type { AuditRecord };
 import { enqueueReports } from '../upstream/tickets.ts';
 
+export type { AuditRecord };
 
 export interface ExecuteOptions {
   /** graphile-worker's attempt number for this run (1-based) and the job's limit. */
@@ -33,10 +32,6 @@ export interface ExecuteOptions {
   maxAttempts: number;
 }
 
-/**
- * `reports`: the job-outbox rows of the request's report jobs, committed with it; the caller delivers them at once
- * (reportNow) or lets the outbox hand them to graphile-worker (kick).
- */
 /** What running a request reads of its row (returned by the statement that marks it running). */
 const runningColumns = {
   id: dsrRequests.id,
@@ -143,6 +138,10 @@ const markErased = prebuiltSql(
     on conflict (workspace_id, user_digest) do update set erased_at = excluded.erased_at`,
 );
 
+/**
+ * `reports`: the job-outbox rows of the request's report jobs, committed with it; the caller delivers them at once
+ * (reportNow) or lets the outbox hand them to graphile-worker (kick).
+ */
 export type ExecuteResult =
   | { kind: 'skipped'; reason: 'missing' | 'terminal' }
   | { kind: 'complete'; request: FinishedRequest; audit: AuditRecord; reports: number[] }
