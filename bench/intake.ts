@@ -456,7 +456,7 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const baseOf = (s: Side) => (isBaseline(s) ? baseline.base : web.base);
   const pidOf = (s: Side) => (isBaseline(s) ? baseline.pid : web.pid);
   // Expected requests of a side in a round, for the Transcend pool: the best rate seen so far, with headroom. The
-  // warm-up's rate understates a measured round's (a cold process: ~0.6 of round 1's), so a rate known only from it
+  // warm-up's rate understates a measured round's (a cold process: 0.6–0.9 of round 1's), so a rate known only from it
   // gets more headroom; signing in line during a measured round would take CPU from the server.
   const bestRate = new Map<SideName, number>();
   const measured = new Set<SideName>();
