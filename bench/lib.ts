@@ -76,6 +76,40 @@ export const loadAvg = () =>
     .map((l) => l.toFixed(2))
     .join(' ');
 
+/** The whole machine's CPU time so far, in clock ticks over all CPUs (Linux `/proc/stat`); undefined elsewhere. */
+export interface MachineCpu {
+  busy: number;
+  /** Time the hypervisor gave this virtual machine's CPUs to someone else while they had work (steal). */
+  steal: number;
+  total: number;
+}
+
+export function machineCpu(): MachineCpu | undefined {
+  let line: string;
+  try {
+    line = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!;
+  } catch {
+    return undefined;
+  }
+  if (!line.startsWith('cpu ')) return undefined;
+  // user nice system idle iowait irq softirq steal (guest time is already inside user and nice)
+  const [user, nice, system, idle, iowait, irq, softirq, steal] = line.trim().split(/\s+/).slice(1, 9).map(Number);
+  if (steal === undefined || Number.isNaN(steal)) return undefined;
+  const busy = user! + nice! + system! + irq! + softirq!;
+  return { busy, steal, total: busy + idle! + iowait! + steal };
+}
+
+/**
+ * How the machine's CPU time was spent between two readings: busy, and taken by the host (steal). Host contention
+ * slows every process alike without showing in the load average, so absolute times (e2e latencies above all) move
+ * with it while same-run ratios mostly do not.
+ */
+export function machineShare(from: MachineCpu | undefined, to: MachineCpu | undefined = machineCpu()): string {
+  if (!from || !to || to.total <= from.total) return 'not available';
+  const pct = (x: number) => `${((100 * x) / (to.total - from.total)).toFixed(1)} %`;
+  return `${pct(to.busy - from.busy)} busy, ${pct(to.steal - from.steal)} taken by the host (steal)`;
+}
+
 export const seconds = (ms: number) => `${(ms / 1000).toFixed(1)} s`;
 
 /** Wall-clock milliseconds since the epoch with sub-millisecond resolution, comparable with database timestamps. */

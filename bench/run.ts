@@ -12,7 +12,7 @@ import { runDrainBench } from './drain.ts';
 import { runE2eBench } from './e2e.ts';
 import { runEraseBench } from './erase.ts';
 import { runIntakeBench } from './intake.ts';
-import { loadAvg, openServer, QUICK, type Figure, type Server } from './lib.ts';
+import { loadAvg, machineCpu, machineShare, openServer, QUICK, type Figure, type Server } from './lib.ts';
 
 type CleanupFn = () => Promise<void> | void;
 
@@ -139,6 +139,7 @@ async function main(argv: string[]): Promise<number> {
     server: () => (server ??= openServer(root)),
   };
   const started = performance.now();
+  const machineAtStart = machineCpu();
   const figures: Figure[] = [];
   const failed: { name: string; error: string }[] = [];
   console.log(
@@ -154,6 +155,7 @@ async function main(argv: string[]): Promise<number> {
       // A benchmark's processes and databases go as soon as it ends, so they cannot load the next one.
       const scope = new Cleanup();
       const drainScope = cleanup.add(`${name}: its resources`, () => scope.runAll());
+      const machineBefore = machineCpu();
       try {
         figures.push(...(await BENCHMARKS[name]!({ ...root, cleanup: scope })));
       } catch (err) {
@@ -162,10 +164,13 @@ async function main(argv: string[]): Promise<number> {
         failed.push({ name, error: (err as Error).message.split('\n')[0]!.slice(0, 200) });
       } finally {
         await drainScope();
+        if (!interrupted) console.log(`${name}: the machine's CPU time during it: ${machineShare(machineBefore)}`);
       }
     }
     if (interrupted) return 130;
-    console.log(`\n${'='.repeat(100)}\n\n## Summary (load average at end: ${loadAvg()})\n`);
+    console.log(
+      `\n${'='.repeat(100)}\n\n## Summary (load average at end: ${loadAvg()}; the machine's CPU time over the run: ${machineShare(machineAtStart)})\n`,
+    );
     console.log(summary(figures, failed));
     const missed = figures.filter((f) => f.pass === false).length;
     console.log(
