@@ -15,10 +15,14 @@ describe('freePort', () => {
     const [low, high] = ephemeralPortRange();
     expect(low).toBeGreaterThan(1024);
     expect(high).toBeGreaterThanOrEqual(low);
+    // freePort draws below the range only when at least 1,000 ports lie between 20000 and it; else the kernel picks.
+    const drawsBelow = low - 20000 >= 1000;
     for (let i = 0; i < 20; i++) {
       const port = await freePort();
-      expect(port).toBeGreaterThanOrEqual(20000);
-      expect(port).toBeLessThan(low);
+      if (drawsBelow) {
+        expect(port).toBeGreaterThanOrEqual(20000);
+        expect(port).toBeLessThan(low);
+      }
       const srv = await listen(port);
       expect(srv, `port ${port} could not be bound`).toBeDefined();
       await new Promise((resolve) => srv!.close(resolve));
