@@ -2,7 +2,7 @@ import { and, eq } from 'drizzle-orm';
 import { dsrRequests, REQUEST_STATUSES } from '../db/schema/index.ts';
 import type { AppDeps } from '../http/env.ts';
 import { newestFirst } from '../http/pagination.ts';
-import { requestView, ticketsOf } from '../http/privacy.ts';
+import { readRequestViews, requestView, type RequestViewBody } from '../http/privacy.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import type { DsrRequest } from '../privacy/intake.ts';
@@ -13,16 +13,15 @@ const MAX_LIMIT = 100;
 /** Who a retry from the command line is credited to on the request and its next audit record. */
 const CLI_ACTOR: Actor = { type: 'system', id: 'cli', source: 'cli' };
 
-type View = ReturnType<typeof requestView>;
+type View = RequestViewBody;
 
-async function requestById(deps: AppDeps, id: string): Promise<DsrRequest> {
-  const [row] = await deps.db.select().from(dsrRequests).where(eq(dsrRequests.id, id));
-  if (!row) throw new ApiError('not_found', `no such request: ${id}`);
-  return row;
-}
-
-async function viewOf(deps: AppDeps, row: DsrRequest): Promise<View> {
-  return requestView(row, (await ticketsOf(deps, [row.id])).get(row.id));
+/** The request and its view with its vendor tickets, read in one snapshot. */
+async function requestById(deps: AppDeps, id: string): Promise<{ row: DsrRequest; view: View }> {
+  const { rows, views } = await readRequestViews(deps.db, (tx) =>
+    tx.select().from(dsrRequests).where(eq(dsrRequests.id, id)),
+  );
+  if (!rows[0] || !views[0]) throw new ApiError('not_found', `no such request: ${id}`);
+  return { row: rows[0], view: views[0] };
 }
 
 const summary = (v: View) =>
@@ -57,14 +56,14 @@ const list: Command = async (cli, args) => {
   }
   await withDeps(cli, async (deps) => {
     const ws = await requireWorkspace(deps.db, workspaceId);
-    const rows = await deps.db
-      .select()
-      .from(dsrRequests)
-      .where(and(eq(dsrRequests.workspaceId, ws), status ? eq(dsrRequests.status, status) : undefined))
-      .orderBy(newestFirst(dsrRequests.id))
-      .limit(limit);
-    const tickets = await ticketsOf(deps, rows.map((r) => r.id));
-    const data = rows.map((r) => requestView(r, tickets.get(r.id)));
+    const { views: data } = await readRequestViews(deps.db, (tx) =>
+      tx
+        .select()
+        .from(dsrRequests)
+        .where(and(eq(dsrRequests.workspaceId, ws), status ? eq(dsrRequests.status, status) : undefined))
+        .orderBy(newestFirst(dsrRequests.id))
+        .limit(limit),
+    );
     output(cli, { data }, () => (data.length ? data.map(summary) : 'no requests'));
   });
   return 0;
@@ -73,7 +72,7 @@ const list: Command = async (cli, args) => {
 const show: Command = async (cli, args) => {
   const { ids } = parse('requests show', args, {}, ['requestId']);
   await withDeps(cli, async (deps) => {
-    const view = await viewOf(deps, await requestById(deps, ids[0]!));
+    const { view } = await requestById(deps, ids[0]!);
     output(cli, view, () => describe(view));
   });
   return 0;
@@ -82,8 +81,9 @@ const show: Command = async (cli, args) => {
 const retry: Command = async (cli, args) => {
   const { ids } = parse('requests retry', args, {}, ['requestId']);
   await withDeps(cli, async (deps) => {
-    const row = await requestById(deps, ids[0]!);
-    const view = await viewOf(deps, await retryRequest(deps, row.workspaceId, row.id, CLI_ACTOR));
+    const { row } = await requestById(deps, ids[0]!);
+    const retried = await retryRequest(deps, row.workspaceId, row.id, CLI_ACTOR);
+    const view = requestView(retried.request, retried.tickets);
     output(cli, view, () => [`Request ${view.id} queued again; a worker runs it.`, ...describe(view)]);
   });
   return 0;

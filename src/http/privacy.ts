@@ -1,5 +1,5 @@
 import { createRoute, z } from '@hono/zod-openapi';
-import { and, asc, eq, exists, inArray, sql, type SQL } from 'drizzle-orm';
+import { and, eq, exists, sql, type SQL } from 'drizzle-orm';
 import {
   auditRecords,
   dsrRequests,
@@ -9,7 +9,8 @@ import {
   UPSTREAM_STATUSES,
   upstreamTickets,
 } from '../db/schema/index.ts';
-import type { TicketRow } from '../upstream/tickets.ts';
+import type { Db, Tx } from '../db/client.ts';
+import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
 import { subjectDigest } from '../lib/digest.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
@@ -166,7 +167,9 @@ const ItemResult = z
 
 const iso = (d: Date | null) => (d ? d.toISOString() : null);
 
-export function requestView(r: DsrRequest, tickets: TicketRow[] = []): z.infer<typeof RequestView> {
+export type RequestViewBody = z.infer<typeof RequestView>;
+
+export function requestView(r: DsrRequest, tickets: TicketRow[] = []): RequestViewBody {
   const statuses = new Set(tickets.map((t) => t.status));
   return {
     id: r.id,
@@ -199,17 +202,23 @@ export function requestView(r: DsrRequest, tickets: TicketRow[] = []): z.infer<t
   };
 }
 
-/** The vendor tickets of these requests, grouped by request id. */
-export async function ticketsOf(deps: AppDeps, requestIds: string[]): Promise<Map<string, TicketRow[]>> {
-  const byRequest = new Map<string, TicketRow[]>();
-  if (requestIds.length === 0) return byRequest;
-  const rows = await deps.db
-    .select()
-    .from(upstreamTickets)
-    .where(inArray(upstreamTickets.requestId, requestIds))
-    .orderBy(asc(upstreamTickets.id));
-  for (const t of rows) byRequest.set(t.requestId, [...(byRequest.get(t.requestId) ?? []), t]);
-  return byRequest;
+/**
+ * Request rows and the views of them with their vendor tickets, read in one snapshot (a read-only repeatable-read
+ * transaction). Read apart, a request's job could run and report between the two reads, and the view would pair a
+ * queued request with a ticket already delivered.
+ */
+export async function readRequestViews(
+  db: Db,
+  select: (tx: Tx) => Promise<DsrRequest[]>,
+): Promise<{ rows: DsrRequest[]; views: RequestViewBody[] }> {
+  return db.transaction(
+    async (tx) => {
+      const rows = await select(tx);
+      const tickets = await ticketsOf(tx, rows.map((r) => r.id));
+      return { rows, views: rows.map((r) => requestView(r, tickets.get(r.id))) };
+    },
+    { isolationLevel: 'repeatable read', accessMode: 'read only' },
+  );
 }
 
 export function auditView(a: AuditRecord, proof = false): z.infer<typeof AuditView> {
@@ -417,12 +426,14 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
   );
 
   app.openapi(getRequest, async (c) => {
-    const [row] = await deps.db
-      .select()
-      .from(dsrRequests)
-      .where(and(eq(dsrRequests.id, c.req.valid('param').id), eq(dsrRequests.workspaceId, c.get('auth').workspaceId)));
-    if (!row) throw new ApiError('not_found', 'no such request in this workspace');
-    return c.json(requestView(row, (await ticketsOf(deps, [row.id])).get(row.id)), 200);
+    const { views } = await readRequestViews(deps.db, (tx) =>
+      tx
+        .select()
+        .from(dsrRequests)
+        .where(and(eq(dsrRequests.id, c.req.valid('param').id), eq(dsrRequests.workspaceId, c.get('auth').workspaceId))),
+    );
+    if (!views[0]) throw new ApiError('not_found', 'no such request in this workspace');
+    return c.json(views[0], 200);
   });
 
   app.openapi(listRequests, async (c) => {
@@ -445,15 +456,15 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
         : undefined,
       cursorCondition(q.cursor, dsrRequests.id),
     ];
-    const rows = await deps.db
-      .select()
-      .from(dsrRequests)
-      .where(and(...conds))
-      .orderBy(newestFirst(dsrRequests.id))
-      .limit(q.limit + 1);
-    const p = page(rows, q.limit);
-    const tickets = await ticketsOf(deps, p.data.map((r) => r.id));
-    return c.json({ data: p.data.map((r) => requestView(r, tickets.get(r.id))), nextCursor: p.nextCursor }, 200);
+    const { views } = await readRequestViews(deps.db, (tx) =>
+      tx
+        .select()
+        .from(dsrRequests)
+        .where(and(...conds))
+        .orderBy(newestFirst(dsrRequests.id))
+        .limit(q.limit + 1),
+    );
+    return c.json(page(views, q.limit), 200);
   });
 
   app.openapi(retryRequestRoute, async (c) => {
@@ -465,7 +476,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       .where(and(eq(dsrRequests.id, id), eq(dsrRequests.workspaceId, auth.workspaceId)));
     if (row && needsRecentAuth({ success: true, data: row })) requireRecentAuth(deps, auth);
     const queued = await retryRequest(deps, auth.workspaceId, id, actorOf(auth));
-    return c.json(requestView(queued, (await ticketsOf(deps, [queued.id])).get(queued.id)), 202);
+    return c.json(requestView(queued.request, queued.tickets), 202);
   });
 
   app.openapi(getAudit, async (c) => {

@@ -5,6 +5,7 @@ import { ApiError } from '../lib/errors.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 import { subjectSealContext } from './execute.ts';
 import { addJob, executeJob, type DsrRequest } from './intake.ts';
+import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
 
 /**
  * Runs a failed request again (e.g. after the cause was fixed): it goes back to queued with its sealed identifier
@@ -19,7 +20,7 @@ export async function retryRequest(
   workspaceId: string,
   requestId: string,
   actor?: Actor,
-): Promise<DsrRequest> {
+): Promise<{ request: DsrRequest; tickets: TicketRow[] }> {
   try {
     return await ctx.db.transaction(async (tx) => {
       const [req] = await tx
@@ -57,8 +58,10 @@ export async function retryRequest(
         .set({ status: 'pending', attempts: 0, nextAttemptAt: null, lastError: null, updatedAt: sql`now()` })
         .where(and(eq(upstreamTickets.requestId, req.id), inArray(upstreamTickets.status, ['pending', 'failed'])));
       await tx.execute(sql`select ${addJob(executeJob(ctx, req.id))}`);
+      // Read in this transaction, so the caller's view of the request and its tickets is the state it committed.
+      const tickets = (await ticketsOf(tx, [req.id])).get(req.id) ?? [];
       ctx.logger.info({ requestId: req.id, action: req.action, scope: req.scope }, 'request retry queued');
-      return queued!;
+      return { request: queued!, tickets };
     });
   } catch (err) {
     // Another request for the same subject is pending: that one will do the work.

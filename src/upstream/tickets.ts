@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { and, eq, sql, type SQL } from 'drizzle-orm';
+import { and, asc, eq, inArray, sql, type SQL } from 'drizzle-orm';
 import type { PgTable } from 'drizzle-orm/pg-core';
 import type { DsrTicket, Verified } from '../../connectors/types.ts';
 import type { Db, DbOrTx, Tx } from '../db/client.ts';
@@ -26,6 +26,19 @@ import { connectorIsCurrent, StaleConnectorError } from './store.ts';
 import type { UpstreamDeps } from './context.ts';
 
 export type TicketRow = typeof upstreamTickets.$inferSelect;
+
+/** The vendor tickets of these requests, grouped by request id (oldest ticket first). */
+export async function ticketsOf(db: DbOrTx, requestIds: string[]): Promise<Map<string, TicketRow[]>> {
+  const byRequest = new Map<string, TicketRow[]>();
+  if (requestIds.length === 0) return byRequest;
+  const rows = await db
+    .select()
+    .from(upstreamTickets)
+    .where(inArray(upstreamTickets.requestId, requestIds))
+    .orderBy(asc(upstreamTickets.id));
+  for (const t of rows) byRequest.set(t.requestId, [...(byRequest.get(t.requestId) ?? []), t]);
+  return byRequest;
+}
 
 export interface ReceivedTicket {
   ticketId: string;

@@ -145,7 +145,7 @@ describe('master key rotation (resealAll)', () => {
 
     // A service on the new key retries the failed request with its identifier intact.
     const queued = await retryRequest({ ...env.deps, sealer: new Sealer(keyB) }, ws.workspaceId, failedRequestId);
-    expect(queued.status).toBe('queued');
+    expect(queued.request.status).toBe('queued');
     expect((await requestRow(env, failedRequestId)).subject_value).toBe(failedSubject);
   });
 

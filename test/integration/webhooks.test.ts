@@ -16,6 +16,7 @@ import { failFirst } from '../helpers/fake-vendor.ts';
 import { freePort } from '../../src/lib/net.ts';
 import { taskList } from '../../src/jobs/tasks.ts';
 import { runDueJobs } from '../../src/jobs/run-once.ts';
+import { poll } from '../helpers/process.ts';
 import { executeRequest } from '../../src/privacy/execute.ts';
 import { reportNow } from '../../src/upstream/report.ts';
 
@@ -649,5 +650,44 @@ describe('reports delivered by the job that finished the request', () => {
     await settle(requestId);
     expect(dgCalls(wrid)).toHaveLength(1);
     expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
+  });
+});
+
+describe('request views', () => {
+  it('a request and its vendor tickets are read in one snapshot: never queued with a ticket already delivered', async () => {
+    const w = await transcend.webhook({ profile: { identifier: `${uniq('snap')}@example.test`, type: 'email' } });
+    const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(res.status, res.text).toBe(200);
+    const requestId = res.json.received[0].requestId as string;
+
+    // Tickets cannot be read while this transaction holds the table, so each read below stops between the request
+    // row and its tickets; meanwhile the ticket is delivered (as its job's report would) and that is committed.
+    const holder = await env.sql.reserve();
+    try {
+      await holder`begin`;
+      await holder`lock table upstream_tickets in access exclusive mode`;
+      const one = getRequest(a, requestId);
+      const list = call(env, 'GET', '/v1/privacy/requests?limit=100', { key: a.privacyKey });
+      await poll(async () => {
+        const [r] = await env.sql<{ n: number }[]>`
+          select count(*)::int as n from pg_stat_activity
+          where datname = current_database() and wait_event_type = 'Lock' and query ilike '%upstream_tickets%'`;
+        return r!.n >= 2 ? true : undefined;
+      }, 10_000);
+      await holder`update upstream_tickets set status = 'delivered', delivered_at = now() where request_id = ${requestId}`;
+      await holder`commit`;
+
+      const single = await one;
+      expect([single.status, single.upstreamStatus, single.upstream[0].status]).toEqual(['queued', 'pending', 'pending']);
+      const listed = await list;
+      expect(listed.status, listed.text).toBe(200);
+      const row = listed.json.data.find((r: { id: string }) => r.id === requestId);
+      expect([row.status, row.upstreamStatus]).toEqual(['queued', 'pending']);
+    } finally {
+      await holder`rollback`.catch(() => {});
+      holder.release();
+    }
+    // A read after the commit sees the delivery (here without the request having run: arranged by the test).
+    expect((await getRequest(a, requestId)).upstreamStatus).toBe('delivered');
   });
 });
