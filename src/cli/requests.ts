@@ -5,7 +5,6 @@ import { newestFirst } from '../http/pagination.ts';
 import { readRequestViews, requestView, type RequestViewBody } from '../http/privacy.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
-import type { DsrRequest } from '../privacy/intake.ts';
 import { retryRequest } from '../privacy/retry.ts';
 import { oneOf, output, parse, required, requireWorkspace, UsageError, withDeps, type Command } from './shared.ts';
 
@@ -15,13 +14,13 @@ const CLI_ACTOR: Actor = { type: 'system', id: 'cli', source: 'cli' };
 
 type View = RequestViewBody;
 
-/** The request and its view with its vendor tickets, read in one snapshot. */
-async function requestById(deps: AppDeps, id: string): Promise<{ row: DsrRequest; view: View }> {
-  const { rows, views } = await readRequestViews(deps.db, (tx) =>
-    tx.select().from(dsrRequests).where(eq(dsrRequests.id, id)),
-  );
-  if (!rows[0] || !views[0]) throw new ApiError('not_found', `no such request: ${id}`);
-  return { row: rows[0], view: views[0] };
+const notFound = (id: string) => new ApiError('not_found', `no such request: ${id}`);
+
+/** The request's view with its vendor tickets, read in one snapshot. */
+async function viewById(deps: AppDeps, id: string): Promise<View> {
+  const [view] = await readRequestViews(deps.db, (tx) => tx.select().from(dsrRequests).where(eq(dsrRequests.id, id)));
+  if (!view) throw notFound(id);
+  return view;
 }
 
 const summary = (v: View) =>
@@ -56,7 +55,7 @@ const list: Command = async (cli, args) => {
   }
   await withDeps(cli, async (deps) => {
     const ws = await requireWorkspace(deps.db, workspaceId);
-    const { views: data } = await readRequestViews(deps.db, (tx) =>
+    const data = await readRequestViews(deps.db, (tx) =>
       tx
         .select()
         .from(dsrRequests)
@@ -72,7 +71,7 @@ const list: Command = async (cli, args) => {
 const show: Command = async (cli, args) => {
   const { ids } = parse('requests show', args, {}, ['requestId']);
   await withDeps(cli, async (deps) => {
-    const { view } = await requestById(deps, ids[0]!);
+    const view = await viewById(deps, ids[0]!);
     output(cli, view, () => describe(view));
   });
   return 0;
@@ -81,8 +80,12 @@ const show: Command = async (cli, args) => {
 const retry: Command = async (cli, args) => {
   const { ids } = parse('requests retry', args, {}, ['requestId']);
   await withDeps(cli, async (deps) => {
-    const { row } = await requestById(deps, ids[0]!);
-    const retried = await retryRequest(deps, row.workspaceId, row.id, CLI_ACTOR);
+    const [row] = await deps.db
+      .select({ workspaceId: dsrRequests.workspaceId })
+      .from(dsrRequests)
+      .where(eq(dsrRequests.id, ids[0]!));
+    if (!row) throw notFound(ids[0]!);
+    const retried = await retryRequest(deps, row.workspaceId, ids[0]!, CLI_ACTOR);
     const view = requestView(retried.request, retried.tickets);
     output(cli, view, () => [`Request ${view.id} queued again; a worker runs it.`, ...describe(view)]);
   });

@@ -203,19 +203,19 @@ export function requestView(r: DsrRequest, tickets: TicketRow[] = []): RequestVi
 }
 
 /**
- * Request rows and the views of them with their vendor tickets, read in one snapshot (a read-only repeatable-read
+ * Views of request rows with their vendor tickets, read in one snapshot (a read-only repeatable-read
  * transaction). Read apart, a request's job could run and report between the two reads, and the view would pair a
  * queued request with a ticket already delivered.
  */
 export async function readRequestViews(
   db: Db,
   select: (tx: Tx) => Promise<DsrRequest[]>,
-): Promise<{ rows: DsrRequest[]; views: RequestViewBody[] }> {
+): Promise<RequestViewBody[]> {
   return db.transaction(
     async (tx) => {
       const rows = await select(tx);
       const tickets = await ticketsOf(tx, rows.map((r) => r.id));
-      return { rows, views: rows.map((r) => requestView(r, tickets.get(r.id))) };
+      return rows.map((r) => requestView(r, tickets.get(r.id)));
     },
     { isolationLevel: 'repeatable read', accessMode: 'read only' },
   );
@@ -426,14 +426,14 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
   );
 
   app.openapi(getRequest, async (c) => {
-    const { views } = await readRequestViews(deps.db, (tx) =>
+    const [view] = await readRequestViews(deps.db, (tx) =>
       tx
         .select()
         .from(dsrRequests)
         .where(and(eq(dsrRequests.id, c.req.valid('param').id), eq(dsrRequests.workspaceId, c.get('auth').workspaceId))),
     );
-    if (!views[0]) throw new ApiError('not_found', 'no such request in this workspace');
-    return c.json(views[0], 200);
+    if (!view) throw new ApiError('not_found', 'no such request in this workspace');
+    return c.json(view, 200);
   });
 
   app.openapi(listRequests, async (c) => {
@@ -456,7 +456,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
         : undefined,
       cursorCondition(q.cursor, dsrRequests.id),
     ];
-    const { views } = await readRequestViews(deps.db, (tx) =>
+    const views = await readRequestViews(deps.db, (tx) =>
       tx
         .select()
         .from(dsrRequests)

@@ -472,6 +472,7 @@ describe('requests and audit', () => {
     expect(await userFootprint(env, ws.workspaceId, user.userId)).toMatchObject({ profiles: 0, events: 0, messages: 0, questions: 0 });
     const again = await fails(['requests', 'retry', failedId], 1, 'conflict');
     expect(again.message).toBe('only a failed request can be retried (this one is complete)');
+    expect((await fails(['requests', 'retry', 'req_unknown'], 1, 'not_found')).message).toBe('no such request: req_unknown');
   });
 
   it('audit show gives the record with its chain proof, as the API does', async () => {
