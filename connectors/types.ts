@@ -48,7 +48,10 @@ export interface AdapterContext {
 export interface Verified {
   /** Id of the signed token (e.g. a JWT `jti`): the core refuses the same token on a different body. */
   tokenId?: string;
-  /** When the token stops being valid; the core keeps its replay record until then. */
+  /**
+   * The last moment verify() would still accept the token (its expiry plus any clock leeway); absent when the token
+   * never expires. The core keeps its replay record at least until then: absent means for good.
+   */
   tokenExpiresAt?: Date;
   /** Verified claims parse() must agree with (e.g. the JWT's identifier). */
   claims?: Record<string, unknown>;

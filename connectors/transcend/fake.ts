@@ -37,8 +37,8 @@ export interface TokenOptions {
   scope?: string;
   /** Default a fresh uuid; null leaves the claim out. */
   jti?: string | null;
-  /** Seconds until `exp`, from now; negative for an expired token. Default 600. */
-  expiresIn?: number;
+  /** Seconds until `exp`, from now; negative for an expired token; null leaves the claim out. Default 600. */
+  expiresIn?: number | null;
   /** Claims merged over the defaults. */
   claims?: Record<string, unknown>;
   /** Default 'valid'. 'hs256' uses the public key PEM as the HMAC secret (the classic algorithm-confusion attack). */
@@ -148,7 +148,7 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
       scope: t.scope ?? 'coreIdentifier',
       aud: t.audience ?? audience,
       iat: now,
-      exp: now + (t.expiresIn ?? 600),
+      ...(t.expiresIn === null ? {} : { exp: now + (t.expiresIn ?? 600) }),
       ...(t.jti === null ? {} : { jti: t.jti ?? randomUUID() }),
       ...t.claims,
     };

@@ -161,7 +161,8 @@ describe('verify', () => {
     expect(verified.tokenId).toBe('jti-1');
     expect(verified.claims).toEqual({ value: 'core-1' });
     const expMs = verified.tokenExpiresAt!.getTime();
-    expect(Math.abs(expMs - (Date.now() + 300_000))).toBeLessThan(2000);
+    // Accepted up to 30 s past exp (clock leeway), so that is how long the core must remember its jti.
+    expect(Math.abs(expMs - (Date.now() + 330_000))).toBeLessThan(2000);
     const calls = t.fake.callsTo(KEY_ROUTE);
     expect(calls).toHaveLength(1);
     expect(calls[0]!.headers.authorization).toBe(`Bearer ${FAKE_API_KEY}`);
@@ -172,6 +173,14 @@ describe('verify', () => {
     const token = await t.signToken({ jti: null });
     const verified = await transcend.verify(withToken(token), conn(), ctx);
     expect(verified).not.toHaveProperty('tokenId');
+  });
+
+  it('accepts a token until 30 s past its exp, and says so; a token without exp never expires', async () => {
+    const late = await transcend.verify(withToken(await t.signToken({ expiresIn: -25 })), conn(), ctx);
+    expect(Math.abs(late.tokenExpiresAt!.getTime() - (Date.now() + 5_000))).toBeLessThan(2000);
+    const forever = await transcend.verify(withToken(await t.signToken({ expiresIn: null })), conn(), ctx);
+    expect(forever).not.toHaveProperty('tokenExpiresAt');
+    expect(forever.tokenId).toBeTruthy();
   });
 
   it.each([

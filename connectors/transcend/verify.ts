@@ -154,7 +154,8 @@ export async function verifyToken(req: RawWebhook, conn: TranscendConnector, ctx
   }
   return {
     ...(typeof payload.jti === 'string' && payload.jti ? { tokenId: payload.jti } : {}),
-    ...(payload.exp !== undefined ? { tokenExpiresAt: new Date(payload.exp * 1000) } : {}),
+    // Accepted until exp plus the leeway, so the replay record must outlive exp by as much.
+    ...(payload.exp !== undefined ? { tokenExpiresAt: new Date((payload.exp + CLOCK_TOLERANCE_S) * 1000) } : {}),
     claims: { value: payload.value },
   };
 }

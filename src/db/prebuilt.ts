@@ -1,5 +1,5 @@
 import * as drizzleOrm from 'drizzle-orm';
-import { fillPlaceholders, sql, type SQL } from 'drizzle-orm';
+import { fillPlaceholders, is, Param, Placeholder, sql, type SQL } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
 import { drizzle } from 'drizzle-orm/postgres-js';
 import type postgres from 'postgres';
@@ -70,7 +70,7 @@ export class Prebuilt<R> {
     const { queryString, params, fields, joinsNotNullableMap } = this.statement();
     let filled: unknown[];
     try {
-      filled = fillPlaceholders(params, values);
+      filled = fill(params, values);
     } catch (err) {
       return Promise.reject(err as Error); // a value the caller did not give (drizzle names the placeholder)
     }
@@ -87,6 +87,17 @@ export class Prebuilt<R> {
   private statement(): DrizzlePrepared {
     return (this.built ??= this.build());
   }
+}
+
+/**
+ * drizzle's fillPlaceholders, except that a null goes to the driver as null, as drizzle sends a null it is given
+ * directly: its own version hands null to the column's encoder (a timestamp's calls toISOString on it).
+ */
+function fill(params: unknown[], values: Values): unknown[] {
+  const nullsDirect = params.map((param) =>
+    is(param, Param) && is(param.value, Placeholder) && values[param.value.name] === null ? null : param,
+  );
+  return fillPlaceholders(nullsDirect, values);
 }
 
 /** A query builder chain (select, insert, update, delete), built once on first use. */

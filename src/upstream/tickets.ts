@@ -47,8 +47,11 @@ export interface ReceivedTicket {
   replayed: boolean;
 }
 
-/** How long a token id is remembered when the token itself does not say (it then cannot be replayed later). */
-const DEFAULT_TOKEN_MEMORY_MS = 24 * 60 * 60 * 1000;
+/**
+ * How long a token id is remembered beyond the last moment its verifier accepts it: covers the time between a
+ * verification and its commit, so the tick's pruning can never forget a token that is still being accepted.
+ */
+const TOKEN_MEMORY_MARGIN_MS = 10 * 60 * 1000;
 
 export const ticketSecretContext = (ticketId: string) => `ticket:${ticketId}:secret`;
 
@@ -170,7 +173,8 @@ function tokenRow(connectorId: string, verified: Verified, rawBody: string): typ
     connectorId,
     tokenId: verified.tokenId!,
     bodyDigest: createHash('sha256').update(rawBody).digest('hex'),
-    expiresAt: verified.tokenExpiresAt ?? new Date(Date.now() + DEFAULT_TOKEN_MEMORY_MS),
+    // A token that never expires is remembered for good: forgetting it would let it carry another body.
+    expiresAt: verified.tokenExpiresAt ? new Date(verified.tokenExpiresAt.getTime() + TOKEN_MEMORY_MARGIN_MS) : null,
   };
 }
 

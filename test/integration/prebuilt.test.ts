@@ -76,6 +76,9 @@ it('encodes values through their columns, returns what a returning clause names,
   const at = new Date('2026-01-02T03:04:05.678Z');
   const updated = await touch.run(db, { workspaceId: ws.workspaceId, externalId: 'w-2', at, traits: { a: [1, 'b'] } });
   expect(updated).toEqual([{ externalId: 'w-2', lastSeenAt: at, traits: { a: [1, 'b'] } }]);
+  // A null goes through as null, as with the builder, even for a column whose encoder could not take it.
+  const cleared = await touch.run(db, { workspaceId: ws.workspaceId, externalId: 'w-2', at: null, traits: { a: [1, 'b'] } });
+  expect(cleared).toEqual([{ externalId: 'w-2', lastSeenAt: null, traits: { a: [1, 'b'] } }]);
 
   const removeSome = prebuilt((b) =>
     b.delete(endUsers).where(sql`${endUsers.workspaceId} = ${p('workspaceId')} and ${endUsers.externalId} = any(${p('ids')}::text[])`),

@@ -115,9 +115,10 @@ describe('Transcend pull mode', () => {
 
   it('expired webhook token ids are pruned by the tick', async () => {
     await env.sql`insert into webhook_tokens (connector_id, token_id, body_digest, expires_at)
-                  values (${connectorId}, 'old', 'x', now() - interval '1 minute'), (${connectorId}, 'live', 'y', now() + interval '1 hour')`;
+                  values (${connectorId}, 'old', 'x', now() - interval '1 minute'), (${connectorId}, 'live', 'y', now() + interval '1 hour'),
+                         (${connectorId}, 'never-expires', 'z', null)`;
     await connectorsTick(env.deps);
-    const left = await env.sql`select token_id from webhook_tokens where connector_id = ${connectorId}`;
-    expect(left.map((r) => r.token_id)).toEqual(['live']);
+    const left = await env.sql`select token_id from webhook_tokens where connector_id = ${connectorId} order by token_id`;
+    expect(left.map((r) => r.token_id)).toEqual(['live', 'never-expires']);
   });
 });

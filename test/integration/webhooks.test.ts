@@ -19,6 +19,7 @@ import { runDueJobs } from '../../src/jobs/run-once.ts';
 import { poll } from '../helpers/process.ts';
 import { executeRequest } from '../../src/privacy/execute.ts';
 import { reportNow } from '../../src/upstream/report.ts';
+import { connectorsTick } from '../../src/upstream/poll.ts';
 
 let env: TestEnv;
 let a: CreatedWorkspace;
@@ -174,6 +175,25 @@ describe('Transcend webhooks', () => {
     tampered.type = 'SALE_OPT_OUT';
     expectError(await deliver('transcend', ids.transcendA, w.headers, JSON.stringify(tampered)), 401, 'token_replayed');
     expect(await counts()).toEqual(before);
+  });
+
+  it.each([
+    // The tick runs 25 s on: the token is no longer accepted then, but was when this replay was verified.
+    ['just past its exp (still inside the clock leeway)', { expiresIn: -10 }, 25_000],
+    ['without an exp, a year later', { expiresIn: null }, 365 * 86_400_000],
+  ])('a token %s is still remembered after the tick prunes: replayed on another subject, it is refused', async (_, token, tickInMs) => {
+    const w = await transcend.webhook({ ...token, profile: { identifier: `${uniq('first')}@example.test`, type: 'email' } });
+    const first = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(first.status, first.text).toBe(200);
+    await connectorsTick(env.deps, new Date(Date.now() + tickInMs));
+    const before = await counts();
+    const victim = `${uniq('victim')}@example.test`;
+    const replay = await transcend.webhook({ token: w.headers['x-sombra-token']!, profile: { identifier: victim, type: 'email' } });
+    expectError(await deliver('transcend', ids.transcendA, replay.headers, replay.body), 401, 'token_replayed');
+    expect(await counts()).toEqual(before);
+    // The message itself is still a harmless redelivery.
+    const again = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(again.json).toEqual(first.json);
   });
 
   it('ACCESS is 400 action_not_implemented; malformed JSON 400; missing coreIdentifier 400; oversized 413', async () => {

@@ -110,7 +110,8 @@ export const webhookTokens = pgTable(
     connectorId: text('connector_id').notNull().references(() => connectors.id),
     tokenId: text('token_id').notNull(),
     bodyDigest: text('body_digest').notNull(),
-    expiresAt: ts('expires_at').notNull(),
+    /** Null for a token without an expiry: kept for good, since it could be replayed at any time. */
+    expiresAt: ts('expires_at'),
   },
   (t) => [primaryKey({ columns: [t.connectorId, t.tokenId] }), index('webhook_tokens_expires_idx').on(t.expiresAt)],
 );
