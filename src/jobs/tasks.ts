@@ -1,6 +1,6 @@
 import type { TaskList } from 'graphile-worker';
 import { z } from 'zod';
-import { executeRequest } from '../privacy/execute.ts';
+import { executeRequest, failAbandonedRequests } from '../privacy/execute.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
 import { connectorsTick, pollConnector } from '../upstream/poll.ts';
 import { deliverReport, reportNow, reportPayload } from '../upstream/report.ts';
@@ -11,8 +11,11 @@ import { errorCodeOf } from '../db/errors.ts';
 const executeRequestPayload = z.object({ requestId: z.string().regex(/^req_[0-9a-z]{25}$/) });
 const pollConnectorPayload = z.object({ connectorId: z.string().regex(/^con_[0-9a-z]{25}$/) });
 
-/** Cron entries, in graphile-worker's crontab format: the connectors fan-out every minute, housekeeping hourly. */
-export const CRONTAB = ['* * * * * connectors_tick', '17 * * * * maintenance_tick'].join('\n');
+/**
+ * Cron entries, in graphile-worker's crontab format: the connectors fan-out and the sweep of requests whose job gave
+ * up every minute, housekeeping hourly.
+ */
+export const CRONTAB = ['* * * * * connectors_tick', '* * * * * requests_tick', '17 * * * * maintenance_tick'].join('\n');
 
 export function taskList(deps: UpstreamDeps): TaskList {
   // Retrying cannot fix a malformed payload; log and let the job complete.
@@ -50,6 +53,10 @@ export function taskList(deps: UpstreamDeps): TaskList {
     },
     connectors_tick: async () => {
       await connectorsTick(deps);
+    },
+    requests_tick: async () => {
+      const { reports } = await failAbandonedRequests(deps);
+      if (reports.length > 0) deps.outbox.kick();
     },
     maintenance_tick: async () => {
       await maintenanceTick(deps);

@@ -88,7 +88,9 @@ const markFinished = prebuilt((b) =>
       finishedAt: p('finishedAt') as never,
       updatedAt: sql`now()`,
     })
-    .where(eq(dsrRequests.id, p('id')))
+    // Only a pending request: one finished already (say its erasure committed but the acknowledgement was lost, and
+    // this is the failure path) keeps its outcome and its one audit record.
+    .where(and(eq(dsrRequests.id, p('id')), inArray(dsrRequests.status, ['queued', 'running'])))
     .returning(finishedColumns),
 );
 
@@ -147,6 +149,14 @@ export type ExecuteResult =
   | { kind: 'complete'; request: FinishedRequest; audit: AuditRecord; reports: number[] }
   | { kind: 'failed'; request: FinishedRequest; audit: AuditRecord; reports: number[]; errorCode: string };
 
+/** The request was finished by someone else meanwhile: the transaction rolls back and nothing is recorded twice. */
+class AlreadyFinished extends Error {
+  constructor() {
+    super('request already finished');
+    this.name = 'AlreadyFinished';
+  }
+}
+
 export class TransientFailure extends Error {
   constructor(readonly code: string) {
     super(`transient failure (${code}); will retry`);
@@ -185,6 +195,7 @@ export async function executeRequest(
     log.info({ outcome: done.audit.outcome, auditRecordId: done.audit.id, counts: done.audit.counts }, 'request complete');
     return { kind: 'complete', ...done };
   } catch (err) {
+    if (err instanceof AlreadyFinished) return { kind: 'skipped', reason: 'terminal' };
     const errorCode = errorCodeOf(err);
     if (isTransient(err) && opts.attempt < opts.maxAttempts) {
       log.warn({ errorCode, attempt: opts.attempt }, 'transient failure; will retry');
@@ -192,11 +203,86 @@ export async function executeRequest(
       throw new TransientFailure(errorCode);
     }
     log.error({ errorCode, attempt: opts.attempt }, 'request failed');
+    return recordFailure(ctx, running, startedAt, errorCode);
+  }
+}
+
+async function recordFailure(
+  ctx: PrivacyDeps,
+  req: RunningRequest,
+  startedAt: Date,
+  errorCode: string,
+): Promise<Extract<ExecuteResult, { kind: 'failed' | 'skipped' }>> {
+  try {
     const done = await ctx.db.transaction((tx) =>
-      finish(tx, ctx, running, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
+      finish(tx, ctx, req, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
     );
     return { kind: 'failed', ...done, errorCode };
+  } catch (err) {
+    if (err instanceof AlreadyFinished) return { kind: 'skipped', reason: 'terminal' };
+    throw err;
   }
+}
+
+/**
+ * Pending requests whose execute_request job has used up its attempts without finishing them (not locked, and
+ * graphile-worker will not run it again): its workers died mid-run (each crash costs an attempt), or the last
+ * attempt could not even record a failure (database unreachable).
+ */
+const abandonedRequests = prebuiltSql<{ id: string }>(
+  () => sql`
+    select r.id from ${dsrRequests} r
+      join graphile_worker._private_jobs j on j.key = r.id
+     where r.status in ('queued', 'running') and j.locked_by is null and j.attempts >= j.max_attempts
+     order by r.id
+     limit 100`,
+);
+
+/** The same, for one request, with the job row locked (taken after the request's row, as retry takes them). */
+const abandonedJobLocked = prebuiltSql<{ id: string }>(
+  () => sql`
+    select j.key as id from graphile_worker._private_jobs j
+     where j.key = ${p('id')} and j.locked_by is null and j.attempts >= j.max_attempts
+       for update`,
+);
+
+const lockPendingRequest = prebuilt((b) =>
+  b
+    .select(runningColumns)
+    .from(dsrRequests)
+    .where(and(eq(dsrRequests.id, p('id')), inArray(dsrRequests.status, ['queued', 'running'])))
+    .for('update'),
+);
+
+/** errorCode of a request whose job gave up without finishing it. */
+export const ATTEMPTS_EXHAUSTED = 'attempts_exhausted';
+
+/**
+ * Finishes abandoned requests as failed (errorCode `attempts_exhausted`), each with its failed audit record and its
+ * vendor reports, so none stays pending for good, holding every later request for its subject as a duplicate; a
+ * failed request can be retried. Run by the minute tick. Returns the failed requests' report outbox rows.
+ */
+export async function failAbandonedRequests(ctx: PrivacyDeps): Promise<{ failed: string[]; reports: number[] }> {
+  const out = { failed: [] as string[], reports: [] as number[] };
+  for (const { id } of await abandonedRequests.run(ctx.db)) {
+    const done = await ctx.db.transaction(async (tx) => {
+      const [req] = await lockPendingRequest.run(tx, { id });
+      if (!req) return undefined;
+      const [job] = await abandonedJobLocked.run(tx, { id });
+      if (!job) return undefined;
+      return finish(tx, ctx, req, req.startedAt ?? new Date(), {
+        status: 'failed',
+        outcome: 'failed',
+        counts: {},
+        errorCode: ATTEMPTS_EXHAUSTED,
+      });
+    });
+    if (!done) continue;
+    ctx.logger.error({ requestId: id, errorCode: ATTEMPTS_EXHAUSTED, auditRecordId: done.audit.id }, 'request failed: its job ran out of attempts');
+    out.failed.push(id);
+    out.reports.push(...done.reports);
+  }
+  return out;
 }
 
 async function finish(
@@ -242,7 +328,8 @@ async function finish(
     startedAt,
   });
   const [[request], reports, audit] = await Promise.all([updating, reporting, auditing]);
-  return { request: request!, audit, reports };
+  if (!request) throw new AlreadyFinished();
+  return { request, audit, reports };
 }
 
 /** Where a failed request's sealed identifier is bound: it opens only on its own row. */

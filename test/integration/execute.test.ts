@@ -1,6 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { intake } from '../../src/privacy/intake.ts';
-import { executeRequest } from '../../src/privacy/execute.ts';
+import { executeRequest, failAbandonedRequests } from '../../src/privacy/execute.ts';
+import { userLockKey } from '../../src/lib/digest.ts';
+import { poll } from '../helpers/process.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 
@@ -268,6 +270,40 @@ describe('failures', () => {
     } finally {
       await env.sql.unsafe('drop trigger always_deadlock on events; drop function always_deadlock();');
     }
+  });
+});
+
+describe('a job out of attempts', () => {
+  it('leaves its request failed (attempts_exhausted); a run still in flight then finishes nothing and writes no record', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const before = await userFootprint(env, ws.workspaceId, u.userId);
+    const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+    const pendingOther = await request(ws.workspaceId, 'suppress', { kind: 'user_id', value: u.userId });
+    expect(await failAbandonedRequests(env.deps)).toEqual({ failed: [], reports: [] });
+
+    // A run that started before its job's last crash is still going (held on the subject's lock)...
+    const blocker = await env.sql.reserve();
+    await blocker`begin`;
+    await blocker`select pg_advisory_xact_lock(${userLockKey(ws.workspaceId, u.userId)}::bigint)`;
+    const late = executeRequest(env.deps, id, { attempt: 3, maxAttempts: 3 });
+    await poll(async () => ((await requestRow(env, id)).status === 'running' ? true : undefined), 10_000);
+    // ...while the crashes used up the job's attempts (what force_unlock_workers leaves behind).
+    await env.sql`update graphile_worker._private_jobs set attempts = max_attempts, locked_by = null, locked_at = null where key = ${id}`;
+    const swept = await failAbandonedRequests(env.deps);
+    expect(swept.failed).toEqual([id]);
+    await blocker`commit`;
+    blocker.release();
+
+    expect(await late).toEqual({ kind: 'skipped', reason: 'terminal' });
+    expect(await requestRow(env, id)).toMatchObject({ status: 'failed', outcome: 'failed', error_code: 'attempts_exhausted' });
+    const audits = await auditRows(env, id);
+    expect(audits.map((a) => [a.status, a.error_code])).toEqual([['failed', 'attempts_exhausted']]);
+    // The late run's erasure rolled back with it: the subject is whole, as the failed request says.
+    expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
+    // Requests whose jobs still have attempts are left alone.
+    expect((await requestRow(env, pendingOther)).status).toBe('queued');
+    expect(await failAbandonedRequests(env.deps)).toEqual({ failed: [], reports: [] });
   });
 });
 
