@@ -66,14 +66,19 @@ const requestTypeList = z
   .refine((types) => types.length > 0, 'must name at least one request type')
   .refine((types) => !types.some((t) => UNRENDERED.test(t)), 'is an unfilled template placeholder');
 
+/** OneTrust's ids are short (UUIDs, reference numbers): anything longer than this is not one. */
+const ID_MAX = 200;
+const idText = text.refine((v) => v === undefined || v.length <= ID_MAX, `must be at most ${ID_MAX} characters`);
+
 const bodySchema = z.looseObject({
   requestQueueRefId: z
     .string()
     .trim()
     .min(1)
+    .max(ID_MAX, `must be at most ${ID_MAX} characters`)
     .refine((v) => !UNRENDERED.test(v), 'is an unfilled template placeholder'),
-  requestQueueId: text,
-  subTaskId: text,
+  requestQueueId: idText,
+  subTaskId: idText,
   requestTypes: requestTypeList,
   email: text.refine((v) => v === undefined || /^[^@\s]+@[^@\s]+$/.test(v), 'is not an email address'),
   userId: text,

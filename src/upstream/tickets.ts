@@ -19,6 +19,7 @@ import {
   logQueued,
   newRequestRow,
   requestDigest,
+  subjectSchema,
   type IntakeInput,
 } from '../privacy/intake.ts';
 import { columnOf, isUniqueViolation, pgCode } from '../db/errors.ts';
@@ -69,6 +70,7 @@ export async function receiveTickets(
   rawBody: string,
 ): Promise<ReceivedTicket[]> {
   const actor: Actor = { type: 'connector', id: connector.id, source: 'connector' };
+  tickets.forEach(checkSubject);
   if (tickets.length === 1) {
     const fresh = await receiveFreshTicket(deps, connector, actor, tickets[0]!, verified, rawBody);
     if (fresh) return [fresh];
@@ -112,6 +114,10 @@ export async function receiveTickets(
         continue;
       }
       const result = await intakeInTx(tx, deps, actor, ticketIntake(connector, t));
+      // The ticket's own request, made for another subject or action: never join a ticket to someone else's request.
+      if (result.result === 'conflict') {
+        throw new ApiError('conflict', 'this ticket id was already used for a different action or subject');
+      }
       if (result.result === 'created') created.push(result);
       const ticket = newTicketRow(deps, connector, t, digest, result.request.id);
       await tx.insert(upstreamTickets).values(ticket);
@@ -142,8 +148,28 @@ function ticketIntake(connector: { id: string; workspaceId: string }, t: DsrTick
     scope: 'user',
     subject: t.subject,
     upstreamRef: t.upstreamRef.slice(0, 500),
-    dedupeKey: `connector:${connector.id}:${t.ticketKey}`.slice(0, 500),
+    dedupeKey: ticketDedupeKey(connector.id, t.ticketKey),
   };
+}
+
+/** Longest dedupe key stored as it is; a longer one is stored as its digest (cut short, two tickets could share one). */
+const DEDUPE_KEY_MAX = 500;
+
+function ticketDedupeKey(connectorId: string, ticketKey: string): string {
+  const key = `connector:${connectorId}:${ticketKey}`;
+  if (key.length <= DEDUPE_KEY_MAX) return key;
+  return `connector:${connectorId}:sha256:${createHash('sha256').update(ticketKey).digest('hex')}`;
+}
+
+/**
+ * The adapter took the identifier from the vendor's body; a value intake cannot take (an email it does not accept,
+ * an over-long user id) is refused here by what it is, not by intake's internal field names, and never echoed.
+ */
+function checkSubject(t: DsrTicket): void {
+  const parsed = subjectSchema.safeParse(t.subject);
+  if (parsed.success) return;
+  const why = t.subject.kind === 'email' ? 'is not a valid email address' : 'is not a user id (1 to 256 characters)';
+  throw new ApiError('validation_failed', `the ticket's subject ${why}`, [{ path: 'subject', message: why }]);
 }
 
 function newTicketRow(

@@ -20,6 +20,8 @@ import { poll } from '../helpers/process.ts';
 import { executeRequest } from '../../src/privacy/execute.ts';
 import { reportNow } from '../../src/upstream/report.ts';
 import { connectorsTick } from '../../src/upstream/poll.ts';
+import { receiveTickets } from '../../src/upstream/tickets.ts';
+import { intake } from '../../src/privacy/intake.ts';
 
 let env: TestEnv;
 let a: CreatedWorkspace;
@@ -435,6 +437,65 @@ describe('OneTrust webhooks', () => {
     const one = await deliver('onetrust', ids.onetrustA, w.headers, w.rawBody);
     const two = await deliver('onetrust', ids.onetrustA, w.headers, w.rawBody);
     expect(two.json).toEqual(one.json);
+  });
+});
+
+describe('tickets and their requests', () => {
+  const auth = { type: 'bearer' as const, secret: OT.inbound };
+  const connector = () => ({ id: ids.onetrustA, workspaceId: a.workspaceId });
+  const ticket = (ticketKey: string, email: string) => ({
+    ticketKey,
+    action: 'erase' as const,
+    subject: { kind: 'email' as const, value: email },
+    upstreamRef: 'REF-LONG',
+    upstream: { requestQueueRefId: 'REF-LONG' },
+  });
+
+  it('two tickets whose long keys differ only past 500 characters get a request each, for their own subject', async () => {
+    const prefix = 'k'.repeat(520);
+    const [alice, bob] = [`${uniq('alice')}@example.test`, `${uniq('bob')}@example.test`];
+    const [one] = await receiveTickets(env.deps, connector(), [ticket(`${prefix}-one`, alice)], {}, '{"n":1}');
+    const [two] = await receiveTickets(env.deps, connector(), [ticket(`${prefix}-two`, bob)], {}, '{"n":2}');
+    expect(two!.requestId).not.toBe(one!.requestId);
+    const rows = await env.sql`select id, subject_value from dsr_requests where id in ${env.sql([one!.requestId, two!.requestId])}`;
+    expect(Object.fromEntries(rows.map((r) => [r.id, r.subject_value]))).toEqual({ [one!.requestId]: alice, [two!.requestId]: bob });
+    // Each redelivery still finds its own.
+    const [again] = await receiveTickets(env.deps, connector(), [ticket(`${prefix}-two`, bob)], {}, '{"n":2}');
+    expect(again).toMatchObject({ requestId: two!.requestId, replayed: true });
+  });
+
+  it("a ticket whose request key is already another subject's request is refused, never joined to it", async () => {
+    const key = `subtask:${randomUUID()}`;
+    const other = await intake({
+      ctx: env.deps,
+      actor: { type: 'system', id: null, source: 'test' },
+      input: {
+        workspaceId: a.workspaceId,
+        action: 'erase',
+        scope: 'user',
+        subject: { kind: 'email', value: `${uniq('other')}@example.test` },
+        dedupeKey: `connector:${ids.onetrustA}:${key}`,
+      },
+    });
+    const before = await counts();
+    await expect(
+      receiveTickets(env.deps, connector(), [ticket(key, `${uniq('mine')}@example.test`)], {}, '{}'),
+    ).rejects.toMatchObject({ code: 'conflict' });
+    expect(await counts()).toEqual(before);
+    expect(await env.sql`select id from upstream_tickets where request_id = ${other.request.id}`).toEqual([]);
+  });
+
+  it('OneTrust ids over 200 characters are refused naming the field; a subject intake cannot take is named, not echoed', async () => {
+    const long = onetrustWebhook({ auth, body: { subTaskId: 's'.repeat(201), email: `${uniq('o')}@example.test` } });
+    const err = expectError(await deliver('onetrust', ids.onetrustA, long.headers, long.rawBody), 400, 'validation_failed');
+    expect(err.details).toEqual([{ path: 'subTaskId', message: 'must be at most 200 characters' }]);
+    const before = await counts();
+    const local = onetrustWebhook({ auth, body: { subTaskId: randomUUID(), email: 'jane@localhost' } });
+    const bad = expectError(await deliver('onetrust', ids.onetrustA, local.headers, local.rawBody), 400, 'validation_failed');
+    expect(bad.message).toBe("the ticket's subject is not a valid email address");
+    expect(bad.details).toEqual([{ path: 'subject', message: 'is not a valid email address' }]);
+    expect(JSON.stringify(bad)).not.toContain('jane');
+    expect(await counts()).toEqual(before);
   });
 });
 
