@@ -69,12 +69,19 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
     let decider = connector;
     const log = () =>
       deps.logger.child({ requestId: c.get('requestId'), connectorId: decider.row.id, vendor: decider.row.vendor });
-    const handle = async (conn: WebhookConnector) => {
+    const handle = async (conn: WebhookConnector): Promise<Response> => {
       decider = conn;
       const { adapter, instance, row, version } = conn;
       const verified = await adapter.verify(req, instance, adapterContext(deps));
       const parsed = adapter.parse(req, instance, verified);
       if (parsed.kind === 'health_check') {
+        // Nothing is stored, so nothing else would notice a kept copy of a connector since deleted, disabled or
+        // changed: read it again (health checks are rare).
+        if (conn === cached) {
+          const current = await connectors.load(vendor, connectorId);
+          if (!current) throw new ApiError('not_found', 'no such webhook');
+          if (current.version !== conn.version) return handle(current);
+        }
         log().info('health check answered');
         return c.json({ received: [] }, 200);
       }

@@ -118,6 +118,29 @@ describe('connectors kept between webhooks', () => {
     expect(await stored(id)).toEqual(before);
   });
 
+  it('health checks: a kept copy answers while the connector is current; disabled, re-secreted or deleted since, it does not', async () => {
+    const healthCheck = (secret: string) =>
+      datagrailWebhook({ secret, body: { integration_kind: 'webhook', request_type: 'health_check' } });
+    const id = await datagrail('secret-hc');
+    expect((await deliver('datagrail', id, healthCheck('secret-hc'))).status).toBe(200);
+    expect((await deliver('datagrail', id, healthCheck('secret-hc'))).status).toBe(200); // from the kept copy
+    await env.sql`update connectors set enabled = false where id = ${id}`;
+    expectError(await deliver('datagrail', id, healthCheck('secret-hc')), 404, 'not_found');
+    await env.sql`update connectors set enabled = true where id = ${id}`;
+    expect((await deliver('datagrail', id, healthCheck('secret-hc'))).status).toBe(200);
+    const put = await call(env, 'PUT', `/v1/admin/connectors/${id}/secrets`, {
+      key: ws.adminKey,
+      body: { secrets: { webhookSecret: 'secret-hc-2', apiKey: FAKE_DATAGRAIL_API_KEY } },
+    });
+    expect(put.status, put.text).toBe(200);
+    expectError(await deliver('datagrail', id, healthCheck('secret-hc')), 401, 'unauthorized');
+    expect((await deliver('datagrail', id, healthCheck('secret-hc-2'))).status).toBe(200);
+    const del = await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+    expect(del.status, del.text).toBeLessThan(300);
+    expectError(await deliver('datagrail', id, healthCheck('secret-hc-2')), 404, 'not_found');
+    expect(await stored(id)).toEqual({ tickets: 0, requests: 0, outbox: 0, jobs: 0 });
+  });
+
   it('touched (a new row version, same secrets): a new ticket and a redelivery are each answered as usual, stored once', async () => {
     const id = await datagrail('secret-5');
     const first = dgWebhook('secret-5');
