@@ -512,8 +512,11 @@ const reportJobsOf = {
   request: reportJobsWhere(sql`t.request_id = ${p('requestId')}`),
   ticket: reportJobsWhere(sql`t.id = ${p('ticketId')}`),
   stalled: reportJobsWhere(
+    // Due since its next attempt; with none scheduled, since its first was queued: when the request finished, or
+    // when the ticket was last put back to pending (a redelivery or a retry), whichever is later.
     sql`exists (select 1 from ${dsrRequests} r where r.id = t.request_id and r.status in ('complete', 'failed')
-              and coalesce(t.next_attempt_at, r.finished_at) < now() - make_interval(mins => ${p('stalledForMinutes')}::int))`,
+              and coalesce(t.next_attempt_at, greatest(r.finished_at, t.updated_at))
+                  < now() - make_interval(mins => ${p('stalledForMinutes')}::int))`,
   ),
 };
 

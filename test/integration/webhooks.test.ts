@@ -388,8 +388,12 @@ describe('report delivery', () => {
     // The vendor is back: an admin redelivers the failed report; another workspace cannot, nor can a pending one.
     datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
     expectError(await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: b.adminKey }), 404, 'not_found');
+    // The request finished an hour ago: the tick's safety net must still see the report as just queued, not as
+    // lost (it would queue a second job for the attempt, and the vendor could be called twice).
+    await env.sql`update dsr_requests set finished_at = now() - interval '1 hour' where id = ${down}`;
     const again = await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: a.adminKey });
     expect(again.status, again.text).toBe(202);
+    expect((await connectorsTick(env.deps)).requeued).toBe(0);
     expect((await settle(down)).status).toBe('delivered');
     expect((await getRequest(a, down)).upstreamStatus).toBe('delivered');
     expectError(await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: a.adminKey }), 409, 'conflict');
