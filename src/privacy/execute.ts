@@ -230,11 +230,11 @@ async function recordFailure(
  * attempt could not even record a failure (database unreachable).
  */
 const abandonedRequests = prebuiltSql<{ id: string }>(
+  // From the jobs (few: done ones are deleted) to their requests by primary key, never a scan of all requests.
   () => sql`
-    select r.id from ${dsrRequests} r
-      join graphile_worker._private_jobs j on j.key = r.id
-     where r.status in ('queued', 'running') and j.locked_by is null and j.attempts >= j.max_attempts
-     order by r.id
+    select r.id from graphile_worker._private_jobs j
+      join ${dsrRequests} r on r.id = j.key
+     where j.locked_by is null and j.attempts >= j.max_attempts and r.status in ('queued', 'running')
      limit 100`,
 );
 
