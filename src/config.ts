@@ -38,6 +38,12 @@ const envSchema = z.object({
   REPORT_MAX_ATTEMPTS: z.coerce.number().int().min(1).max(100).default(14),
   REPORT_BACKOFF_BASE_MS: z.coerce.number().int().min(1).default(30_000),
   REPORT_BACKOFF_MAX_MS: z.coerce.number().int().min(1).default(4 * 60 * 60 * 1000),
+  /**
+   * Every vendor call of one report attempt is over within this long of the attempt's start (a call still running
+   * then is cut off as a timeout). A retried request's report waits this long after the retry if a report of its
+   * failure may still be on its way, so the vendor hears the new outcome last.
+   */
+  REPORT_ATTEMPT_TIMEOUT_MS: z.coerce.number().int().min(100).max(600_000).default(60_000),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   BODY_LIMIT_BYTES: z.coerce.number().int().positive().default(1024 * 1024),
   WORKER_CONCURRENCY: z.coerce.number().int().min(1).max(64).default(4),
@@ -122,5 +128,6 @@ export function reportSettings(env: Env) {
     maxAttempts: env.REPORT_MAX_ATTEMPTS,
     backoffBaseMs: env.REPORT_BACKOFF_BASE_MS,
     backoffMaxMs: env.REPORT_BACKOFF_MAX_MS,
+    attemptTimeoutMs: env.REPORT_ATTEMPT_TIMEOUT_MS,
   };
 }

@@ -13,6 +13,11 @@ export interface OutboundRequest {
   form?: Record<string, string>;
   /** Overrides the client's total timeout for this call. */
   timeoutMs?: number;
+  /**
+   * The call must be over by this moment (Date.now() milliseconds): its timeout is cut to what is left, and a call
+   * made after it fails at once with a timeout.
+   */
+  deadline?: number;
 }
 
 export interface OutboundResponse {
@@ -105,7 +110,9 @@ export function policyClient(
       } catch {
         throw new OutboundError('bad_url', 'refused: not a valid URL');
       }
-      const signal = AbortSignal.timeout(init.timeoutMs ?? opts.timeoutMs);
+      const timeoutMs = Math.min(init.timeoutMs ?? opts.timeoutMs, (init.deadline ?? Infinity) - Date.now());
+      if (!(timeoutMs > 0)) throw new OutboundError('timeout', `timed out calling ${url.hostname}`);
+      const signal = AbortSignal.timeout(timeoutMs);
       const headers: Record<string, string> = { 'user-agent': USER_AGENT, accept: 'application/json', ...init.headers };
       let body: string | undefined;
       if (init.json !== undefined) {

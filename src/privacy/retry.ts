@@ -5,7 +5,8 @@ import { ApiError } from '../lib/errors.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 import { subjectSealContext } from './execute.ts';
 import { addJob, executeJob, type DsrRequest } from './intake.ts';
-import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
+import { resetForNewOutcome, ticketsOf, type TicketRow } from '../upstream/tickets.ts';
+import type { UpstreamDeps } from '../upstream/context.ts';
 
 /**
  * Runs a failed request again (e.g. after the cause was fixed): it goes back to queued with its sealed identifier
@@ -14,9 +15,11 @@ import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
  *
  * Vendor tickets still waiting (pending) or whose delivery failed report the new outcome once it is known; a
  * ticket already told about the failure is left alone (the vendor has closed it; a new upstream request starts over).
+ * A report of the failure still in flight records nothing when it ends, and the new outcome goes out after it
+ * (resetForNewOutcome).
  */
 export async function retryRequest(
-  ctx: PrivacyDeps,
+  ctx: PrivacyDeps & Pick<UpstreamDeps, 'reportPolicy'>,
   workspaceId: string,
   requestId: string,
   actor?: Actor,
@@ -55,7 +58,7 @@ export async function retryRequest(
         .returning();
       await tx
         .update(upstreamTickets)
-        .set({ status: 'pending', attempts: 0, nextAttemptAt: null, lastError: null, updatedAt: sql`now()` })
+        .set({ ...resetForNewOutcome(ctx.reportPolicy), lastError: null })
         .where(and(eq(upstreamTickets.requestId, req.id), inArray(upstreamTickets.status, ['pending', 'failed'])));
       await tx.execute(sql`select ${addJob(executeJob(ctx, req.id))}`);
       // Read in this transaction, so the caller's view of the request and its tickets is the state it committed.

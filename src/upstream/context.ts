@@ -8,6 +8,8 @@ export interface ReportPolicy {
   maxAttempts: number;
   backoffBaseMs: number;
   backoffMaxMs: number;
+  /** Every vendor call of one attempt is over within this long of the attempt's start. */
+  attemptTimeoutMs: number;
 }
 
 /** What the connector side of the core needs on top of the privacy verbs. */

@@ -6,16 +6,22 @@ import { z } from 'zod';
 import type { ReportPolicy, UpstreamDeps } from './context.ts';
 import { adapterContext, openConnectorAt, rowVersion } from './store.ts';
 import { ApiError } from '../lib/errors.ts';
-import { enqueueReports, ticketSecretContext, type TicketRow } from './tickets.ts';
+import type { HttpClient } from '../lib/outbound.ts';
+import { enqueueReports, resetForNewOutcome, ticketSecretContext, type TicketRow } from './tickets.ts';
 import { commitWithoutFlush, p, prebuilt } from '../db/prebuilt.ts';
 
 export type DeliveryResult =
-  | { kind: 'skipped'; reason: 'missing' | 'not_pending' | 'stale_attempt' | 'request_not_finished' }
+  | { kind: 'skipped'; reason: 'missing' | 'not_pending' | 'stale_attempt' | 'request_not_finished' | 'held' | 'superseded' }
   | { kind: 'delivered' | 'failed'; error?: string }
   | { kind: 'retry_scheduled'; error: string; delayMs: number };
 
 /** Delay before attempt `attempt + 1`: exponential from the base, capped; a vendor's Retry-After wins (capped too). */
-export function retryDelayMs(policy: ReportPolicy, attempt: number, retryAfterMs?: number, random = Math.random): number {
+export function retryDelayMs(
+  policy: Pick<ReportPolicy, 'backoffBaseMs' | 'backoffMaxMs'>,
+  attempt: number,
+  retryAfterMs?: number,
+  random = Math.random,
+): number {
   if (retryAfterMs !== undefined) return Math.min(Math.max(retryAfterMs, 0), policy.backoffMaxMs);
   const exp = policy.backoffBaseMs * 2 ** (attempt - 1);
   // ±10% jitter so tickets failed by one outage do not all come back in the same second; the cap is a hard limit.
@@ -36,6 +42,10 @@ const reportColumns = {
     action: t.action,
     status: t.status,
     attempts: t.attempts,
+    generation: t.generation,
+    nextAttemptAt: t.nextAttemptAt,
+    /** A first attempt after a reset waits for next_attempt_at (resetForNewOutcome); judged on the database's clock. */
+    held: sql<boolean>`${t.attempts} = 0 and ${t.nextAttemptAt} > now()`,
   },
   request: { id: r.id, status: r.status, outcome: r.outcome, auditRecordId: r.auditRecordId, errorCode: r.errorCode },
   connector: {
@@ -90,6 +100,18 @@ const claimAndLoad = prebuilt((b) => {
     .leftJoin(auditRecords, eq(auditRecords.id, r.auditRecordId));
 });
 
+/**
+ * The ticket as the attempt found it: the result of an attempt is recorded only if nothing else was recorded for the
+ * ticket meanwhile and it was not reset for a new outcome (a retry of its request), which would otherwise be lost.
+ */
+const asAttemptFound = (params: { ticketId: unknown; generation: unknown; attempt: unknown }) =>
+  and(
+    eq(upstreamTickets.id, params.ticketId as never),
+    eq(upstreamTickets.status, 'pending'),
+    eq(upstreamTickets.generation, params.generation as never),
+    sql`${upstreamTickets.attempts} = ${params.attempt}::int - 1`,
+  );
+
 /** One statement, committed on its own. The per-ticket capability (e.g. a nonce) has served its purpose: wipe it. */
 const markDelivered = prebuilt((b) =>
   b
@@ -103,7 +125,7 @@ const markDelivered = prebuilt((b) =>
       secretSealed: null,
       updatedAt: sql`now()`,
     })
-    .where(eq(upstreamTickets.id, p('ticketId'))),
+    .where(asAttemptFound({ ticketId: p('ticketId'), generation: p('generation'), attempt: p('attempt') })),
 );
 
 /**
@@ -112,15 +134,18 @@ const markDelivered = prebuilt((b) =>
  * dropped silently: it ends delivered, or failed with its last error for an operator to see.
  */
 export async function deliverReport(deps: UpstreamDeps, ticketId: string, attempt: number): Promise<DeliveryResult> {
+  const startedAt = Date.now();
   const [row] = await reportSource.run(deps.db, { ticketId });
-  return deliverLoaded(deps, ticketId, attempt, row);
+  return deliverLoaded(deps, ticketId, attempt, row, startedAt);
 }
 
+/** `startedAt` (Date.now(), taken before the ticket was read): every vendor call is over by attemptTimeoutMs later. */
 async function deliverLoaded(
   deps: UpstreamDeps,
   ticketId: string,
   attempt: number,
   row: ReportSource | undefined,
+  startedAt: number,
 ): Promise<DeliveryResult> {
   if (!row) return { kind: 'skipped', reason: 'missing' };
   const { ticket, request, connector, counts } = row;
@@ -130,6 +155,20 @@ async function deliverLoaded(
     return { kind: 'skipped', reason: 'request_not_finished' };
   }
   const log = deps.logger.child({ ticketId, requestId: request.id, connectorId: connector.id, vendor: connector.vendor, attempt });
+  const generation = ticket.generation;
+  if (ticket.held && ticket.nextAttemptAt) {
+    // The ticket was reset for a new outcome while a report of the old one may have been on its way: wait until that
+    // attempt is surely over, so the vendor hears the new outcome last. The job key is this attempt's own (a running
+    // job's key is handed over to the new job).
+    await deps.db.execute(sql`
+      select graphile_worker.add_job('report_upstream',
+               json_build_object('ticketId', ${ticketId}::text, 'attempt', ${attempt}::int),
+               run_at => ${ticket.nextAttemptAt.toISOString()}::timestamptz,
+               job_key => ${`report:${ticketId}:${attempt}`}::text,
+               max_attempts => 3)`);
+    log.info({ until: ticket.nextAttemptAt.toISOString() }, 'report held until an earlier attempt is surely over');
+    return { kind: 'skipped', reason: 'held' };
+  }
 
   let result: ReportResult;
   if (connector.deletedAt || !connector.secretsSealed) {
@@ -154,7 +193,9 @@ async function deliverLoaded(
     };
     try {
       const { adapter, instance } = openConnectorAt(deps.sealer, connector);
-      result = await adapter.report(stored, outcome, instance, adapterContext(deps));
+      const ctx = adapterContext(deps);
+      const http = withDeadline(ctx.http, startedAt + deps.reportPolicy.attemptTimeoutMs);
+      result = await adapter.report(stored, outcome, instance, { ...ctx, http });
     } catch (err) {
       // Adapters classify HTTP outcomes themselves; anything thrown is our bug or bad stored config. Retry (it may
       // be fixed by a deploy or a config change) and say only the error's class, which carries no data.
@@ -167,28 +208,42 @@ async function deliverLoaded(
   const delayMs = result.kind === 'retry' ? retryDelayMs(policy, attempt, result.retryAfterMs) : 0;
   const error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
 
+  const found = asAttemptFound({ ticketId, generation, attempt });
+  let recorded: boolean;
   if (result.kind === 'delivered') {
-    await markDelivered.run(deps.db, { ticketId, attempt });
+    recorded = (await markDelivered.run(deps.db, { ticketId, generation, attempt })).count > 0;
   } else if (result.kind === 'permanent' || outOfAttempts) {
-    await deps.db
+    const rows = await deps.db
       .update(upstreamTickets)
       .set({ status: 'failed', attempts: attempt, lastError: error, nextAttemptAt: null, updatedAt: sql`now()` })
-      .where(eq(upstreamTickets.id, ticketId));
+      .where(found)
+      .returning({ id: upstreamTickets.id });
+    recorded = rows.length > 0;
   } else {
     // The next attempt is recorded and scheduled in one transaction.
-    await deps.db.transaction(async (tx) => {
+    recorded = await deps.db.transaction(async (tx) => {
       const runAt = new Date(Date.now() + delayMs);
-      await tx
+      const rows = await tx
         .update(upstreamTickets)
         .set({ attempts: attempt, lastError: error, nextAttemptAt: runAt, updatedAt: sql`now()` })
-        .where(eq(upstreamTickets.id, ticketId));
+        .where(found)
+        .returning({ id: upstreamTickets.id });
+      if (rows.length === 0) return false;
       await tx.execute(sql`
         select graphile_worker.add_job('report_upstream',
                  json_build_object('ticketId', ${ticketId}::text, 'attempt', ${attempt + 1}::int),
                  run_at => ${runAt.toISOString()}::timestamptz,
                  job_key => ${`report:${ticketId}:${attempt + 1}`}::text,
                  max_attempts => 3)`);
+      return true;
     });
+  }
+
+  if (!recorded) {
+    // The ticket was reset for a new outcome (its request retried) while this attempt was out, or another attempt
+    // recorded first: this result is not the ticket's any more. A reset ticket reports its new outcome after this.
+    log.info({ result: result.kind }, 'report result not recorded: the ticket changed while the attempt was out');
+    return { kind: 'skipped', reason: 'superseded' };
   }
 
   if (result.kind === 'delivered') {
@@ -212,6 +267,7 @@ async function deliverLoaded(
  */
 export async function reportNow(deps: UpstreamDeps, outboxIds: number[]): Promise<void> {
   for (const id of outboxIds) {
+    const startedAt = Date.now();
     const [row] = await claimAndLoad.run(deps.db, { id });
     if (!row) continue;
     const p = reportPayload.safeParse(row.claimed.payload);
@@ -223,6 +279,7 @@ export async function reportNow(deps: UpstreamDeps, outboxIds: number[]): Promis
         p.data.ticketId,
         p.data.attempt,
         ticket && request && connector ? { ticket, request, connector, counts } : undefined,
+        startedAt,
       );
     } catch (err) {
       deps.logger.warn({ errorCode: pgCode(err) ?? (err instanceof Error ? err.name : 'unknown') }, 'report left to its job');
@@ -254,7 +311,7 @@ export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, t
     if (row.status !== 'failed') throw new ApiError('conflict', `only a failed report can be redelivered (this one is ${row.status})`);
     const [updated] = await tx
       .update(upstreamTickets)
-      .set({ status: 'pending', attempts: 0, nextAttemptAt: null, updatedAt: sql`now()` })
+      .set(resetForNewOutcome(deps.reportPolicy))
       .where(eq(upstreamTickets.id, ticketId))
       .returning();
     await enqueueReports(tx, { ticketId });
@@ -263,4 +320,12 @@ export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, t
   });
   deps.outbox.kick();
   return row;
+}
+
+/** The client an attempt's adapter calls through: each call is over by `deadline` (the shared client stays open). */
+function withDeadline(http: HttpClient, deadline: number): HttpClient {
+  return {
+    request: (url, init = {}) => http.request(url, { ...init, deadline: Math.min(init.deadline ?? Infinity, deadline) }),
+    close: async () => {},
+  };
 }

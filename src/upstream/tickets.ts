@@ -473,6 +473,26 @@ async function reportIfAlreadyFinished(tx: Tx, requestId: string, ticketId: stri
 }
 
 /**
+ * What sets a ticket back to pending to report a new outcome (a retry of its request, a redelivery), with a fresh
+ * attempt budget. Its generation moves on, so an attempt already in flight (it read the ticket before) records
+ * nothing when it ends. Its vendor call may still land, though: if the ticket was pending and due, a report of the old
+ * outcome may be on its way right now, so the new one is held until that attempt is surely over (next_attempt_at,
+ * `attemptTimeoutMs` and a second after the reset; the first attempt waits for it): the vendor hears the new outcome
+ * last. A ticket that had failed, or whose next attempt was still ahead, has nothing on its way and is not held.
+ */
+export function resetForNewOutcome(policy: Pick<UpstreamDeps['reportPolicy'], 'attemptTimeoutMs'>) {
+  const t = upstreamTickets;
+  return {
+    status: 'pending' as const,
+    attempts: 0,
+    generation: sql`${t.generation} + 1`,
+    nextAttemptAt: sql`case when ${t.status} = 'pending' and (${t.nextAttemptAt} is null or ${t.nextAttemptAt} <= now())
+      then clock_timestamp() + make_interval(secs => ${(policy.attemptTimeoutMs + 1000) / 1000}::float8) end`,
+    updatedAt: sql`now()`,
+  };
+}
+
+/**
  * Adds the next report_upstream job of every pending ticket of a request (or of one ticket), through the job outbox:
  * kick deps.outbox after the commit. Job keys carry the attempt number, so enqueueing twice is harmless and each
  * retry is a job of its own.

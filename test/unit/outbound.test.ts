@@ -466,6 +466,20 @@ describe('failures', () => {
     expect(performance.now() - started).toBeLessThan(1500);
   });
 
+  it('a deadline cuts the timeout to what is left, and a call made after it is not sent at all', async () => {
+    const srv = await startServer(() => {});
+    const c = client({ timeoutMs: 10_000 });
+    const started = performance.now();
+    const err = await expectCode(c.request(srv.url, { deadline: Date.now() + 200 }), 'timeout');
+    expect(performance.now() - started).toBeLessThan(1500);
+    expect(err.retryable).toBe(true);
+    expect(srv.requests).toHaveLength(1);
+    // A later per-call timeout does not extend it either.
+    await expectCode(c.request(srv.url, { deadline: Date.now() - 1, timeoutMs: 5000 }), 'timeout');
+    expect(srv.requests).toHaveLength(1);
+    expect(srv.connections).toBe(1);
+  });
+
   it('a body that stalls after the headers → timeout', async () => {
     const srv = await startServer((_req, res) => {
       res.writeHead(200, { 'content-length': '100' });

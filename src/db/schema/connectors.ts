@@ -76,6 +76,11 @@ export const upstreamTickets = pgTable(
     secretSealed: text('secret_sealed'),
     status: text('status', { enum: UPSTREAM_STATUSES }).notNull().default('pending'),
     attempts: integer('attempts').notNull().default(0),
+    /**
+     * Bumped whenever the ticket is set back to pending to report a new outcome (its request retried, a redelivery):
+     * a report attempt records its result only if the ticket is still at the generation (and attempt) it read.
+     */
+    generation: integer('generation').notNull().default(0),
     lastError: text('last_error'),
     nextAttemptAt: ts('next_attempt_at'),
     deliveredAt: ts('delivered_at'),
