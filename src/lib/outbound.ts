@@ -83,7 +83,8 @@ export type SendOnce = (
 /**
  * The policy every outbound call follows, whatever sends the bytes: https only (unless private networks are
  * allowed), no credentials in URLs, no private IP literals, a total timeout, and redirects followed only within the
- * same origin (credentials and nonces travel in headers and must never reach another host).
+ * same origin (credentials and nonces travel in headers and must never reach another host) and only with the same
+ * method and body (a 303 to anything but a GET is refused).
  */
 export function policyClient(
   opts: OutboundOptions,
@@ -122,7 +123,7 @@ export function policyClient(
         body = new URLSearchParams(init.form).toString();
         headers['content-type'] ??= 'application/x-www-form-urlencoded';
       }
-      let method: string = init.method ?? 'GET';
+      const method: string = init.method ?? 'GET';
       try {
         for (let hop = 0; ; hop++) {
           checkUrl(url);
@@ -134,10 +135,12 @@ export function policyClient(
             throw new OutboundError('redirect_refused', `refused: redirect from ${url.hostname} to another host`);
           }
           if (hop + 1 > MAX_REDIRECTS) throw new OutboundError('redirect_refused', `too many redirects from ${url.hostname}`);
-          if (res.status === 301 || res.status === 302 || res.status === 303) {
-            method = 'GET';
-            body = undefined;
-            delete headers['content-type'];
+          // Every call that is not a GET carries a report (or a token request): its body is the point. A redirect is
+          // followed with the same method and body (307, 308, and 301/302 too, which RFC 9110 allows: only browsers'
+          // habit turns a POST into a GET there). A 303 says the answer is a page to GET elsewhere: the vendor did not
+          // say it took the report, and a GET's 2xx must not pass for its delivery, so it is refused.
+          if (res.status === 303 && method !== 'GET') {
+            throw new OutboundError('redirect_refused', `refused: HTTP 303 from ${url.hostname} to a ${method} (it would become a GET without its body)`);
           }
           url = next;
         }

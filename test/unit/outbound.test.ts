@@ -284,20 +284,56 @@ describe('redirects', () => {
     expect(srv.requests.map((r) => `${r.method} ${r.url} ${r.body}`)).toEqual(['PUT /old {"a":1}', 'PUT /new {"a":1}']);
   });
 
-  it.each([301, 302, 303])('turns a POST into a body-less GET on %i', async (status) => {
+  // Every POST and PUT this client sends is a report to a vendor (or a token request): the body is the point. Turning
+  // it into a body-less GET on 301/302/303, as browsers do, let a vendor's redirect pass a GET's 2xx off as the
+  // report's delivery (the ticket then counted delivered, its nonce wiped) although the report was never received.
+  it.each([301, 302])('re-sends a POST or PUT with its method, body and content type on %i', async (status) => {
     const srv = await startServer((req, res) => {
-      if (req.url === '/form') {
-        res.writeHead(status, { location: '/result' });
+      if (req.url!.startsWith('/old')) {
+        res.writeHead(status, { location: '/new' });
+        return void res.end();
+      }
+      res.end('landed');
+    });
+    for (const method of ['POST', 'PUT'] as const) {
+      const res = await client().request(`${srv.url}/old`, { method, json: { keep: 'me' } });
+      expect(res).toMatchObject({ status: 200, text: 'landed' });
+    }
+    expect(srv.requests.map((r) => `${r.method} ${r.url} ${r.body} ${r.headers['content-type']}`)).toEqual([
+      'POST /old {"keep":"me"} application/json',
+      'POST /new {"keep":"me"} application/json',
+      'PUT /old {"keep":"me"} application/json',
+      'PUT /new {"keep":"me"} application/json',
+    ]);
+  });
+
+  it('refuses a 303 to a POST or PUT (it would become a GET without the body); nothing is sent to its location', async () => {
+    const srv = await startServer((req, res) => {
+      if (req.url === '/report') {
+        res.writeHead(303, { location: '/result?secret-path' });
         return void res.end();
       }
       res.end('result');
     });
-    const res = await client().request(`${srv.url}/form`, { method: 'POST', json: { drop: 'me' } });
-    expect(res.text).toBe('result');
-    expect(srv.requests.map((r) => `${r.method} ${r.url}`)).toEqual(['POST /form', 'GET /result']);
-    expect(srv.requests[1]!.body).toBe('');
-    expect(srv.requests[1]!.headers['content-type']).toBeUndefined();
-    // Headers other than the body's own travel on (same origin).
+    for (const method of ['POST', 'PUT'] as const) {
+      const err = await expectCode(client().request(`${srv.url}/report`, { method, json: { status: 'done' } }), 'redirect_refused');
+      expect(err.retryable).toBe(false);
+      expect(err.message).toBe(`refused: HTTP 303 from 127.0.0.1 to a ${method} (it would become a GET without its body)`);
+    }
+    expect(srv.requests.map((r) => `${r.method} ${r.url}`)).toEqual(['POST /report', 'PUT /report']);
+  });
+
+  it.each([301, 302, 303])('follows a GET on %i as a GET', async (status) => {
+    const srv = await startServer((req, res) => {
+      if (req.url === '/list') {
+        res.writeHead(status, { location: '/list/' });
+        return void res.end();
+      }
+      res.end('list');
+    });
+    expect((await client().request(`${srv.url}/list`)).text).toBe('list');
+    expect(srv.requests.map((r) => `${r.method} ${r.url}`)).toEqual(['GET /list', 'GET /list/']);
+    // Headers travel on (same origin).
     expect(srv.requests[1]!.headers['user-agent']).toBe(USER_AGENT);
   });
 
@@ -594,6 +630,19 @@ describe('the fetch-based client (Workers) follows the same policy', () => {
     expect(res).toMatchObject({ status: 200, text: 'landed' });
     expect(srv.requests.map((r) => `${r.method} ${r.url} ${r.body}`)).toEqual(['PUT /old {"a":1}', 'PUT /new {"a":1}']);
     expect(srv.requests[0]!.headers['user-agent']).toBe(USER_AGENT);
+  });
+
+  it('re-sends a PUT with its body on a 302, and refuses a 303 to it', async () => {
+    const srv = await startServer((req, res) => {
+      if (req.url === '/302' || req.url === '/303') {
+        res.writeHead(Number(req.url.slice(1)), { location: '/new' });
+        return void res.end();
+      }
+      res.end('landed');
+    });
+    expect((await fetchClient().request(`${srv.url}/302`, { method: 'PUT', json: { a: 1 } })).text).toBe('landed');
+    await expectCode(fetchClient().request(`${srv.url}/303`, { method: 'PUT', json: { a: 1 } }), 'redirect_refused');
+    expect(srv.requests.map((r) => `${r.method} ${r.url} ${r.body}`)).toEqual(['PUT /302 {"a":1}', 'PUT /new {"a":1}', 'PUT /303 {"a":1}']);
   });
 
   it('refuses a cross-origin redirect, an oversized response, plain http and private literals', async () => {
