@@ -141,8 +141,10 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
   const seen = (i: IngestItem) => (i.timestamp ? new Date(i.timestamp) : new Date());
   let profilesCreated = 0;
 
-  // Profiles first, in item order, so a later identify in a batch wins over an earlier one.
-  for (const item of items) {
+  // Profiles first. Each upsert locks its row until commit, so rows are locked in one order for every batch (by user
+  // id): two batches naming the same users in different orders would otherwise deadlock. The sort is stable, so one
+  // user's items keep their batch order and a later identify in a batch wins over an earlier one.
+  for (const item of byKey(items, (i) => i.userId)) {
     const lastSeen = seen(item);
     const base = { workspaceId, externalId: item.userId, lastSeenAt: lastSeen };
     const set: Record<string, unknown> = {
@@ -199,7 +201,8 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
   if (msgs.length > 0) {
     const convIds = new Map<string, number>();
     const convOwners = new Map<string, number>();
-    for (const m of msgs) {
+    // Conversation rows are locked in conversationId order, for the same reason as profiles.
+    for (const m of byKey(msgs, (i) => i.conversationId)) {
       const owner = convOwners.get(m.conversationId);
       if (owner !== undefined) {
         if (owner !== uid(m)) throw conversationConflict();
@@ -230,6 +233,7 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
       .values(questions.map((q) => ({ workspaceId, userId: uid(q), question: q.question, createdAt: seen(q) })));
   }
 
+  // Plain inserts lock no existing row; the counter upsert locks its rows in this fixed name order.
   const increments = Object.entries({
     events_recorded: tracks.length,
     messages_recorded: msgs.length,
@@ -245,6 +249,18 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
         set: { value: sql`${workspaceCounters.value} + excluded.value` },
       });
   }
+}
+
+/**
+ * The items sorted by a key, stably, comparing UTF-16 code units (the same order in every process, unlike
+ * localeCompare): the order in which upserts lock rows, so concurrent transactions never wait on each other in a cycle.
+ */
+function byKey<T>(items: T[], key: (item: T) => string): T[] {
+  return [...items].sort((a, b) => {
+    const ka = key(a);
+    const kb = key(b);
+    return ka < kb ? -1 : ka > kb ? 1 : 0;
+  });
 }
 
 /** A conversation belongs to one end user; messages of another user cannot join it (erasure relies on this). */

@@ -339,6 +339,59 @@ describe('POST /v1/batch', () => {
     expect(mismatched!.n).toBe(0);
   });
 
+  it('one user\'s items keep their batch order though profiles are written in user-id order', async () => {
+    const ws = await env.newWorkspace();
+    const res = await post(ws, '/v1/batch', {
+      batch: [
+        { type: 'identify', userId: 'zed', plan: 'free' },
+        { type: 'identify', userId: 'amy', plan: 'team' },
+        { type: 'identify', userId: 'zed', plan: 'pro' },
+      ],
+    });
+    expect(res.status, res.text).toBe(200);
+    expect(res.json.results).toHaveLength(3);
+    expect(await user(ws.workspaceId, 'zed')).toMatchObject({ plan: 'pro' });
+    expect(await user(ws.workspaceId, 'amy')).toMatchObject({ plan: 'team' });
+  });
+
+  it('concurrent batches naming the same users in different orders are all stored, never a deadlock (503)', async () => {
+    const ws = await env.newWorkspace();
+    const users = Array.from({ length: 20 }, (_, i) => `user-${String(i).padStart(2, '0')}`);
+    const batch = (order: string[]) =>
+      post(ws, '/v1/batch', { batch: order.map((userId) => ({ type: 'track', userId, event: 'opened_widget' })) });
+    const logsBefore = env.logs.lines.length;
+    // Round 0 creates the profiles concurrently; later rounds update existing rows.
+    const statuses: number[] = [];
+    for (let round = 0; round < 10; round++) {
+      const results = await Promise.all([batch(users), batch([...users].reverse())]);
+      for (const r of results) {
+        statuses.push(r.status);
+        if (r.status === 200) {
+          expect(r.json.results).toHaveLength(users.length);
+          for (const item of r.json.results) expect(item).toEqual({ stored: true, suppressed: false });
+        }
+      }
+    }
+    expect(statuses).toEqual(statuses.map(() => 200));
+    expect(await rowCounts(ws.workspaceId)).toMatchObject({ users: 20, events: 20 * 20 });
+    expect(await counters(ws.workspaceId)).toEqual({ profiles_created: 20, events_recorded: 400 });
+    expect(env.logs.lines.slice(logsBefore).filter((l) => l.includes('database unavailable'))).toEqual([]);
+  });
+
+  it('concurrent batches claiming the same new conversations in different orders: one stored, one 409, no 503', async () => {
+    const ws = await env.newWorkspace();
+    for (let round = 0; round < 10; round++) {
+      const convs = Array.from({ length: 10 }, (_, i) => `r${round}-conv-${i}`);
+      const claim = (userId: string, order: string[]) =>
+        post(ws, '/v1/batch', {
+          batch: order.map((conversationId) => ({ type: 'message', userId, conversationId, role: 'user', content: 'hi' })),
+        });
+      const results = await Promise.all([claim('alice', convs), claim('bob', [...convs].reverse())]);
+      expect(results.map((r) => r.status).sort(), results.map((r) => r.text).join('\n')).toEqual([200, 409]);
+    }
+    expect((await rowCounts(ws.workspaceId)).conversations).toBe(100);
+  });
+
   it('accepts exactly 500 items and rejects 501', async () => {
     const ws = await env.newWorkspace();
     const item = (i: number) => ({ type: 'track', userId: `bu${i % 7}`, event: 'e' });
