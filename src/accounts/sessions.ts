@@ -71,29 +71,60 @@ async function checkPassword(
   if (!ok || !admin) throw invalidCredentials();
   await releaseAttempt(deps.db, keys);
   if (needsRehash(admin.passwordHash)) {
-    await deps.db.update(adminUsers).set({ passwordHash: await hashPassword(input.password) }).where(eq(adminUsers.id, admin.id));
+    // Only over the hash just verified: a password change that committed meanwhile must not be undone by writing
+    // the old password back. The caller then holds a stale hash, which login refuses.
+    const [rehashed] = await deps.db
+      .update(adminUsers)
+      .set({ passwordHash: await hashPassword(input.password) })
+      .where(and(eq(adminUsers.id, admin.id), eq(adminUsers.passwordHash, admin.passwordHash)))
+      .returning();
+    if (rehashed) return rehashed;
   }
   return admin;
 }
 
-/** Logs in: returns the new session's cookie token (shown once, stored only as a hash) and its details. */
+/**
+ * Logs in: returns the new session's cookie token (shown once, stored only as a hash) and its details.
+ *
+ * The password was verified against a hash read earlier, so the session is created only if that hash is still the
+ * admin's and the admin still enabled, while holding a share lock on the admin row until the session commits. A
+ * password change or disable that committed first makes the check fail (401); one that comes later waits for the
+ * lock, and its revocation then sees this session and ends it. A session opened with the old password therefore
+ * never outlives a change.
+ */
 export async function login(
   deps: SessionDeps,
   input: { workspaceId: string; email: string; password: string; address: string },
 ): Promise<{ token: string; session: SessionInfo }> {
   const admin = await checkPassword(deps, input);
   const token = `dsrs_${randomBytes(32).toString('base64url')}`;
-  const [row] = await deps.db
-    .insert(adminSessions)
-    .values({
-      id: newId('ses'),
-      tokenHash: sha256Hex(token),
-      adminId: admin.id,
-      workspaceId: admin.workspaceId,
-      expiresAt: new Date(Date.now() + deps.auth.sessionMaxMs),
-    })
-    .returning();
-  return { token, session: info(deps, row!, admin.email, token) };
+  const row = await deps.db.transaction(async (tx) => {
+    const [current] = await tx
+      .select({ id: adminUsers.id })
+      .from(adminUsers)
+      .where(
+        and(
+          eq(adminUsers.id, admin.id),
+          eq(adminUsers.passwordHash, admin.passwordHash),
+          isNull(adminUsers.disabledAt),
+        ),
+      )
+      .for('share');
+    if (!current) return null;
+    const [inserted] = await tx
+      .insert(adminSessions)
+      .values({
+        id: newId('ses'),
+        tokenHash: sha256Hex(token),
+        adminId: admin.id,
+        workspaceId: admin.workspaceId,
+        expiresAt: new Date(Date.now() + deps.auth.sessionMaxMs),
+      })
+      .returning();
+    return inserted!;
+  });
+  if (!row) throw invalidCredentials();
+  return { token, session: info(deps, row, admin.email, token) };
 }
 
 function info(deps: SessionDeps, s: typeof adminSessions.$inferSelect, email: string, token: string): SessionInfo {

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { throttleKeys } from '../../src/accounts/throttle.ts';
 import { hashPassword, verifyPassword } from '../../src/lib/passwords.ts';
 import { call, createTestEnv, expectError, request, type Res, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq } from '../helpers/factories.ts';
@@ -629,6 +630,111 @@ describe('password change', () => {
     expectError(old.res, 401, 'invalid_credentials');
     const fresh = await login(env, { workspaceId: ws.workspaceId, email: a.email, password: newPassword });
     expect(fresh.res.status, fresh.res.text).toBe(200);
+  });
+});
+
+/** Polls until `check` holds (10 s at most). */
+async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** How many statements of this database wait on a heavyweight lock. */
+async function lockWaiters(): Promise<number> {
+  const [row] = await env.sql<{ n: number }[]>`select count(*)::int as n from pg_stat_activity
+    where datname = current_database() and wait_event_type = 'Lock'`;
+  return row!.n;
+}
+
+/**
+ * Starts a login with the right password and holds it just after the password check: the check gives the account's
+ * throttle reservation back by deleting its row, which waits while we hold a KEY SHARE lock on that row (the
+ * reservation itself only updates the row, which KEY SHARE allows). `resume` lets it finish.
+ */
+async function loginHeldAfterPasswordCheck(a: TestAdmin) {
+  const address = newAddress();
+  // A wrong attempt first, so the account's throttle row exists to be locked.
+  expectError((await login(env, { workspaceId: a.workspaceId, email: a.email, password: 'not the password!' }, from(address))).res, 401, 'invalid_credentials');
+  const { account } = throttleKeys(env.deps.digestKey, a.workspaceId, a.email, address);
+  const holder = await env.sql.reserve();
+  await holder`begin`;
+  const held = await holder`select 1 from auth_throttle where key = ${account} for key share`;
+  expect(held).toHaveLength(1);
+  const pending = login(env, { workspaceId: a.workspaceId, email: a.email, password: a.password }, from(address));
+  await waitFor(async () => (await lockWaiters()) > 0);
+  return {
+    pending,
+    resume: async () => {
+      await holder`commit`;
+      holder.release();
+    },
+  };
+}
+
+describe('password change racing a login with the old password', () => {
+  it('a login whose password check ran before the change, but which had not opened its session, gets 401', async () => {
+    const a = await newAdmin(env, ws.workspaceId);
+    const owner = await adminSession(env, ws.workspaceId, a);
+    const late = await loginHeldAfterPasswordCheck(a);
+
+    const newPassword = `fresh-${uniq('pw')}-password`;
+    expect((await owner.call('POST', '/v1/auth/password', { body: { newPassword } })).status).toBe(204);
+    await late.resume();
+    const { res, cookie } = await late.pending;
+    expectError(res, 401, 'invalid_credentials');
+    expect(cookie).toBeUndefined();
+    const [live] = await env.sql<{ n: number }[]>`select count(*)::int as n from admin_sessions
+      where admin_id = ${a.adminId} and revoked_at is null`;
+    expect(live!.n).toBe(1);
+    expect((await owner.call('GET', '/v1/auth/session')).status).toBe(200);
+  });
+
+  it('a login opening its session while the change runs is ended by the change', async () => {
+    const a = await newAdmin(env, ws.workspaceId);
+    const owner = await adminSession(env, ws.workspaceId, a);
+    // Hold the login at its session insert (its foreign-key check on the workspace row waits for us).
+    const holder = await env.sql.reserve();
+    await holder`begin`;
+    await holder`select 1 from workspaces where id = ${ws.workspaceId} for update`;
+    const late = login(env, { workspaceId: ws.workspaceId, email: a.email, password: a.password }, from(newAddress()));
+    await waitFor(async () => (await lockWaiters()) > 0);
+
+    const newPassword = `fresh-${uniq('pw')}-password`;
+    let changed = false;
+    const change = owner.call('POST', '/v1/auth/password', { body: { newPassword } }).finally(() => (changed = true));
+    // The change either waits for the login (2 waiters) or, unfixed, finishes while the login is still held.
+    await waitFor(async () => changed || (await lockWaiters()) > 1);
+    await holder`commit`;
+    holder.release();
+
+    const [{ res, cookie }, changeRes] = await Promise.all([late, change]);
+    expect(changeRes.status, changeRes.text).toBe(204);
+    if (res.status === 200) {
+      expectError(await call(env, 'GET', '/v1/auth/session', { headers: { cookie: cookie! } }), 401, 'unauthorized');
+    } else {
+      expectError(res, 401, 'invalid_credentials');
+    }
+    expect((await owner.call('GET', '/v1/auth/session')).status).toBe(200);
+  });
+
+  it('re-hashing an old-parameter hash after the check does not write the old password back over the new one', async () => {
+    const a = await newAdmin(env, ws.workspaceId);
+    const owner = await adminSession(env, ws.workspaceId, a);
+    await env.sql`update admin_users set password_hash = ${await hashPassword(a.password, { n: 16384, r: 8, p: 1 })}
+                  where id = ${a.adminId}`;
+    const late = await loginHeldAfterPasswordCheck(a);
+
+    const newPassword = `fresh-${uniq('pw')}-password`;
+    expect((await owner.call('POST', '/v1/auth/password', { body: { newPassword } })).status).toBe(204);
+    await late.resume();
+    expectError((await late.pending).res, 401, 'invalid_credentials');
+
+    expect(await verifyPassword(newPassword, (await adminRow(a.adminId)).password_hash as string)).toBe(true);
+    expectError((await login(env, { workspaceId: ws.workspaceId, email: a.email, password: a.password }, from(newAddress()))).res, 401, 'invalid_credentials');
+    expect((await login(env, { workspaceId: ws.workspaceId, email: a.email, password: newPassword })).res.status).toBe(200);
   });
 });
 
