@@ -5,7 +5,7 @@ import { HTTPException } from 'hono/http-exception';
 import { requestId } from 'hono/request-id';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { ZodError } from 'zod';
-import { isTransient, pgCode } from './db/errors.ts';
+import { isTransient, isUnstorableValue, pgCode, UNSTORABLE_VALUE_MESSAGE } from './db/errors.ts';
 import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
 import type { App, AppDeps, AppEnv } from './http/env.ts';
 import { registerAccountRoutes } from './http/accounts.ts';
@@ -114,12 +114,8 @@ export function newApp(deps: AppDeps): App {
       return errorBody(c, 'validation_failed', 'request failed validation', issuesToDetails(err.issues));
     }
     // Class 22 (data exception): a value the client sent that PostgreSQL cannot store, e.g. a NUL character.
-    if (pgCode(err)?.startsWith('22')) {
-      return errorBody(
-        c,
-        'validation_failed',
-        'a value in the request cannot be stored (for example a NUL character or an out-of-range number)',
-      );
+    if (isUnstorableValue(err)) {
+      return errorBody(c, 'validation_failed', `a value in the request ${UNSTORABLE_VALUE_MESSAGE}`);
     }
     if (isTransient(err)) {
       deps.logger.warn({ requestId: c.get('requestId'), errorCode: (err as { code?: string }).code }, 'database unavailable');

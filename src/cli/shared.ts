@@ -5,11 +5,15 @@ import { ZodError } from 'zod';
 import { ConfigError, type Env } from '../config.ts';
 import type { Db } from '../db/client.ts';
 import { createDatabase } from '../db/client.ts';
+import { EmbeddedPostgresError } from '../db/embedded.ts';
+import { isTransient, isUnstorableValue, safeErrorCode, UNSTORABLE_VALUE_MESSAGE } from '../db/errors.ts';
 import { workspaces } from '../db/schema/index.ts';
 import { createNodeDeps } from '../deps-node.ts';
 import type { AppDeps } from '../http/env.ts';
-import { ApiError, issuesToDetails, type ErrorDetail } from '../lib/errors.ts';
+import { ApiError, DomainError, issuesToDetails, type ErrorDetail } from '../lib/errors.ts';
 import type { Logger } from '../lib/logger.ts';
+import { OutboundError } from '../lib/outbound.ts';
+import { SealError } from '../lib/sealing.ts';
 import { openRuntime, type Runtime } from '../runtime.ts';
 
 /** Wrong or missing arguments: exit status 2 with the usage text. */
@@ -165,8 +169,8 @@ export interface CliFailure {
 }
 
 /**
- * How an error reaches the operator. Verb errors (ApiError, ZodError) carry messages written for callers; a
- * ZodError is listed as path + message only, never the offending value.
+ * How an error reaches the operator. Our own errors (ApiError, DomainError, ...) carry messages written for callers;
+ * a ZodError is listed as path + message only, never the offending value; any other error shows only a code.
  */
 export function describeFailure(err: unknown): CliFailure {
   if (err instanceof UsageError) return { exitCode: 2, code: 'usage_error', message: err.message, showUsage: true };
@@ -186,7 +190,19 @@ export function describeFailure(err: unknown): CliFailure {
       showUsage: false,
     };
   }
-  return { exitCode: 1, code: 'failed', message: err instanceof Error ? err.message : String(err), showUsage: false };
+  if (err instanceof DomainError || err instanceof SealError || err instanceof OutboundError || err instanceof EmbeddedPostgresError) {
+    return { exitCode: 1, code: err instanceof DomainError ? err.code : 'failed', message: err.message, showUsage: false };
+  }
+  // Anything else may be a database error, whose message carries the failed query and its parameters (an email, a
+  // sealed secret): only a code is shown, as the HTTP API does (src/app.ts).
+  if (isUnstorableValue(err)) {
+    return { exitCode: 1, code: 'validation_failed', message: `a value in the input ${UNSTORABLE_VALUE_MESSAGE}`, showUsage: false };
+  }
+  const code = safeErrorCode(err);
+  if (isTransient(err)) {
+    return { exitCode: 1, code: 'service_unavailable', message: `database unavailable (${code}); retry`, showUsage: false };
+  }
+  return { exitCode: 1, code: 'internal_error', message: `unexpected error (${code}); its message is not shown, as it may quote data`, showUsage: false };
 }
 
 export const iso = (d: Date | null | undefined) => (d ? d.toISOString() : '-');

@@ -49,9 +49,12 @@ async function binaries(): Promise<Binaries> {
   try {
     return (await import(name)) as Binaries;
   } catch {
-    throw new Error(`No embedded PostgreSQL binaries for ${platform}-${os.arch()} (${name}); set DATABASE_URL instead`);
+    throw new EmbeddedPostgresError(`No embedded PostgreSQL binaries for ${platform}-${os.arch()} (${name}); set DATABASE_URL instead`);
   }
 }
+
+/** The embedded server could not be found or started; the message is written for the operator. */
+export class EmbeddedPostgresError extends Error {}
 
 /** PostgreSQL refuses to run as root; as root we run it as the `postgres` system user, creating it if needed. */
 async function runAsIds(): Promise<{ uid: number; gid: number } | undefined> {
@@ -129,9 +132,9 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
         execOpts,
       );
     } catch (err) {
-      const tail = await readFile(path.join(pgdata, 'server.log'), 'utf8').catch(() => '');
-      throw new Error(
-        `embedded PostgreSQL failed to start on port ${opts.port}: ${(err as Error).message}\n${tail.slice(-2000)}`,
+      // The log's tail is not quoted: earlier runs may have logged row values there (a constraint error's DETAIL).
+      throw new EmbeddedPostgresError(
+        `embedded PostgreSQL failed to start on port ${opts.port}: ${(err as Error).message}\nsee ${path.join(pgdata, 'server.log')}`,
       );
     }
     startedHere = true;

@@ -33,6 +33,26 @@ export function errorCodeOf(err: unknown): string {
   return code ? `db_${code}` : 'internal_error';
 }
 
+/**
+ * Class 22 (data exception): a value PostgreSQL cannot store, e.g. a NUL character. The value came from the caller,
+ * so it is their mistake, answered as validation_failed with this message (the database's own quotes the value).
+ */
+export const isUnstorableValue = (err: unknown): boolean => pgCode(err)?.startsWith('22') ?? false;
+export const UNSTORABLE_VALUE_MESSAGE = 'cannot be stored (for example a NUL character or an out-of-range number)';
+
+/**
+ * A code safe to show an operator for any error: errorCodeOf's, else a Node or driver code such as ECONNREFUSED or
+ * CONNECTION_CLOSED. Never a message: a failed query's message carries its SQL and parameters.
+ */
+export function safeErrorCode(err: unknown): string {
+  const code = errorCodeOf(err);
+  if (code !== 'internal_error') return code;
+  for (const e of causes(err)) {
+    if (typeof e.code === 'string' && /^[A-Z][A-Z0-9_]{1,63}$/.test(e.code)) return e.code;
+  }
+  return code;
+}
+
 /** The column a constraint error names (NOT NULL, check), if the driver passed it on. */
 export function columnOf(err: unknown): string | undefined {
   for (const e of causes(err)) {

@@ -370,6 +370,27 @@ describe('connectors', () => {
     expect((await env.sql`select count(*)::int as n from connectors`)[0]!.n).toBe(before);
   });
 
+  it('connectors add with a value PostgreSQL cannot store (a NUL) is validation_failed as over the API, never the SQL', async () => {
+    const before = (await env.sql`select count(*)::int as n from connectors`)[0]!.n;
+    const apiKey = `transcend-api-key-${randomBytes(6).toString('hex')}`;
+    const secretsFile = path.join(tmp, 'nul-secrets.json');
+    await writeFile(secretsFile, JSON.stringify({ apiKey }), { mode: 0o600 });
+    const config = { sombraUrl: 'https://multi-tenant.sombra.transcend.io', audience: 'aud\u0000x' };
+    const r = await fails(
+      ['connectors', 'add', '--workspace', ws.workspaceId, '--vendor', 'transcend', '--name', 'T', '--config', JSON.stringify(config), '--secrets-file', secretsFile],
+      1,
+      'validation_failed',
+    );
+    expect(r.message).toBe('a value in the input cannot be stored (for example a NUL character or an out-of-range number)');
+    expect(r.stdout + r.stderr).not.toMatch(/Failed query|params:|insert into|secrets_sealed|v1\.k[0-9a-f]{8}\./i);
+    expect(r.stdout + r.stderr).not.toContain(apiKey);
+
+    const viaApi = await api('POST', '/v1/admin/connectors', ws.adminKey, { vendor: 'transcend', name: 'T', config, secrets: { apiKey } });
+    expect(viaApi.status, viaApi.text).toBe(400);
+    expect(viaApi.json.error.code).toBe('validation_failed');
+    expect((await env.sql`select count(*)::int as n from connectors`)[0]!.n).toBe(before);
+  });
+
   it('connectors list and show give the same views; an unknown id exits 1', async () => {
     const [list, shown, unknown] = await Promise.all([
       ok(['connectors', 'list', '--workspace', ws.workspaceId]),
