@@ -5,7 +5,7 @@ import { HTTPException } from 'hono/http-exception';
 import { requestId } from 'hono/request-id';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { ZodError } from 'zod';
-import { isTransient, isUnstorableValue, pgCode, UNSTORABLE_VALUE_MESSAGE } from './db/errors.ts';
+import { isTransient, isUnstorableValue, pgCode, safeErrorCode, UNSTORABLE_VALUE_MESSAGE } from './db/errors.ts';
 import { ApiError, ERROR_STATUS, issuesToDetails, type ErrorCode } from './lib/errors.ts';
 import type { App, AppDeps, AppEnv } from './http/env.ts';
 import { registerAccountRoutes } from './http/accounts.ts';
@@ -118,7 +118,8 @@ export function newApp(deps: AppDeps): App {
       return errorBody(c, 'validation_failed', `a value in the request ${UNSTORABLE_VALUE_MESSAGE}`);
     }
     if (isTransient(err)) {
-      deps.logger.warn({ requestId: c.get('requestId'), errorCode: (err as { code?: string }).code }, 'database unavailable');
+      // drizzle wraps the driver's error: the code is on a cause (a SQLSTATE, or e.g. ECONNREFUSED).
+      deps.logger.warn({ requestId: c.get('requestId'), errorCode: safeErrorCode(err) }, 'database unavailable');
       c.header('Retry-After', '5');
       return errorBody(c, 'service_unavailable', 'database temporarily unavailable; retry');
     }

@@ -34,13 +34,22 @@ beforeAll(async () => {
       if new.email like 'pii-canary-%' then raise exception 'refusing row for %', new.email; end if;
       return new;
     end $$;
-    create trigger fail_on_canary_admin before insert on admin_users for each row execute function fail_on_canary_admin();`);
+    create trigger fail_on_canary_admin before insert on admin_users for each row execute function fail_on_canary_admin();
+    create function conflict_on_canary() returns trigger language plpgsql as $$
+    begin
+      if new.name like 'pii-canary-%' then
+        raise exception 'could not serialize %', new.name using errcode = 'serialization_failure';
+      end if;
+      return new;
+    end $$;
+    create trigger conflict_on_canary before insert on events for each row execute function conflict_on_canary();`);
   tmp = await mkdtemp(path.join(os.tmpdir(), 'dsr-pii-cli-'));
 });
 
 afterAll(async () => {
   await env?.sql.unsafe(`drop trigger if exists fail_on_canary on dsr_requests; drop function if exists fail_on_canary();
-    drop trigger if exists fail_on_canary_admin on admin_users; drop function if exists fail_on_canary_admin();`);
+    drop trigger if exists fail_on_canary_admin on admin_users; drop function if exists fail_on_canary_admin();
+    drop trigger if exists conflict_on_canary on events; drop function if exists conflict_on_canary();`);
   await env?.close();
   if (tmp) await rm(tmp, { recursive: true, force: true });
 });
@@ -55,6 +64,19 @@ it('a 500 from the database: generic answer; the log has the SQLSTATE and stack 
   expect(logged).toMatch(/ at /);
   expect(logged).not.toContain(R);
   expect(logged).not.toMatch(/params:|insert into/i);
+});
+
+it('a transient database error: 503 with Retry-After; the log has the SQLSTATE but no value', async () => {
+  const before = env.logs.lines.length;
+  const event = `pii-canary-event-${R}`;
+  const res = await call(env, 'POST', '/v1/track', { key: ws.ingestKey, body: { userId: 'u1', event } });
+  expectError(res, 503, 'service_unavailable');
+  expect(res.headers.get('retry-after')).toBe('5');
+  expect(res.text).not.toContain(R);
+  const logged = env.logs.lines.slice(before).map((l) => JSON.parse(l)).filter((l) => l.msg === 'database unavailable');
+  expect(logged).toHaveLength(1);
+  expect(logged[0].errorCode).toBe('db_40001');
+  expect(env.logs.lines.slice(before).join('\n')).not.toContain(R);
 });
 
 it('the CLI prints an unexpected database error as a code only: no message, query or parameter', async () => {
