@@ -28,9 +28,11 @@ export function adminView(a: AdminRow) {
   };
 }
 
+const adminInputSchema = z.object({ email: adminEmailSchema, password: passwordSchema });
+
 export async function createAdmin(db: Db, input: { workspaceId: string; email: string; password: string }): Promise<AdminRow> {
-  const email = adminEmailSchema.parse(input.email);
-  const password = passwordSchema.parse(input.password);
+  // Parsed as an object, so a ZodError names the field (details path "email", not the whole body).
+  const { email, password } = adminInputSchema.parse({ email: input.email, password: input.password });
   const [ws] = await db.select({ id: workspaces.id }).from(workspaces).where(eq(workspaces.id, input.workspaceId));
   if (!ws) throw new ApiError('not_found', 'no such workspace');
   try {

@@ -765,6 +765,19 @@ describe('admins', () => {
     expect(list.text).not.toContain(password);
     expect(env.logs.text()).not.toContain(password);
   });
+
+  it('a bad email is 400 validation_failed naming the email field, without echoing it; nothing is created', async () => {
+    const s = await adminSession(env, ws.workspaceId);
+    const before = (await env.sql`select count(*)::int as n from admin_users`)[0]!.n;
+    const email = `not-an-email-${uniq('x')}`;
+    const res = await s.call('POST', '/v1/admin/admins', { body: { email, password: 'a long enough password' } });
+    const err = expectError(res, 400, 'validation_failed');
+    expect(err.details).toEqual([{ path: 'email', message: expect.any(String) }]);
+    expect(res.text).not.toContain(email);
+    const viaKey = await call(env, 'POST', '/v1/admin/admins', { key: ws.adminKey, body: { email, password: 'a long enough password' } });
+    expect(expectError(viaKey, 400, 'validation_failed').details).toEqual([{ path: 'email', message: expect.any(String) }]);
+    expect((await env.sql`select count(*)::int as n from admin_users`)[0]!.n).toBe(before);
+  });
 });
 
 describe('a session acts as its admin', () => {
