@@ -3,8 +3,14 @@ import type { PgColumn } from 'drizzle-orm/pg-core';
 import { ApiError } from '../lib/errors.ts';
 
 /**
- * Keyset pagination, newest first, on our prefixed ids: their first characters are the creation time, so id order
- * is creation order (to the millisecond) and the cursor never skips or repeats a row.
+ * Keyset pagination, newest first, on our prefixed ids: their first characters are the creation time (to the
+ * millisecond, then random), so id order is roughly creation order; the cursor is the last id of the page.
+ *
+ * What a client following nextCursor gets: no row twice, and every row that was committed before it read the first
+ * page (and is still there) exactly once. A row committed while it pages may be missed: its id is minted before its
+ * transaction commits (a request that waited on a lock, or one made on a host whose clock is behind), so it can sort
+ * into a range already read. A listing started again from the first page shows it. Closing that gap would need an
+ * order of commit, which the tables do not record.
  */
 const CURSOR = /^[a-z]{2,4}_[0-9a-z]{25}$/;
 

@@ -558,6 +558,45 @@ describe('GET /v1/privacy/requests (list)', () => {
     expect(byFilter.ids).toEqual(ids);
   });
 
+  it('what the cursor promises: requests committed before the first page, once each; a late commit can sort behind it', async () => {
+    const ws = await env.newWorkspace();
+    const pause = () => new Promise((r) => setTimeout(r, 5));
+    const w = await submitOne(ws, { action: 'suppress', userId: 'cursor-w' });
+    await pause();
+    const y = await submitOne(ws, { action: 'suppress', userId: 'cursor-y' });
+    await pause();
+    // Another transaction holds the dedupe key of X's externalRequestId: X gets its id now, then waits to commit.
+    const holder = await env.sql.reserve();
+    await holder`begin`;
+    await holder`insert into dsr_requests (id, workspace_id, source, actor_type, action, scope, subject_kind, subject_digest, dedupe_key)
+                 values ('req_0000000000000000000000000', ${ws.workspaceId}, 'api', 'system', 'suppress', 'user', 'user_id', 'd', 'api:ext:ticket-x')`;
+    const late = submit(ws, { action: 'suppress', userId: 'cursor-x', externalRequestId: 'ticket-x' });
+    for (let waited = 0; ; waited += 10) {
+      const [waiting] = await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`;
+      if (waiting) break;
+      if (waited > 10_000) throw new Error('the late request never waited');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await pause();
+    const z = await submitOne(ws, { action: 'suppress', userId: 'cursor-z' });
+
+    const page1 = await get(ws, '/v1/privacy/requests?limit=2');
+    expect(page1.json.data.map((r: { id: string }) => r.id)).toEqual([z, y]);
+    await holder`rollback`;
+    holder.release();
+    const x = (await late).json.results[0];
+    expect(x).toMatchObject({ accepted: true });
+    expect(x.requestId > y && x.requestId < z).toBe(true);
+
+    // X committed inside the range page 1 already covered: following the cursor does not show it.
+    const page2 = await get(ws, `/v1/privacy/requests?limit=2&cursor=${page1.json.nextCursor}`);
+    expect(page2.json.data.map((r: { id: string }) => r.id)).toEqual([w]);
+    expect(page2.json.nextCursor).toBeNull();
+    // A listing started again shows every request once, X included.
+    const { ids } = await allPages(ws, '/v1/privacy/requests', 2);
+    expect(ids).toEqual([z, x.requestId, y, w]);
+  });
+
   it('rejects a garbage cursor and an out-of-range limit with 400', async () => {
     const ws = await env.newWorkspace();
     const err = expectError(await get(ws, '/v1/privacy/requests?cursor=garbage'), 400, 'validation_failed');
