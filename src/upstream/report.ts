@@ -182,16 +182,18 @@ async function deliverLoaded(
       counts: (counts ?? {}) as Record<string, number>,
       errorCode: request.errorCode,
     };
-    const stored: StoredTicket = {
-      id: ticket.id,
-      ticketKey: ticket.ticketKey,
-      upstreamRef: ticket.upstreamRef,
-      upstream: ticket.upstream as Record<string, JsonValue>,
-      secret: ticket.secretSealed ? deps.sealer.open(ticket.secretSealed, ticketSecretContext(ticket.id)) : null,
-      action: ticket.action as TicketAction,
-      attempt,
-    };
     try {
+      // Unsealed in here: a capability that cannot be opened (a key removed too early) is a failed attempt that ends
+      // in a visible failure, not a job that throws until the safety net requeues it forever.
+      const stored: StoredTicket = {
+        id: ticket.id,
+        ticketKey: ticket.ticketKey,
+        upstreamRef: ticket.upstreamRef,
+        upstream: ticket.upstream as Record<string, JsonValue>,
+        secret: ticket.secretSealed ? deps.sealer.open(ticket.secretSealed, ticketSecretContext(ticket.id)) : null,
+        action: ticket.action as TicketAction,
+        attempt,
+      };
       const { adapter, instance } = openConnectorAt(deps.sealer, connector);
       const ctx = adapterContext(deps);
       const http = withDeadline(ctx.http, startedAt + deps.reportPolicy.attemptTimeoutMs);

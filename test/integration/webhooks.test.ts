@@ -20,7 +20,7 @@ import { poll } from '../helpers/process.ts';
 import { executeRequest } from '../../src/privacy/execute.ts';
 import { reportNow } from '../../src/upstream/report.ts';
 import { connectorsTick } from '../../src/upstream/poll.ts';
-import { receiveTickets } from '../../src/upstream/tickets.ts';
+import { receiveTickets, ticketSecretContext } from '../../src/upstream/tickets.ts';
 import { intake } from '../../src/privacy/intake.ts';
 
 let env: TestEnv;
@@ -341,6 +341,21 @@ describe('report delivery', () => {
     } finally {
       transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
     }
+  });
+
+  it('a capability that cannot be unsealed fails its attempts visibly (never sent, never a throwing job)', async () => {
+    const w = await transcend.webhook({ profile: { identifier: `${uniq('s')}@example.test`, type: 'email' } });
+    const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(res.status, res.text).toBe(200);
+    const { ticketId, requestId } = res.json.received[0] as { ticketId: string; requestId: string };
+    // Another ticket's sealed nonce: well formed, but bound to that ticket, so it does not open here.
+    const other = env.deps.sealer.seal('nonce-of-another-ticket', ticketSecretContext('tkt_other'));
+    await env.sql`update upstream_tickets set secret_sealed = ${other} where id = ${ticketId}`;
+    const puts = transcend.fake.callsTo('PUT /v1/data-silo').length;
+    const t = await settle(requestId);
+    expect(t.status).toBe('failed');
+    expect(t.last_error).toMatch(/^gave up after \d+ attempts: adapter error \(\w+\)$/);
+    expect(transcend.fake.callsTo('PUT /v1/data-silo').length).toBe(puts);
   });
 
   it('vendor down for the first 2 calls: retried with backoff, then delivered; the error is visible meanwhile', async () => {
