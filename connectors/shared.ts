@@ -1,6 +1,6 @@
 /** Helpers every adapter uses, so the three vendors verify, parse and classify responses the same way. */
 import { createHash, timingSafeEqual } from 'node:crypto';
-import type { z } from 'zod';
+import { z } from 'zod';
 import { issuesToDetails } from '../src/lib/errors.ts';
 import { OutboundError, retryAfterMs, type OutboundResponse } from '../src/lib/outbound.ts';
 import { WebhookPayloadError, type ReportResult, type TestCheck } from './types.ts';
@@ -86,4 +86,21 @@ export function nameOfType(value: string): string {
   const v = value.trim();
   if (v.includes('@')) return '(a value containing @)';
   return /^[\p{L}\p{N}][\p{L}\p{N} _.\-/&()']{0,63}$/u.test(v) ? JSON.stringify(v) : '(an unrecognised value)';
+}
+
+/**
+ * A vendor API's base URL in connector config: http(s), and no query, fragment or credentials (API paths are
+ * appended to it, and config is shown back to admins, unlike secrets; outbound calls refuse credentials in URLs).
+ */
+export function vendorBaseUrl(error: string) {
+  return (
+    z
+      .url({ protocol: /^https?$/, error })
+      // zod runs refinements even after .url() failed: only judge what parses.
+      .refine((u) => {
+        if (!URL.canParse(u)) return true;
+        const url = new URL(u);
+        return !url.search && !url.hash && !url.username && !url.password;
+      }, 'must not contain a query, fragment or credentials')
+  );
 }

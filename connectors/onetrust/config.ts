@@ -1,5 +1,6 @@
 /** OneTrust settings: where the tenant lives, how its workflow authenticates to us, what its request types mean. */
 import { z } from 'zod';
+import { vendorBaseUrl } from '../shared.ts';
 
 export type RequestTypeAction = 'erase' | 'suppress' | 'unsuppress' | 'access';
 
@@ -51,17 +52,7 @@ const inboundAuthSchema = z.discriminatedUnion('type', [
 ]);
 
 export const configSchema = z.strictObject({
-  baseUrl: z
-    .url({
-      protocol: /^https?$/,
-      error: 'must be the http(s) URL of the OneTrust tenant, e.g. https://app.onetrust.com',
-    })
-    // zod runs refinements even after .url() failed: only judge what parses.
-    .refine((u) => {
-      if (!URL.canParse(u)) return true;
-      const url = new URL(u);
-      return !url.search && !url.hash && !url.username && !url.password;
-    }, 'must not contain a query, fragment or credentials'),
+  baseUrl: vendorBaseUrl('must be the http(s) URL of the OneTrust tenant, e.g. https://app.onetrust.com'),
   inboundAuth: inboundAuthSchema.default({ type: 'bearer' }),
   requestTypes: z
     .record(z.string().trim().min(1), z.enum(['erase', 'suppress', 'unsuppress', 'access']))

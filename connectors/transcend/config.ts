@@ -1,5 +1,6 @@
 /** Transcend settings, and the mappings from Transcend's vocabulary to ours (each decided in exactly one place). */
 import { z } from 'zod';
+import { vendorBaseUrl } from '../shared.ts';
 import { WebhookPayloadError, type ConnectorInstance, type SubjectRef, type TicketAction } from '../types.ts';
 
 /** The Transcend action types this connector carries out, and what each becomes here. */
@@ -53,7 +54,7 @@ const pullSchema = z
 
 export const configSchema = z.strictObject({
   /** Multi-tenant EU/US Sombra or the customer's own ingress; a trailing slash is tolerated. */
-  sombraUrl: z.url({ protocol: /^https?$/ }),
+  sombraUrl: vendorBaseUrl('must be the http(s) URL of Sombra, e.g. https://multi-tenant.sombra.transcend.io'),
   /** The Sombra audience configured on the integration: the `aud` every webhook token must carry. */
   audience: z.string().min(1),
   selfHostedSombra: z.boolean().default(false),

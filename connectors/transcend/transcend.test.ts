@@ -132,6 +132,11 @@ describe('config', () => {
     expect(paths({ ...base, pull: { enabled: true } })).toEqual(['pull.dataSiloId']);
     expect(paths({ ...base, pull: { enabled: true, dataSiloId: 's', actions: ['ACCESS'] } })).toEqual(['pull.actions.0']);
     expect(paths({ ...base, sombraUrl: 'ftp://sombra.example' })).toEqual(['sombraUrl']);
+    // Config is shown back to admins and API paths are appended to it: no credentials, query or fragment.
+    for (const sombraUrl of ['https://user:pass@sombra.example', 'https://sombra.example/?x=1', 'https://sombra.example/#a']) {
+      expect(paths({ ...base, sombraUrl })).toEqual(['sombraUrl']);
+    }
+    expect(paths({ ...base, sombraUrl: 'https://sombra.acme.example/ingress/' })).toBeUndefined();
     expect(configSchema.parse({ ...base, pull: { enabled: true, dataSiloId: 's' } }).pull).toEqual({
       enabled: true,
       dataSiloId: 's',

@@ -219,6 +219,12 @@ describe('POST /v1/admin/connectors', () => {
       const res = await admin(ws, 'POST', '/v1/admin/connectors', input('onetrust', { config: { baseUrl } }));
       expect(detailPaths(res)).toContain('config.baseUrl');
     }
+    // The same rule for Sombra's URL: config is shown back, so a password in it would come out of every read.
+    for (const sombraUrl of ['https://user:sombra-password@sombra.example', 'https://sombra.example/?k=1', 'not a url']) {
+      const res = await admin(ws, 'POST', '/v1/admin/connectors', input('transcend', { config: { ...transcend.config(), sombraUrl } }));
+      expect(detailPaths(res)).toContain('config.sombraUrl');
+      expect(res.text).not.toContain('sombra-password');
+    }
     expect(
       detailPaths(
         await admin(ws, 'POST', '/v1/admin/connectors', input('datagrail', { config: { callbackHosts: ['https://x.test/'] } })),
@@ -227,9 +233,8 @@ describe('POST /v1/admin/connectors', () => {
     expect(await countRows(ws.workspaceId)).toBe(0);
   });
 
-  // BUG (connectors/onetrust/config.ts:59-62): zod 4 runs the .refine() even when .url() has already failed, and the
-  // refine calls `new URL(u)`, which throws a TypeError for a string that is not a URL: the route answers 500
-  // internal_error (and logs an unhandled error) instead of 400 validation_failed naming config.baseUrl.
+  // zod 4 runs a .refine() even when .url() has already failed: the base-URL refine must not throw on a string that
+  // is not a URL (it once answered 500 internal_error instead of 400 validation_failed naming config.baseUrl).
   it('onetrust baseUrl that is not a URL at all → 400 config.baseUrl, not 500', async () => {
     const ws = await env.newWorkspace();
     for (const baseUrl of ['not a url', 'app.onetrust.com']) {
