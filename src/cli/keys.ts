@@ -3,7 +3,7 @@ import { createApiKey, keyView, listApiKeys, regenerateApiKey, revokeApiKey, typ
 import type { Db } from '../db/client.ts';
 import { API_KEY_SCOPES, apiKeys } from '../db/schema/index.ts';
 import { ApiError } from '../lib/errors.ts';
-import { resealAll } from '../upstream/rotate.ts';
+import { resealAll, resealComplete } from '../upstream/rotate.ts';
 import { iso, oneOf, output, parse, required, requireWorkspace, withDeps, type Command } from './shared.ts';
 
 /** The workspace a key belongs to: the key verbs are scoped by workspace, the operator only knows the key id. */
@@ -64,6 +64,26 @@ const rotateMaster: Command = async (cli, args) => {
     ['ticket secrets', report.ticketSecrets],
     ['failed request identifiers', report.failedRequestSubjects],
   ] as const;
+  if (!resealComplete(report)) {
+    // Nothing was lost: every value still opens with the keys configured now. Keep the old key until a run succeeds.
+    const details = kinds.flatMap(([name, c]) => {
+      if (c.remaining === 0) return [];
+      const others = c.remaining - c.unreadable.length;
+      return [
+        ...(c.unreadable.length > 0
+          ? [{ path: name, message: `no configured key opens rows ${c.unreadable.join(', ')}: re-enter or clear them` }]
+          : []),
+        ...(others > 0
+          ? [{ path: name, message: `${others} rewritten under an older key during the run by a process not yet sealing with the new key` }]
+          : []),
+      ];
+    });
+    throw new ApiError(
+      'conflict',
+      `not everything is sealed under master key ${report.keyId} yet (${kinds.map(([n, c]) => `${n}: ${c.resealed} re-sealed, ${c.remaining} left`).join('; ')}); keep the old key and run again`,
+      details,
+    );
+  }
   output(cli, report, () => [
     `Everything is now sealed under master key ${report.keyId}:`,
     ...kinds.map(([name, c]) => `  ${name.padEnd(27)} ${c.resealed} re-sealed, ${c.current} already current`),

@@ -2,18 +2,33 @@ import { and, asc, eq, gt, isNotNull, not, like, type SQL } from 'drizzle-orm';
 import type { PgColumn, PgTable } from 'drizzle-orm/pg-core';
 import type { Db } from '../db/client.ts';
 import { connectors, dsrRequests, upstreamTickets } from '../db/schema/index.ts';
-import type { Sealer } from '../lib/sealing.ts';
+import { SealError, type Sealer } from '../lib/sealing.ts';
 import { subjectSealContext } from '../privacy/execute.ts';
 import { secretsContext } from './store.ts';
 import { ticketSecretContext } from './tickets.ts';
 
+/**
+ * Per kind of sealed value: how many were re-sealed, how many were already under the current key, and how many are
+ * still not (`remaining`): the ones none of the configured keys opens (`unreadable`, by row id), and any rewritten
+ * under an older key while the run went on by a process not yet sealing with the new one.
+ */
+export interface ResealCounts {
+  resealed: number;
+  current: number;
+  remaining: number;
+  unreadable: string[];
+}
+
 export interface ResealReport {
   keyId: string;
-  /** Per kind of sealed value: how many were re-sealed, and how many were already under the current key. */
-  connectorSecrets: { resealed: number; current: number };
-  ticketSecrets: { resealed: number; current: number };
-  failedRequestSubjects: { resealed: number; current: number };
+  connectorSecrets: ResealCounts;
+  ticketSecrets: ResealCounts;
+  failedRequestSubjects: ResealCounts;
 }
+
+/** True when nothing is left under another key: only then may the old key be removed. */
+export const resealComplete = (r: ResealReport): boolean =>
+  [r.connectorSecrets, r.ticketSecrets, r.failedRequestSubjects].every((c) => c.remaining === 0);
 
 interface Target {
   table: PgTable;
@@ -25,6 +40,8 @@ interface Target {
 }
 
 const BATCH = 200;
+/** Passes over a column: a value rewritten during one (its guarded update missed) is looked at again in the next. */
+const PASSES = 3;
 
 /**
  * Re-seals every sealed value (connector secrets, ticket nonces, failed requests' identifiers) under the sealer's
@@ -55,30 +72,47 @@ export async function resealAll(db: Db, sealer: Sealer): Promise<ResealReport> {
   };
 }
 
-async function resealColumn(db: Db, sealer: Sealer, t: Target): Promise<{ resealed: number; current: number }> {
+async function resealColumn(db: Db, sealer: Sealer, t: Target): Promise<ResealCounts> {
   const currentPrefix = `v1.${sealer.currentKeyId}.%`;
-  const current = await db.$count(t.table, and(isNotNull(t.sealed), like(t.sealed, currentPrefix)));
+  const underCurrentKey = like(t.sealed, currentPrefix);
+  const current = await db.$count(t.table, and(isNotNull(t.sealed), underCurrentKey));
   let resealed = 0;
-  let after = '';
-  for (;;) {
-    const stale: SQL | undefined = and(isNotNull(t.sealed), not(like(t.sealed, currentPrefix)), gt(t.id, after));
-    const rows = (await db
-      .select({ id: t.id, sealed: t.sealed })
-      .from(t.table)
-      .where(stale)
-      .orderBy(asc(t.id))
-      .limit(BATCH)) as { id: string; sealed: string }[];
-    for (const r of rows) {
-      const fresh = sealer.seal(sealer.open(r.sealed, t.context(r.id)), t.context(r.id));
-      const updated = await db
-        .update(t.table)
-        .set({ [t.field]: fresh })
-        .where(and(eq(t.id, r.id), eq(t.sealed, r.sealed)))
-        .returning({ id: t.id });
-      resealed += updated.length;
+  // Ciphertexts no configured key opens, with their rows: skipped (the rest are still re-sealed) and reported.
+  const unreadable = new Map<string, string>();
+  for (let pass = 0; pass < PASSES; pass++) {
+    let missed = 0;
+    let after = '';
+    for (;;) {
+      const stale: SQL | undefined = and(isNotNull(t.sealed), not(underCurrentKey), gt(t.id, after));
+      const rows = (await db
+        .select({ id: t.id, sealed: t.sealed })
+        .from(t.table)
+        .where(stale)
+        .orderBy(asc(t.id))
+        .limit(BATCH)) as { id: string; sealed: string }[];
+      for (const r of rows) {
+        if (unreadable.has(r.sealed)) continue;
+        let plain: string;
+        try {
+          plain = sealer.open(r.sealed, t.context(r.id));
+        } catch (err) {
+          if (!(err instanceof SealError)) throw err;
+          unreadable.set(r.sealed, r.id);
+          continue;
+        }
+        const updated = await db
+          .update(t.table)
+          .set({ [t.field]: sealer.seal(plain, t.context(r.id)) })
+          .where(and(eq(t.id, r.id), eq(t.sealed, r.sealed)))
+          .returning({ id: t.id });
+        resealed += updated.length;
+        missed += 1 - updated.length;
+      }
+      if (rows.length < BATCH) break;
+      after = rows[rows.length - 1]!.id;
     }
-    if (rows.length < BATCH) break;
-    after = rows[rows.length - 1]!.id;
+    if (missed === 0) break;
   }
-  return { resealed, current };
+  const remaining = await db.$count(t.table, and(isNotNull(t.sealed), not(underCurrentKey)));
+  return { resealed, current, remaining, unreadable: [...unreadable.values()].sort() };
 }

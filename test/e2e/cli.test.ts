@@ -657,17 +657,17 @@ describe('keys rotate-master', () => {
     const report = await ok(['keys', 'rotate-master'], rotating);
     expect(report).toEqual({
       keyId: keyIdOf(B),
-      connectorSecrets: { resealed: 1, current: 0 },
-      ticketSecrets: { resealed: 1, current: 0 },
-      failedRequestSubjects: { resealed: 1, current: 0 },
+      connectorSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
+      ticketSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
+      failedRequestSubjects: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
     });
     const after = await sealed();
     for (const v of Object.values(after)) expect(v).toMatch(new RegExp(`^v1\\.${keyIdOf(B)}\\.`));
     expect(await ok(['keys', 'rotate-master'], rotating)).toEqual({
       keyId: keyIdOf(B),
-      connectorSecrets: { resealed: 0, current: 1 },
-      ticketSecrets: { resealed: 0, current: 1 },
-      failedRequestSubjects: { resealed: 0, current: 1 },
+      connectorSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
+      ticketSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
+      failedRequestSubjects: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
     });
 
     // Same plaintexts, openable by both kinds of server, no longer by A alone.
@@ -698,5 +698,23 @@ describe('keys rotate-master', () => {
     const [req] = await renv.sql`select status, outcome from dsr_requests where id = ${failedId}`;
     expect(req).toEqual({ status: 'complete', outcome: 'erased' });
     expect(await userFootprint(renv, wsR.workspaceId, u.userId)).toMatchObject({ profiles: 0, events: 0 });
+
+    // A value no configured key opens (sealed for another row): exit 1, a conflict naming the row, nothing lost;
+    // the old key must stay. Once the value is mended, the run succeeds.
+    const C = randomBytes(32);
+    const toC = { on: renv, env: { DSR_ENCRYPTION_KEY: C.toString('base64'), DSR_ENCRYPTION_KEYS_PREVIOUS: B.toString('base64') } };
+    const good = (await sealed()).connector;
+    await renv.sql`update connectors set secrets_sealed = ${new Sealer(B).seal('{}', secretsContext('con_elsewhere'))}
+                   where id = ${connector.id}`;
+    const refused = await fails(['keys', 'rotate-master'], 1, 'conflict', toC);
+    expect(refused.message).toContain(`not everything is sealed under master key ${keyIdOf(C)} yet`);
+    expect(refused.details).toEqual([
+      { path: 'connector secrets', message: `no configured key opens rows ${connector.id}: re-enter or clear them` },
+    ]);
+    await renv.sql`update connectors set secrets_sealed = ${good} where id = ${connector.id}`;
+    expect(await ok(['keys', 'rotate-master'], toC)).toMatchObject({
+      keyId: keyIdOf(C),
+      connectorSecrets: { resealed: 1, remaining: 0, unreadable: [] },
+    });
   });
 });

@@ -1,11 +1,12 @@
 import { randomBytes } from 'node:crypto';
+import type postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { keyIdOf, SealError, Sealer } from '../../src/lib/sealing.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
 import { retryRequest } from '../../src/privacy/retry.ts';
-import { resealAll } from '../../src/upstream/rotate.ts';
+import { resealAll, resealComplete } from '../../src/upstream/rotate.ts';
 import { secretsContext } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
 import { call, createConnectorVia, createTestEnv, type TestEnv } from '../helpers/db.ts';
@@ -17,6 +18,7 @@ let ws: CreatedWorkspace;
 /** The master key the env's service seals with. */
 let keyA: Buffer;
 const keyB = randomBytes(32);
+const keyC = randomBytes(32);
 
 beforeAll(async () => {
   env = await createTestEnv();
@@ -49,6 +51,36 @@ async function allSealed(): Promise<Sealed[]> {
 }
 
 const createConnector = (body: unknown) => createConnectorVia(env, ws.adminKey, body);
+
+/**
+ * Runs resealAll with the connector row locked, and rewrites the row (`rewrite`, in the locking transaction) once the
+ * rotation has read the old ciphertext and its guarded UPDATE waits for the lock: a write that lands in between.
+ */
+async function resealWithRowRewritten(
+  rotating: Sealer,
+  connectorId: string,
+  rewrite: (tx: postgres.TransactionSql) => Promise<unknown>,
+): Promise<Awaited<ReturnType<typeof resealAll>>> {
+  let report: Awaited<ReturnType<typeof resealAll>> | undefined;
+  let running: Promise<unknown> | undefined;
+  await env.sql.begin(async (tx) => {
+    await tx`select 1 from connectors where id = ${connectorId} for update`;
+    running = resealAll(env.database.db, rotating).then((r) => (report = r));
+    for (const until = Date.now() + 10_000; ; ) {
+      const waiting = await env.sql`
+        select pid from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock' and query ilike 'update "connectors"%'`;
+      if (waiting.length > 0) break;
+      if (report) throw new Error('resealAll finished without waiting for the locked row');
+      if (Date.now() > until) throw new Error('resealAll never reached the locked row');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await rewrite(tx);
+    // The transaction commits when this callback returns; only then can the rotation's UPDATE go on.
+  });
+  await running;
+  return report!;
+}
 
 const datagrail = (name: string) => ({
   vendor: 'datagrail',
@@ -112,9 +144,9 @@ describe('master key rotation (resealAll)', () => {
     const report = await resealAll(env.database.db, rotating);
     expect(report).toEqual({
       keyId: kidB,
-      connectorSecrets: { resealed: 2, current: 0 },
-      ticketSecrets: { resealed: 1, current: 0 },
-      failedRequestSubjects: { resealed: 1, current: 0 },
+      connectorSecrets: { resealed: 2, current: 0, remaining: 0, unreadable: [] },
+      ticketSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
+      failedRequestSubjects: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
     });
 
     const after = await allSealed();
@@ -137,9 +169,9 @@ describe('master key rotation (resealAll)', () => {
     const again = await resealAll(env.database.db, rotating);
     expect(again).toEqual({
       keyId: kidB,
-      connectorSecrets: { resealed: 0, current: 2 },
-      ticketSecrets: { resealed: 0, current: 1 },
-      failedRequestSubjects: { resealed: 0, current: 1 },
+      connectorSecrets: { resealed: 0, current: 2, remaining: 0, unreadable: [] },
+      ticketSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
+      failedRequestSubjects: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
     });
     expect((await allSealed()).map((s) => s.sealed)).toEqual(after.map((s) => s.sealed));
 
@@ -150,7 +182,6 @@ describe('master key rotation (resealAll)', () => {
   });
 
   it('never overwrites secrets replaced while the rotation was between its read and its write', async () => {
-    const keyC = randomBytes(32);
     const kidC = keyIdOf(keyC);
     const target = await createConnector(datagrail('Replaced during rotation'));
     const stale = await allSealed();
@@ -161,27 +192,10 @@ describe('master key rotation (resealAll)', () => {
     const rotating = new Sealer(keyC, [keyB, keyA]);
     // An admin's replaceSecrets on a server already sealing with the new key (step 2 of the documented rotation).
     const replacedSealed = rotating.seal(JSON.stringify(replacement), secretsContext(target));
-    let report: Awaited<ReturnType<typeof resealAll>> | undefined;
-    let running: Promise<unknown> | undefined;
-    await env.sql.begin(async (tx) => {
-      await tx`select 1 from connectors where id = ${target} for update`;
-      running = resealAll(env.database.db, rotating).then((r) => (report = r));
-      // Wait until the rotation has read the old ciphertext and its guarded UPDATE waits for our row lock.
-      const until = Date.now() + 10_000;
-      for (;;) {
-        const waiting = await env.sql`
-          select pid from pg_stat_activity
-          where datname = current_database() and wait_event_type = 'Lock' and query ilike 'update "connectors"%'`;
-        if (waiting.length > 0) break;
-        if (report) throw new Error('resealAll finished without waiting for the locked row');
-        if (Date.now() > until) throw new Error('resealAll never reached the locked row');
-        await new Promise((r) => setTimeout(r, 10));
-      }
-      await tx`update connectors set secrets_sealed = ${replacedSealed}, secrets_rotated_at = now(), updated_at = now()
-               where id = ${target}`;
-      // Our transaction commits when this callback returns; only then can the rotation's UPDATE go on.
-    });
-    await running;
+    const report = await resealWithRowRewritten(rotating, target, (tx) =>
+      tx`update connectors set secrets_sealed = ${replacedSealed}, secrets_rotated_at = now(), updated_at = now()
+         where id = ${target}`,
+    );
 
     const [row] = await env.sql`select secrets_sealed from connectors where id = ${target}`;
     expect(row!.secrets_sealed).toBe(replacedSealed);
@@ -189,15 +203,48 @@ describe('master key rotation (resealAll)', () => {
     expect(JSON.parse(rotating.open(row!.secrets_sealed, secretsContext(target)))).toEqual(replacement);
     expect(report).toMatchObject({
       keyId: kidC,
-      connectorSecrets: { resealed: staleConnectors.length - 1, current: 0 },
-      ticketSecrets: { resealed: stale.filter((s) => s.table === 'upstream_tickets').length, current: 0 },
+      connectorSecrets: { resealed: staleConnectors.length - 1, current: 0, remaining: 0, unreadable: [] },
+      ticketSecrets: { resealed: stale.filter((s) => s.table === 'upstream_tickets').length, current: 0, remaining: 0, unreadable: [] },
     });
 
     // Everything is under the new key after the one run, and a second run finds nothing to do.
     for (const s of await allSealed()) expect(s.sealed.startsWith(`v1.${kidC}.`), `${s.table}:${s.id}`).toBe(true);
     const again = await resealAll(env.database.db, rotating);
-    expect(again.connectorSecrets).toEqual({ resealed: 0, current: staleConnectors.length });
+    expect(again.connectorSecrets).toEqual({ resealed: 0, current: staleConnectors.length, remaining: 0, unreadable: [] });
     const [finalRow] = await env.sql`select secrets_sealed from connectors where id = ${target}`;
     expect(JSON.parse(new Sealer(keyC).open(finalRow!.secrets_sealed, secretsContext(target)))).toEqual(replacement);
+  });
+  it('re-seals a value rewritten under the old key during the run; a value no key opens is reported, not a stop', async () => {
+    const keyD = randomBytes(32);
+    const rotating = new Sealer(keyD, [keyC, keyB, keyA]);
+    const stepOne = new Sealer(keyC, [keyD]); // a process not yet sealing with the new key
+    const before = await allSealed();
+    const connectorIds = before.filter((s) => s.table === 'connectors').map((s) => s.id);
+    const [target] = connectorIds;
+    const [ticket] = before.filter((s) => s.table === 'upstream_tickets');
+    // A nonce sealed for another row: well formed, under the old key, but no key opens it here.
+    await env.sql`update upstream_tickets set secret_sealed = ${stepOne.seal('n', ticketSecretContext('tkt_elsewhere'))}
+                  where id = ${ticket!.id}`;
+    const replacement = { webhookSecret: 'rewritten-on-step-one', apiKey: 'rewritten-api-key' };
+
+    // Rewritten meanwhile under the OLD key: the guarded update misses it; the next pass must re-seal it.
+    const report = await resealWithRowRewritten(rotating, target!, (tx) =>
+      tx`update connectors set secrets_sealed = ${stepOne.seal(JSON.stringify(replacement), secretsContext(target!))}
+         where id = ${target!}`,
+    );
+
+    expect(report.connectorSecrets).toEqual({ resealed: connectorIds.length, current: 0, remaining: 0, unreadable: [] });
+    expect(report.ticketSecrets).toMatchObject({ remaining: 1, unreadable: [ticket!.id] });
+    // Every other value went on to the new key: one bad row does not hold back the rest.
+    expect(report.failedRequestSubjects).toMatchObject({ remaining: 0, unreadable: [] });
+    expect(resealComplete(report)).toBe(false);
+    const [row] = await env.sql`select secrets_sealed from connectors where id = ${target!}`;
+    expect(JSON.parse(new Sealer(keyD).open(row!.secrets_sealed, secretsContext(target!)))).toEqual(replacement);
+
+    // The operator clears the bad value: the next run completes.
+    await env.sql`update upstream_tickets set secret_sealed = null where id = ${ticket!.id}`;
+    const again = await resealAll(env.database.db, rotating);
+    expect(resealComplete(again)).toBe(true);
+    for (const s of await allSealed()) expect(s.sealed.startsWith(`v1.${keyIdOf(keyD)}.`), `${s.table}:${s.id}`).toBe(true);
   });
 });
