@@ -1,9 +1,9 @@
-import { and, asc, eq, getTableColumns, isNull, sql, type SQL } from 'drizzle-orm';
+import { and, asc, eq, getTableColumns, isNotNull, isNull, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
 import type { AdapterContext, ConnectorInstance } from '../../connectors/types.ts';
 import type { Db } from '../db/client.ts';
-import { connectors, VENDORS, type Vendor } from '../db/schema/index.ts';
+import { connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import { secretFingerprint, type Sealer } from '../lib/sealing.ts';
@@ -117,12 +117,20 @@ export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id
  * everywhere. Tickets still waiting to be reported fail with `connector_deleted`.
  */
 export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, id: string): Promise<void> {
-  const rows = await deps.db
-    .update(connectors)
-    .set({ deletedAt: sql`now()`, enabled: false, secretsSealed: null, secretFingerprints: {}, updatedAt: sql`now()` })
-    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
-    .returning({ id: connectors.id });
-  if (rows.length === 0) throw new ApiError('not_found', 'no such connector in this workspace');
+  await deps.db.transaction(async (tx) => {
+    const rows = await tx
+      .update(connectors)
+      .set({ deletedAt: sql`now()`, enabled: false, secretsSealed: null, secretFingerprints: {}, updatedAt: sql`now()` })
+      .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
+      .returning({ id: connectors.id });
+    if (rows.length === 0) throw new ApiError('not_found', 'no such connector in this workspace');
+    // Its tickets' capabilities (Transcend nonces) go with it: nothing can report through a deleted connector, and a
+    // bearer capability kept for nothing is only a liability.
+    await tx
+      .update(upstreamTickets)
+      .set({ secretSealed: null, updatedAt: sql`now()` })
+      .where(and(eq(upstreamTickets.connectorId, id), isNotNull(upstreamTickets.secretSealed)));
+  });
   deps.logger.info({ connectorId: id }, 'connector deleted');
 }
 

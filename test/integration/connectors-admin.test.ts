@@ -574,6 +574,12 @@ describe('DELETE /v1/admin/connectors/:id', () => {
     const keep = await create(ws, 'datagrail');
     const view = await create(ws, 'transcend');
     const path = `/v1/admin/connectors/${view.id}`;
+    // A ticket holding its nonce (a bearer capability at Transcend), not reported yet.
+    const w = await transcend.webhook({ profile: { identifier: 'held-nonce@example.test', type: 'email' } });
+    const received = await call(env, 'POST', view.webhookPath, { body: w.body, headers: w.headers });
+    expect(received.status, received.text).toBe(200);
+    const nonceHeld = () => env.sql`select id from upstream_tickets where connector_id = ${view.id} and secret_sealed is not null`;
+    expect(await nonceHeld()).toHaveLength(1);
 
     const res = await env.app.request(path, { method: 'DELETE', headers: { authorization: `Bearer ${ws.adminKey}` } });
     expect(res.status).toBe(204);
@@ -595,6 +601,8 @@ describe('DELETE /v1/admin/connectors/:id', () => {
     expect(row!.deleted_at).toBeInstanceOf(Date);
     expect(row!.enabled).toBe(false);
     expectNoSecrets(row!.as_json);
+    // Its tickets' nonces went with it.
+    expect(await nonceHeld()).toHaveLength(0);
     // The other connector is untouched.
     expect((await rawRow(keep.id))!.secrets_sealed).not.toBeNull();
   });
