@@ -392,6 +392,13 @@ describe('report', () => {
     expect(cache.keys()[0]).toMatch(new RegExp(`^onetrust:token:${c.id}:[0-9a-f]{32}$`));
     expect(cache.keys()[0]).not.toContain(SECRETS.clientSecret);
     expect(cache.keys()[0]).not.toContain(SECRETS.clientId);
+    // The same connector moved to another tenant URL: its cached token is not offered there; a new one is fetched.
+    const tokens = ot.tokensIssued();
+    const moved = { ...c, config: { ...c.config, baseUrl: ot.url.replace(/\/+$/, '') } };
+    expect(moved.config.baseUrl).not.toBe(c.config.baseUrl);
+    await onetrust.report(ticket, erased, moved, ctx);
+    expect(cache.keys()).toHaveLength(2);
+    expect(ot.tokensIssued()).toBe(tokens + 1);
   });
 
   it('only sets the status when internal comments are off', async () => {

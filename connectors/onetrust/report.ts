@@ -28,10 +28,16 @@ function apiUrl(config: OneTrustConfig, path: string): string {
   return config.baseUrl.replace(/\/+$/, '') + path;
 }
 
-/** Rotating the client secret changes the key, so a token issued to the old credentials is never reused. */
+/**
+ * Rotating the client secret or moving the tenant (baseUrl) changes the key, so a token issued to the old
+ * credentials or by the old tenant is never reused, nor sent to another host.
+ */
 function tokenCacheKey(conn: Conn): string {
   const { clientId, clientSecret } = conn.secrets;
-  const hash = createHash('sha256').update(`${clientId}:${clientSecret}`, 'utf8').digest('hex').slice(0, 32);
+  const hash = createHash('sha256')
+    .update(`${conn.config.baseUrl}\n${clientId}:${clientSecret}`, 'utf8')
+    .digest('hex')
+    .slice(0, 32);
   return `onetrust:token:${conn.id}:${hash}`;
 }
 
