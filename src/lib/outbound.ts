@@ -67,11 +67,16 @@ export interface OutboundOptions {
 
 const MAX_REDIRECTS = 3;
 
+/** IPv4-compatible IPv6 (::a.b.c.d, deprecated by RFC 4291): a stack that still honours it reaches the IPv4 host. */
+const IPV4_COMPATIBLE = ipaddr.parseCIDR('::/96');
+
 /** Public unicast addresses only, unless private networks are allowed. IPv4-mapped IPv6 is judged as IPv4. */
 export function addressAllowed(address: string, allowPrivateNetworks: boolean): boolean {
   if (allowPrivateNetworks) return true;
   if (!ipaddr.isValid(address)) return false;
-  return ipaddr.process(address).range() === 'unicast';
+  const parsed = ipaddr.process(address);
+  if (parsed.kind() === 'ipv6' && parsed.match(IPV4_COMPATIBLE)) return false;
+  return parsed.range() === 'unicast';
 }
 
 /** One request/response exchange without redirects; the runtime decides how (undici in Node, fetch on Workers). */
