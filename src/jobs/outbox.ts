@@ -11,7 +11,7 @@ export type OutboxJob = typeof jobOutbox.$inferInsert;
 /** Rows moved per statement: one add_jobs call, one NOTIFY. */
 export const OUTBOX_BATCH = 500;
 
-const dispatchStatement = prebuiltSql<{ n: number }>(
+const dispatchStatement = prebuiltSql<{ n: number; taken: number }>(
   () => sql`
     with batch as (
       delete from ${jobOutbox}
@@ -31,7 +31,8 @@ const dispatchStatement = prebuiltSql<{ n: number }>(
                 when exists (select 1 from specs) then (
       select count(*)::int from graphile_worker.add_jobs(array(
         select (task, payload::json, null, null, max_attempts::smallint, job_key, priority::smallint, null)::graphile_worker.job_spec
-        from specs order by id))) else 0 end as n`,
+        from specs order by id))) else 0 end as n,
+           (select count(*) from batch)::int as taken`,
 );
 
 /**
@@ -40,8 +41,13 @@ const dispatchStatement = prebuiltSql<{ n: number }>(
  * Rows naming the same job key become one job (the newest row's). Returns how many jobs were added.
  */
 export async function dispatchOutbox(db: DbOrTx, limit = OUTBOX_BATCH): Promise<number> {
-  const rows = await dispatchStatement.run(db, { limit });
-  return rows[0]?.n ?? 0;
+  return (await dispatchBatch(db, limit)).jobs;
+}
+
+/** One dispatch: jobs added, and outbox rows taken (more when rows shared a job key): a full batch means go on. */
+async function dispatchBatch(db: DbOrTx, limit = OUTBOX_BATCH): Promise<{ jobs: number; taken: number }> {
+  const [row] = await dispatchStatement.run(db, { limit });
+  return { jobs: row?.n ?? 0, taken: row?.taken ?? 0 };
 }
 
 /**
@@ -102,9 +108,9 @@ export class OutboxDispatcher {
     await this.idle();
     let moved = 0;
     for (;;) {
-      const n = await dispatchOutbox(this.db);
-      moved += n;
-      if (n < OUTBOX_BATCH) return moved;
+      const { jobs, taken } = await dispatchBatch(this.db);
+      moved += jobs;
+      if (taken < OUTBOX_BATCH) return moved;
     }
   }
 
@@ -115,9 +121,9 @@ export class OutboxDispatcher {
       let moved = 0;
       try {
         for (;;) {
-          const n = await dispatchOutbox(this.db);
-          moved += n;
-          if (n < OUTBOX_BATCH) break;
+          const { jobs, taken } = await dispatchBatch(this.db);
+          moved += jobs;
+          if (taken < OUTBOX_BATCH) break;
         }
       } catch (err) {
         this.logger.warn({ errorCode: pgCode(err) ?? (err as { code?: unknown }).code }, 'job outbox not dispatched; will retry');

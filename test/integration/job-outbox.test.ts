@@ -63,6 +63,19 @@ it('a batch is at most OUTBOX_BATCH rows; a pass goes on until the outbox is emp
   expect(await jobsFor('outbox_test_b')).toHaveLength(OUTBOX_BATCH + 25);
 });
 
+it('a full batch holding two rows of one job key is not taken for the last: flush and a pass both go on', async () => {
+  for (const move of [() => env.deps.outbox.flush(), () => (env.deps.outbox.kick(), env.deps.outbox.idle())]) {
+    const tag = `outbox_test_c_${Math.random().toString(36).slice(2, 8)}`;
+    const rows = Array.from({ length: OUTBOX_BATCH + 10 }, (_, i) => ({ task: tag, payload: { i }, jobKey: `${tag}-${i}` }));
+    rows[1]!.jobKey = rows[0]!.jobKey; // the first batch of 500 rows makes 499 jobs
+    await env.deps.db.insert(jobOutbox).values(rows);
+    await move();
+    const [left] = await env.sql`select count(*)::int as n from job_outbox`;
+    expect(left!.n).toBe(0);
+    expect(await jobsFor(tag)).toHaveLength(OUTBOX_BATCH + 9);
+  }
+});
+
 it('while graphile-worker cannot take jobs, the rows wait and are moved without another kick once it can', async () => {
   const logs = new LogCapture();
   const dispatcher = new OutboxDispatcher(env.deps.db, createLogger('warn', logs));
