@@ -11,6 +11,8 @@ import type { Logger } from '../lib/logger.ts';
  * soon as the connection closes (the kernel closes the socket of a killed process), so any live worker can tell a
  * dead process from a busy one without heartbeats or timeouts, and release the jobs its workers had locked.
  *
+ * A restart of PostgreSQL drops every lock at once; see RESTART_GRACE_SECONDS for how that is told from a death.
+ *
  * Releasing is safe even if the dead process's transaction is still running in PostgreSQL (a backend notices a
  * vanished client only when it next talks to it): the next run of execute_request waits on the same row and
  * advisory locks, and finds the request still pending once that transaction has rolled back.
@@ -19,6 +21,12 @@ export const LIVENESS_LOCK_CLASS = 0x64737201;
 
 /** Jobs locked by a worker id no live process has registered (yet): released only after this long. */
 const ORPHAN_GRACE_SECONDS = 60;
+/**
+ * A database restart drops every process's lock at once, and each takes it back at its next sweep: until then (this
+ * long after the server started, or three sweep intervals if longer) a process that took its lock before the restart
+ * is not judged dead, so the first process to sweep does not hand the others' running jobs to someone else.
+ */
+const RESTART_GRACE_SECONDS = 60;
 
 export interface SweepResult {
   deadProcesses: number;
@@ -61,7 +69,7 @@ export async function startLiveness(opts: {
   const claim = async () => {
     await sql`select pg_advisory_lock(${LIVENESS_LOCK_CLASS}::int, ${num}::int)`;
     await sql`insert into worker_processes (num, label, worker_ids) values (${num}, ${label}, ${workerIds})
-              on conflict (num) do update set worker_ids = excluded.worker_ids`;
+              on conflict (num) do update set worker_ids = excluded.worker_ids, claimed_at = now()`;
   };
   await claim();
 
@@ -79,6 +87,7 @@ export async function startLiveness(opts: {
   opts.events.on('pool:create', onPool);
   opts.events.on('worker:create', onWorker);
 
+  const restartGraceSeconds = Math.max(RESTART_GRACE_SECONDS, (3 * opts.sweepIntervalMs) / 1000);
   const sweep = async (): Promise<SweepResult> => {
     // After a database restart our connection (and lock) is new: take the lock again before judging others.
     // A connection the server dropped fails its next query, and a single-connection postgres.js client can then hang
@@ -101,6 +110,8 @@ export async function startLiveness(opts: {
             where l.locktype = 'advisory' and l.classid = ${LIVENESS_LOCK_CLASS}::oid and l.objid = wp.num::oid
               and l.objsubid = 2 and l.granted
               and l.database = (select oid from pg_database where datname = current_database()))
+           and (wp.claimed_at > pg_postmaster_start_time()
+                or pg_postmaster_start_time() < now() - make_interval(secs => ${restartGraceSeconds}))
         returning worker_ids)
       select (select count(*) from dead)::int as processes,
              coalesce((select array_agg(distinct id) from dead, unnest(dead.worker_ids) as id), '{}') as ids`;

@@ -13,6 +13,11 @@ export const workerProcesses = pgTable('worker_processes', {
   /** graphile-worker ids of this process's workers (what jobs.locked_by holds). */
   workerIds: text('worker_ids').array().notNull().default([]),
   startedAt: ts('started_at').notNull().defaultNow(),
+  /**
+   * When the process last took its liveness lock: at start, and again after a database restart dropped it. A lock
+   * missing from a process that took it before the server (re)started is the restart's doing, not a death.
+   */
+  claimedAt: ts('claimed_at').notNull().defaultNow(),
 });
 
 /**

@@ -1,0 +1,1 @@
+ALTER TABLE "worker_processes" ADD COLUMN "claimed_at" timestamp with time zone DEFAULT now() NOT NULL;
