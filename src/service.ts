@@ -5,11 +5,11 @@ import { ERROR_STATUS, type ErrorCode } from './lib/errors.ts';
 import { newApp } from './app.ts';
 import { readDocsAsset } from './http/docs-assets.ts';
 import { ConfigError, parseEnv, type Role } from './config.ts';
-import { createDatabase } from './db/client.ts';
+import { createDatabase, type Database } from './db/client.ts';
 import { createNodeDeps } from './deps-node.ts';
 import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
-import { openRuntime } from './runtime.ts';
+import { openRuntime, type Runtime } from './runtime.ts';
 
 export const ROLES: Role[] = ['web', 'worker', 'all'];
 
@@ -51,34 +51,114 @@ function answerClientError(err: Error & { code?: string }, socket: Duplex): void
 /**
  * Runs the service until SIGINT/SIGTERM: the HTTP server (web), the job worker (worker) or both (all), on the
  * configured or embedded database. Shared by `npm start` and `dsr-connector serve|worker`.
+ *
+ * A start that fails part-way releases what it had acquired (in reverse order, the embedded PostgreSQL it started last)
+ * and rethrows. A signal during start-up lets the current step settle, then shuts down as a signal after start does.
  */
 export async function runService(role: Role): Promise<void> {
   if (!ROLES.includes(role)) throw new ConfigError(`--role must be one of ${ROLES.join(', ')} (got "${role}")`);
   const env = parseEnv(process.env);
   const logger = createLogger(env.LOG_LEVEL);
-  const rt = await openRuntime(env, logger);
-  const database = createDatabase(rt.databaseUrl, { max: env.DB_POOL_MAX, prepare: env.DB_PREPARE });
-  const deps = createNodeDeps({
-    env,
-    database,
-    digestKey: rt.digestKey,
-    sealer: rt.sealer,
-    logger,
-    docsAsset: readDocsAsset,
-  });
 
+  let rt: Runtime | undefined;
+  let database: Database | undefined;
+  let deps: ReturnType<typeof createNodeDeps> | undefined;
   let worker: WorkerHandle | undefined;
   let server: ServerType | undefined;
-  if (role !== 'web') {
-    worker = await startWorker(deps, {
-      connectionString: rt.databaseUrl,
-      concurrency: env.WORKER_CONCURRENCY,
-      sweepIntervalMs: env.WORKER_SWEEP_INTERVAL_MS,
+
+  /** Releases whatever has been acquired so far; a failing step is logged and the later ones still run. */
+  const release = async (): Promise<boolean> => {
+    let ok = true;
+    const step = async (what: string, fn: () => unknown) => {
+      try {
+        await fn();
+      } catch (err) {
+        ok = false;
+        // The message only (a driver error's detail may quote row values).
+        logger.error({ err: err instanceof Error ? err.message : String(err) }, `shutdown: ${what} failed`);
+      }
+    };
+    const closeServer = (s: ServerType) =>
+      new Promise<void>((resolve) => {
+        s.close(() => resolve());
+        // Keep-alive connections would hold close() open; the in-flight requests still finish.
+        (s as { closeIdleConnections?: () => void }).closeIdleConnections?.();
+      });
+    await Promise.all([
+      step('closing HTTP', () => server && closeServer(server)),
+      step('stopping the worker', () => worker?.stop()),
+    ]);
+    if (deps) {
+      const { outbox, http } = deps;
+      // Jobs the last webhooks committed are handed over before the pool closes (a failure leaves them to a worker).
+      await step('handing over the outbox', async () => {
+        outbox.close();
+        await outbox.idle();
+      });
+      await step('closing outbound HTTP', () => http.close());
+    }
+    await step('closing the database pool', () => database?.close());
+    await step('stopping embedded PostgreSQL', () => rt?.embedded?.stop());
+    return ok;
+  };
+
+  let phase: 'starting' | 'running' | 'stopping' = 'starting';
+  let interrupted: string | undefined;
+  const shutdown = async (signal: string): Promise<never> => {
+    phase = 'stopping';
+    logger.info({ signal }, 'shutting down: closing HTTP, draining worker');
+    const ok = await release();
+    if (ok) logger.info('stopped');
+    else logger.error('stopped, but a shutdown step failed (see above)');
+    process.exit(ok ? 0 : 1);
+  };
+  // Registered before anything is acquired: Ctrl-C during start-up must not leave PostgreSQL running.
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(signal, () => {
+      if (phase === 'stopping' || interrupted) {
+        logger.warn('second signal: exiting now');
+        process.exit(1);
+      }
+      if (phase === 'starting') {
+        interrupted = signal;
+        logger.warn({ signal }, 'signal during start-up: stopping once the current step has finished');
+      } else {
+        void shutdown(signal);
+      }
     });
   }
-  if (role !== 'worker') {
-    const app = newApp(deps);
-    server = await listen(app, { port: env.PORT, hostname: env.HOST });
+
+  try {
+    rt = await openRuntime(env, logger);
+    if (interrupted) return await shutdown(interrupted);
+    database = createDatabase(rt.databaseUrl, { max: env.DB_POOL_MAX, prepare: env.DB_PREPARE });
+    deps = createNodeDeps({
+      env,
+      database,
+      digestKey: rt.digestKey,
+      sealer: rt.sealer,
+      logger,
+      docsAsset: readDocsAsset,
+    });
+    if (role !== 'web') {
+      worker = await startWorker(deps, {
+        connectionString: rt.databaseUrl,
+        concurrency: env.WORKER_CONCURRENCY,
+        sweepIntervalMs: env.WORKER_SWEEP_INTERVAL_MS,
+      });
+      if (interrupted) return await shutdown(interrupted);
+    }
+    if (role !== 'worker') server = await listen(newApp(deps), { port: env.PORT, hostname: env.HOST });
+  } catch (err) {
+    phase = 'stopping';
+    if (rt) logger.warn('start-up failed: releasing what was started');
+    await release();
+    throw err;
+  }
+  if (interrupted) return shutdown(interrupted);
+  phase = 'running';
+
+  if (server) {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : env.PORT;
     const base = `http://${env.HOST === '0.0.0.0' ? 'localhost' : env.HOST}:${port}`;
@@ -90,37 +170,4 @@ export async function runService(role: Role): Promise<void> {
   } else {
     console.log(`\ndsr-connector (worker) on ${rt.databaseLabel}; Ctrl-C to stop\n`);
   }
-
-  let stopping = false;
-  const shutdown = async (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    logger.info({ signal }, 'shutting down: closing HTTP, draining worker');
-    const closeServer = server
-      ? new Promise<void>((resolve) => {
-          server.close(() => resolve());
-          // Keep-alive connections would hold close() open; the in-flight requests still finish.
-          (server as { closeIdleConnections?: () => void }).closeIdleConnections?.();
-        })
-      : Promise.resolve();
-    await Promise.all([closeServer, worker?.stop()]);
-    // Jobs the last webhooks committed are handed over before the pool closes (a failure leaves them to a worker).
-    deps.outbox.close();
-    await deps.outbox.idle();
-    await deps.http.close();
-    await database.close();
-    await rt.embedded?.stop();
-    logger.info('stopped');
-    process.exit(0);
-  };
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.on(signal, () => {
-      if (stopping) {
-        logger.warn('second signal: exiting now');
-        process.exit(1);
-      }
-      void shutdown(signal);
-    });
-  }
 }
-

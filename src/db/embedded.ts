@@ -1,4 +1,4 @@
-import { execFile, type ExecFileOptions } from 'node:child_process';
+import { execFile, spawn, type SpawnOptions } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -53,6 +53,24 @@ async function binaries(): Promise<Binaries> {
   }
 }
 
+/**
+ * Runs initdb or pg_ctl in a process group of its own (execFile does not pass `detached` on). A Ctrl-C in the terminal
+ * reaches the whole foreground group: it would kill pg_ctl half-way through starting a server that nobody then stops,
+ * where the service lets the step finish and then stops. Fails as execFile does, with the command and its stderr.
+ */
+function runPg(file: string, args: string[], opts: SpawnOptions): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, { ...opts, detached: true, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.once('error', reject);
+    child.once('close', (code) => {
+      if (code === 0) resolve();
+      else reject(new Error(`Command failed: ${file} ${args.join(' ')}\n${stderr}`));
+    });
+  });
+}
+
 /** The embedded server could not be found or started; the message is written for the operator. */
 export class EmbeddedPostgresError extends Error {}
 
@@ -79,7 +97,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
   const dataDir = path.resolve(opts.dataDir);
   const pgdata = path.join(dataDir, 'pg');
   const database = opts.database ?? 'dsr';
-  const execOpts: ExecFileOptions = { ...(ids ?? {}), env: { ...process.env, LC_ALL: 'C' } };
+  const execOpts: SpawnOptions = { ...(ids ?? {}), env: { ...process.env, LC_ALL: 'C' } };
 
   await mkdir(dataDir, { recursive: true, mode: 0o700 });
   // The postgres user must be able to traverse into the data directory; its own files stay mode 0600.
@@ -100,7 +118,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
       await chown(pwfile, ids.uid, ids.gid);
     }
     try {
-      await run(
+      await runPg(
         bin.initdb,
         ['-D', pgdata, '-U', 'postgres', '--auth=scram-sha-256', `--pwfile=${pwfile}`, '-E', 'UTF8', '--locale=C'],
         execOpts,
@@ -110,7 +128,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
     }
   }
 
-  const running = await run(bin.pg_ctl, ['status', '-D', pgdata], execOpts).then(
+  const running = await runPg(bin.pg_ctl, ['status', '-D', pgdata], execOpts).then(
     () => true,
     () => false,
   );
@@ -126,7 +144,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
       ...(opts.ephemeral ? ['-c fsync=off', '-c synchronous_commit=off', '-c full_page_writes=off'] : []),
     ];
     try {
-      await run(
+      await runPg(
         bin.pg_ctl,
         ['start', '-D', pgdata, '-w', '-t', '60', '-l', path.join(pgdata, 'server.log'), '-o', settings.join(' ')],
         execOpts,
@@ -151,7 +169,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
     startedHere,
     async stop() {
       if (!startedHere) return;
-      await run(bin.pg_ctl, ['stop', '-D', pgdata, '-m', 'fast', '-w', '-t', '60'], execOpts);
+      await runPg(bin.pg_ctl, ['stop', '-D', pgdata, '-m', 'fast', '-w', '-t', '60'], execOpts);
     },
   };
 }

@@ -26,13 +26,20 @@ export const NPM_START_ARGS: string[] = (() => {
 
 /**
  * `npm start` as a newcomer runs it, with its own environment; `entry` runs another entry point instead (e.g.
- * `['bin/dsr-connector.mjs', 'serve']`).
+ * `['bin/dsr-connector.mjs', 'serve']`). `group` makes it lead its own process group, so a test can signal the group as
+ * a terminal's Ctrl-C does (`process.kill(-proc.pid, 'SIGINT')`: its child processes get the signal too).
  */
-export function startService(env: NodeJS.ProcessEnv, args: string[] = [], entry = NPM_START_ARGS): Service {
+export function startService(
+  env: NodeJS.ProcessEnv,
+  args: string[] = [],
+  entry = NPM_START_ARGS,
+  opts: { group?: boolean } = {},
+): Service {
   const proc = spawn(process.execPath, [...entry, ...args], {
     cwd: ROOT,
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: opts.group ?? false,
   });
   let out = '';
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));

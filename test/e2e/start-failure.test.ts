@@ -1,0 +1,135 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { freePort } from '../helpers/global-setup.ts';
+import { childEnv, NPM_START_ARGS, poll, startService, type Service } from '../helpers/process.ts';
+
+/** A start-up that fails or is interrupted must not leave the embedded PostgreSQL it started running. */
+
+const running: Service[] = [];
+const dirs: string[] = [];
+afterAll(async () => {
+  for (const s of running) if (s.proc.exitCode === null && s.proc.signalCode === null) s.proc.kill('SIGKILL');
+  // A server a failing test left behind is stopped here (SIGINT: PostgreSQL's fast shutdown), not left to the machine.
+  for (const d of dirs) {
+    const pid = postmasterPid(d);
+    if (pid) {
+      try {
+        process.kill(pid, 'SIGINT');
+        await poll(async () => (pgRunning(d) ? undefined : true), 30_000);
+      } catch {
+        // already gone
+      }
+    }
+    await rm(d, { recursive: true, force: true });
+  }
+});
+
+function postmasterPid(dataDir: string): number | undefined {
+  const file = path.join(dataDir, 'pg', 'postmaster.pid');
+  return existsSync(file) ? Number(readFileSync(file, 'utf8').split('\n')[0]) : undefined;
+}
+
+/** postmaster.pid is removed by a clean stop; a killed server leaves it, so the process is checked too. */
+function pgRunning(dataDir: string): boolean {
+  const pid = postmasterPid(dataDir);
+  if (!pid) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function embeddedEnv(prefix: string, extra: NodeJS.ProcessEnv = {}) {
+  const dataDir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  dirs.push(dataDir);
+  return { dataDir, env: childEnv({ DATA_DIR: dataDir, PORT: '0', EMBEDDED_PG_PORT: String(await freePort()), ...extra }) };
+}
+
+function start(env: NodeJS.ProcessEnv, opts: { group?: boolean } = {}): Service {
+  const s = startService(env, [], NPM_START_ARGS, opts);
+  running.push(s);
+  return s;
+}
+
+/**
+ * Waits for the embedded server's pid file, checking often: PostgreSQL is starting (pg_ctl is still waiting for it)
+ * or up, and the migrations come next.
+ */
+async function pgStarting(dataDir: string): Promise<void> {
+  for (const until = Date.now() + 60_000; !postmasterPid(dataDir); ) {
+    if (Date.now() > until) throw new Error('embedded PostgreSQL did not start');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+describe('npm start that cannot finish starting', () => {
+  it('HTTP port in use: exits 1 naming the error, after stopping the worker and the embedded PostgreSQL', async () => {
+    const blocker = net.createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', () => resolve()));
+    const { dataDir, env } = await embeddedEnv('dsr-portfail-', {
+      HOST: '127.0.0.1',
+      PORT: String((blocker.address() as net.AddressInfo).port),
+    });
+    try {
+      const failed = start(env);
+      expect(await failed.exited).toBe(1);
+      expect(failed.output()).toMatch(/dsr-connector failed to start: listen EADDRINUSE/);
+      expect(pgRunning(dataDir)).toBe(false);
+    } finally {
+      blocker.close();
+    }
+
+    // The next start starts (and on Ctrl-C stops) a server of its own rather than reusing an orphan.
+    const again = start({ ...env, PORT: '0' });
+    await again.ready;
+    again.proc.kill('SIGINT');
+    expect(await again.exited).toBe(0);
+    expect(pgRunning(dataDir)).toBe(false);
+  }, 120_000);
+
+  it('Ctrl-C during start-up: the step in flight finishes, then everything stops and the exit is that of a Ctrl-C', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-sigstart-');
+    // Its own process group, signalled as a whole: a terminal's Ctrl-C reaches pg_ctl and the migrations' children too.
+    const svc = start(env, { group: true });
+    await pgStarting(dataDir);
+    process.kill(-svc.proc.pid!, 'SIGINT');
+    expect(await svc.exited).toBe(0);
+    expect(svc.output()).toContain('signal during start-up');
+    expect(svc.output()).not.toContain('Ctrl-C to stop'); // it never finished starting
+    expect(pgRunning(dataDir)).toBe(false);
+  }, 120_000);
+
+  it('a second Ctrl-C during start-up still exits at once', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-sigtwice-');
+    const svc = start(env);
+    await pgStarting(dataDir);
+    svc.proc.kill('SIGINT');
+    await poll(async () => (svc.output().includes('signal during start-up') ? true : undefined));
+    svc.proc.kill('SIGINT');
+    expect(await svc.exited).toBe(1);
+    expect(svc.output()).toContain('second signal: exiting now');
+    // The server the forced exit left behind is stopped by afterAll.
+  }, 120_000);
+});
+
+describe('a shutdown step that fails', () => {
+  it('is logged, the later steps still run, and the exit code says so', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-stopfail-');
+    const svc = start(env);
+    await svc.ready;
+    // PostgreSQL dies under the service: the worker's and pg_ctl's stops then fail.
+    process.kill(postmasterPid(dataDir)!, 'SIGKILL');
+    await poll(async () => (pgRunning(dataDir) ? undefined : true));
+    svc.proc.kill('SIGINT');
+    expect(await svc.exited).toBe(1);
+    const out = svc.output();
+    expect(out).toContain('shutdown: stopping embedded PostgreSQL failed');
+    expect(out).not.toMatch(/unhandled|triggerUncaughtException/i);
+  }, 120_000);
+});
