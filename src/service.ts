@@ -6,6 +6,7 @@ import { newApp } from './app.ts';
 import { readDocsAsset } from './http/docs-assets.ts';
 import { ConfigError, parseEnv, type Role } from './config.ts';
 import { createDatabase, type Database } from './db/client.ts';
+import { safeErrorCode } from './db/errors.ts';
 import { createNodeDeps } from './deps-node.ts';
 import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
@@ -69,13 +70,15 @@ export async function runService(role: Role): Promise<void> {
   /** Releases whatever has been acquired so far; a failing step is logged and the later ones still run. */
   const release = async (): Promise<boolean> => {
     let ok = true;
-    const step = async (what: string, fn: () => unknown) => {
+    const step = async (what: string, fn: () => unknown, showMessage = false) => {
       try {
         await fn();
       } catch (err) {
         ok = false;
-        // The message only (a driver error's detail may quote row values).
-        logger.error({ err: err instanceof Error ? err.message : String(err) }, `shutdown: ${what} failed`);
+        // A code only: a database error's message can quote a failed query and its parameters. pg_ctl's own
+        // message (the command and its stderr) says what went wrong and quotes no data.
+        const message = showMessage && err instanceof Error ? { message: err.message } : {};
+        logger.error({ errorCode: safeErrorCode(err), ...message }, `shutdown: ${what} failed`);
       }
     };
     const closeServer = (s: ServerType) =>
@@ -98,7 +101,7 @@ export async function runService(role: Role): Promise<void> {
       await step('closing outbound HTTP', () => http.close());
     }
     await step('closing the database pool', () => database?.close());
-    await step('stopping embedded PostgreSQL', () => rt?.embedded?.stop());
+    await step('stopping embedded PostgreSQL', () => rt?.embedded?.stop(), true);
     return ok;
   };
 
