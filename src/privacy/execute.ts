@@ -463,12 +463,36 @@ async function eraseWorkspace(tx: Tx, workspaceId: string): Promise<Applied> {
   return { outcome: 'erased', counts };
 }
 
+/**
+ * A suppress or unsuppress of the same subject made after this one (ids are in creation order) and already applied:
+ * the subject's flag says what the newest request asked, whatever order the jobs ran in. Both hold the subject's
+ * exclusive locks while they run, so the other's outcome is committed before this one looks.
+ */
+const newerSuppressionApplied = prebuiltSql<{ newer: boolean }>(
+  () => sql`
+    select exists (
+      select 1 from ${dsrRequests}
+       where ${dsrRequests.workspaceId} = ${p('workspaceId')} and ${dsrRequests.scope} = ${p('scope')}
+         and ${dsrRequests.subjectDigest} = ${p('subjectDigest')} and ${dsrRequests.status} = 'complete'
+         and ${dsrRequests.action} in ('suppress', 'unsuppress') and ${dsrRequests.id} > ${p('id')}) as newer`,
+);
+
 async function setSuppression(
   tx: Tx,
   workspaceId: string,
   users: ResolvedUser[] | null,
   req: RunningRequest,
 ): Promise<Applied> {
+  const [superseded] = await newerSuppressionApplied.run(tx, {
+    workspaceId,
+    scope: req.scope,
+    subjectDigest: req.subjectDigest,
+    id: req.id,
+  });
+  if (superseded?.newer) {
+    // Changes nothing (the counts say so): undoing a newer request's effect would turn the subject's flag back.
+    return { outcome: req.action === 'suppress' ? 'suppressed' : 'unsuppressed', counts: { suppressions: 0 } };
+  }
   if (req.action === 'suppress') {
     const rows = users
       ? users.map((u) => ({ workspaceId, userId: u.id, requestId: req.id }))

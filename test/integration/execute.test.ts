@@ -176,6 +176,38 @@ describe('suppress and unsuppress', () => {
     expect((await auditRows(env, u2))[0]).toMatchObject({ outcome: 'unsuppressed', counts: { suppressions: 1 } });
   });
 
+  it('the newest of a suppress and an unsuppress wins, whichever job runs first', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const subject = { kind: 'user_id' as const, value: u.userId };
+    const flagged = async () =>
+      (await env.sql`select 1 from suppressions s join end_users e on e.id = s.user_id
+                     where e.workspace_id = ${ws.workspaceId} and e.external_id = ${u.userId}`).length === 1;
+    const run = (id: string) => executeRequest(env.deps, id, { attempt: 1, maxAttempts: 3 });
+
+    // Suppress, then unsuppress; the unsuppress's job runs first.
+    const s1 = await request(ws.workspaceId, 'suppress', subject);
+    const u1 = await request(ws.workspaceId, 'unsuppress', subject);
+    expect((await run(u1)).kind).toBe('complete');
+    expect((await run(s1)).kind).toBe('complete');
+    expect(await flagged()).toBe(false);
+    expect((await auditRows(env, s1))[0]).toMatchObject({ outcome: 'suppressed', counts: { suppressions: 0 } });
+
+    // Unsuppress, then suppress; the suppress's job runs first.
+    const u2 = await request(ws.workspaceId, 'unsuppress', subject);
+    const s2 = await request(ws.workspaceId, 'suppress', subject);
+    expect((await run(s2)).kind).toBe('complete');
+    expect((await run(u2)).kind).toBe('complete');
+    expect(await flagged()).toBe(true);
+    expect((await auditRows(env, u2))[0]).toMatchObject({ outcome: 'unsuppressed', counts: { suppressions: 0 } });
+
+    // In order, each still applies.
+    const u3 = await request(ws.workspaceId, 'unsuppress', subject);
+    expect((await run(u3)).kind).toBe('complete');
+    expect(await flagged()).toBe(false);
+    expect((await auditRows(env, u3))[0]).toMatchObject({ counts: { suppressions: 1 } });
+  });
+
   it('suppressing an unknown user is not_found', async () => {
     const ws = await env.newWorkspace();
     const id = await request(ws.workspaceId, 'suppress', { kind: 'user_id', value: 'ghost' });
