@@ -91,9 +91,9 @@ export interface FakeTranscend {
   /** Serves a new signing key from now on (tokens signed before keep the old one). */
   rotateKey(): Promise<void>;
   /**
-   * Jobs listed by `GET /v1/data-silo/{dataSiloId}/pending-requests/{action}`. The fake cannot see the query string,
-   * so it serves pages of 50 in order and starts over after the short last page. A PUT with an item's nonce
-   * completes that item (it leaves the list).
+   * Jobs listed by `GET /v1/data-silo/{dataSiloId}/pending-requests/{action}?limit=&offset=`, oldest first, as Sombra
+   * pages them (limit default 50, offset default 0). A PUT with an item's nonce completes that item (it leaves the
+   * list).
    */
   setPending(action: string, items: PendingItem[], dataSiloId?: string): void;
   /** A valid pending item; `n` makes ids distinct. */
@@ -228,13 +228,15 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
     },
 
     setPending(action, items, dataSiloId = FAKE_DATA_SILO_ID) {
-      let cursor = 0;
       fake.on(`GET /v1/data-silo/${dataSiloId}/pending-requests/${action}`, (call) => {
         if (!authorized(call)) return unauthorized;
+        const limit = Number(call.query.get('limit') ?? PAGE_SIZE);
+        const offset = Number(call.query.get('offset') ?? 0);
+        if (!Number.isInteger(limit) || limit < 1 || !Number.isInteger(offset) || offset < 0) {
+          return { status: 400, body: { error: 'invalid limit or offset' } };
+        }
         const open = items.filter((item) => !completed.has(item.nonce));
-        const page = open.slice(cursor * PAGE_SIZE, (cursor + 1) * PAGE_SIZE);
-        cursor = page.length < PAGE_SIZE ? 0 : cursor + 1;
-        return { status: 200, body: { items: page } };
+        return { status: 200, body: { items: open.slice(offset, offset + limit) } };
       });
     },
 

@@ -619,6 +619,24 @@ describe('poll', () => {
     expect(new Set(tickets.map((x) => x.ticketKey)).size).toBe(120);
   });
 
+  it('the fake serves pages by limit and offset, as Sombra does', async () => {
+    const items = Array.from({ length: 60 }, (_, i) => t.pendingItem(i));
+    t.setPending('ERASURE', items);
+    const page = async (query: string) => {
+      const res = await realHttp.request(`${t.url}/v1/data-silo/${FAKE_DATA_SILO_ID}/pending-requests/ERASURE${query}`, {
+        headers: { authorization: `Bearer ${FAKE_API_KEY}` },
+      });
+      return (JSON.parse(res.text) as { items: { requestId: string }[] }).items.map((i) => i.requestId);
+    };
+    expect(await page('?limit=1&offset=0')).toEqual([items[0]!.requestId]);
+    expect(await page('?limit=1&offset=0')).toEqual([items[0]!.requestId]);
+    expect(await page('?offset=50')).toEqual(items.slice(50).map((i) => i.requestId));
+    expect(await page('')).toHaveLength(50);
+    // The admin test lists one job; a poll after it still sees every job.
+    expect((await transcend.test(conn(pullConfig()), ctx)).ok).toBe(true);
+    expect(await transcend.poll!(conn(pullConfig()), ctx)).toHaveLength(60);
+  });
+
   it('polls every configured action and maps it', async () => {
     t.setPending('ERASURE', [t.pendingItem(1)]);
     t.setPending('SALE_OPT_OUT', [t.pendingItem(2, { type: 'userId' })]);

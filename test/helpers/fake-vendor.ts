@@ -4,6 +4,8 @@ import type { AddressInfo } from 'node:net';
 export interface RecordedCall {
   method: string;
   path: string;
+  /** The query string's parameters (routes match on the path alone). */
+  query: URLSearchParams;
   /** Lower-case header names. */
   headers: Record<string, string>;
   body: string;
@@ -44,8 +46,8 @@ export class FakeVendor {
         }
         const headers: Record<string, string> = {};
         for (const [k, v] of Object.entries(req.headers)) if (typeof v === 'string') headers[k] = v;
-        const path = (req.url ?? '/').split('?')[0]!;
-        const call: RecordedCall = { method: req.method ?? 'GET', path, headers, body, json };
+        const [path = '/', search = ''] = (req.url ?? '/').split('?', 2);
+        const call: RecordedCall = { method: req.method ?? 'GET', path, query: new URLSearchParams(search), headers, body, json };
         this.calls.push(call);
         const handler = this.routes.get(`${call.method} ${path}`) ?? this.fallback;
         void Promise.resolve(handler(call, this)).then(
