@@ -109,6 +109,25 @@ export interface FakeTranscendOptions {
 
 const PAGE_SIZE = 50;
 
+const STATUSES = new Set(['READY', 'RESOLVED', 'SKIPPED', 'SKIPPED_DUE_TO_EXCEPTION', 'ACTION_REQUIRED', 'WAITING']);
+const PROFILE_STATUSES = new Set(['RESOLVED', 'SKIPPED', 'SKIPPED_DUE_TO_EXCEPTION', 'WAITING', 'ERROR']);
+const FINAL_STATUSES = new Set(['RESOLVED', 'SKIPPED', 'SKIPPED_DUE_TO_EXCEPTION']);
+
+/** What Sombra refuses (400) in a `PUT /v1/data-silo`: a non-JSON body, or a field outside its documented values. */
+function badReport(call: RecordedCall): string | undefined {
+  if (call.headers['content-type']?.split(';')[0]?.trim() !== 'application/json') return 'content-type must be JSON';
+  const body = call.json;
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return 'the body must be a JSON object';
+  const b = body as Record<string, unknown>;
+  if (b.status !== undefined && !STATUSES.has(b.status as string)) return 'invalid status';
+  if (b.profileStatus !== undefined && !PROFILE_STATUSES.has(b.profileStatus as string)) return 'invalid profileStatus';
+  for (const field of ['message', 'retryAfterDate', 'pollId'] as const) {
+    if (b[field] !== undefined && typeof b[field] !== 'string') return `${field} must be a string`;
+  }
+  if (typeof b.retryAfterDate === 'string' && Number.isNaN(Date.parse(b.retryAfterDate))) return 'invalid retryAfterDate';
+  return undefined;
+}
+
 async function newKeys(): Promise<FakeKeys> {
   const pair = await generateKeyPair('ES384');
   return { ...pair, pem: await exportSPKI(pair.publicKey) };
@@ -137,7 +156,13 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
     if (!authorized(call)) return unauthorized;
     const nonce = call.headers['x-transcend-nonce'];
     if (!nonce) return { status: 400, body: { error: 'x-transcend-nonce is required' } };
-    completed.add(nonce);
+    const problem = badReport(call);
+    if (problem) return { status: 400, body: { error: problem } };
+    if (completed.has(nonce)) return { status: 409, body: { error: 'job is no longer modifiable' } };
+    // An ERROR, WAITING or READY report leaves the job open (it stays listed); {} or a resolved/skipped one ends it.
+    const body = call.json as { status?: string; profileStatus?: string };
+    const status = body.profileStatus ?? body.status;
+    if (status === undefined || FINAL_STATUSES.has(status)) completed.add(nonce);
     return { status: 200, body: {} };
   });
 

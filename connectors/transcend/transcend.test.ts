@@ -521,6 +521,27 @@ describe('report', () => {
     expect(t.fake.callsTo(PUT_ROUTE)).toHaveLength(1);
   });
 
+  it('the fake answers as Sombra does: bad bodies 400, a finished job 409, an errored job stays open', async () => {
+    const put = (nonce: string, json: unknown, contentType = 'application/json') =>
+      fetch(`${t.url}/v1/data-silo`, {
+        method: 'PUT',
+        headers: { authorization: `Bearer ${FAKE_API_KEY}`, 'x-transcend-nonce': nonce, 'content-type': contentType },
+        body: JSON.stringify(json),
+      });
+    expect((await put('n-1', { profileStatus: 'DONE' })).status).toBe(400);
+    expect((await put('n-1', { status: 'COMPLETED' })).status).toBe(400);
+    expect((await put('n-1', { profileStatus: 'RESOLVED', message: 42 })).status).toBe(400);
+    expect((await put('n-1', { profileStatus: 'RESOLVED' }, 'text/plain')).status).toBe(400);
+    const item = t.pendingItem(1);
+    t.setPending('ERASURE', [item]);
+    const c = conn({ pull: { enabled: true, dataSiloId: FAKE_DATA_SILO_ID } });
+    expect((await put(item.nonce, { profileStatus: 'ERROR', message: 'x' })).status).toBe(200);
+    expect(await transcend.poll!(c, ctx)).toHaveLength(1);
+    expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(200);
+    expect(await transcend.poll!(c, ctx)).toHaveLength(0);
+    expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(409);
+  });
+
   it('network down is retry', async () => {
     const result = await transcend.report(stored(), outcome(), conn({ sombraUrl: DEAD_URL }), ctx);
     expect(result.kind).toBe('retry');
