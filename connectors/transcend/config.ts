@@ -58,7 +58,10 @@ export const configSchema = z.strictObject({
   /** The Sombra audience configured on the integration: the `aud` every webhook token must carry. */
   audience: z.string().min(1),
   selfHostedSombra: z.boolean().default(false),
-  /** Transcend identifier name (`extras.profile.type`) → our subject kind; names not listed are user ids. */
+  /**
+   * Transcend identifier name (`extras.profile.type`) → our subject kind; names not listed are user ids, except
+   * Transcend's own `email`, which stays an email unless listed.
+   */
   identifierTypes: z.record(z.string().min(1), z.enum(['email', 'user_id'])).default({ email: 'email' }),
   pull: pullSchema.default({ enabled: false, actions: ['ERASURE'], intervalMinutes: 5 }),
 });
@@ -76,7 +79,8 @@ export type TranscendConnector = ConnectorInstance<Config, Secrets>;
 
 /**
  * Who a ticket is about, for webhooks and pull mode alike: the profile's identifier, typed through
- * `identifierTypes`; without a profile, the core identifier as a user id.
+ * `identifierTypes`; without a profile, the core identifier as a user id. A map listing only custom names must not
+ * turn email addresses into user ids: nobody would be found, and the job would be reported as "no data found".
  */
 export function subjectFor(
   config: Config,
@@ -84,6 +88,10 @@ export function subjectFor(
   coreIdentifier: string,
 ): SubjectRef {
   if (!profile) return { kind: 'user_id', value: coreIdentifier };
-  const kind = Object.hasOwn(config.identifierTypes, profile.type) ? config.identifierTypes[profile.type]! : 'user_id';
+  const kind = Object.hasOwn(config.identifierTypes, profile.type)
+    ? config.identifierTypes[profile.type]!
+    : profile.type === 'email'
+      ? 'email'
+      : 'user_id';
   return { kind, value: profile.identifier };
 }

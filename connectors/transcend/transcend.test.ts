@@ -418,6 +418,15 @@ describe('parse', () => {
     expect(result.kind === 'tickets' && result.tickets[0]!.subject).toEqual({ kind, value: 'id-value' });
   });
 
+  it('an email identifier stays an email when identifierTypes only maps other names', async () => {
+    const c = conn({ identifierTypes: { userId: 'user_id' } });
+    const result = await parsed({ profile: { identifier: 'jane@example.com', type: 'email' } }, c);
+    expect(result.kind === 'tickets' && result.tickets[0]!.subject).toEqual({ kind: 'email', value: 'jane@example.com' });
+    const mapped = conn({ identifierTypes: { email: 'user_id' } });
+    const explicit = await parsed({ profile: { identifier: 'jane@example.com', type: 'email' } }, mapped);
+    expect(explicit.kind === 'tickets' && explicit.tickets[0]!.subject.kind).toBe('user_id');
+  });
+
   it('without a profile, the core identifier is the user id', async () => {
     const result = await parsed({ profile: null, coreId: 'core-9', requestId: 'req-9' });
     const ticket = result.kind === 'tickets' ? result.tickets[0]! : undefined;
