@@ -3,10 +3,10 @@ import type { Tx } from './client.ts';
 import { p, prebuiltSql, type Prebuilt } from './prebuilt.ts';
 
 /**
- * Advisory locks that serialise ingest with erasure and suppression. Order is always: the workspace key, then user
- * keys in ascending order, so no two transactions can wait on each other in a cycle.
- *  - ingest:           workspace shared,    users shared
- *  - user erasure:     workspace shared,    user exclusive
+ * Advisory locks that serialise ingest with erasure and suppression. Order is always: the workspace key, then email
+ * keys, then user keys, each kind in ascending order, so no two transactions can wait on each other in a cycle.
+ *  - ingest:           workspace shared,    emails an identify sets shared,    users shared
+ *  - user scope:       workspace shared,    the subject's email exclusive (by email),    users exclusive
  *  - workspace scope:  workspace exclusive
  */
 export function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: string[]): Promise<unknown> {

@@ -28,6 +28,8 @@ export function lockKey(...parts: string[]): string {
 
 export const workspaceLockKey = (workspaceId: string) => lockKey('ws', workspaceId);
 export const userLockKey = (workspaceId: string, externalId: string) => lockKey('user', workspaceId, externalId);
+/** An email's key: erasure and suppression by email hold it while they resolve the profiles that carry the email. */
+export const emailLockKey = (workspaceId: string, email: string) => lockKey('email', workspaceId, normalizeEmail(email));
 
 export function sha256Hex(value: string): string {
   return createHash('sha256').update(value).digest('hex');

@@ -14,7 +14,7 @@ import {
   type AuditCounts,
   type Outcome,
 } from '../db/schema/index.ts';
-import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
+import { emailLockKey, normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { errorCodeOf, isTransient } from '../db/errors.ts';
 import { DomainError } from '../lib/errors.ts';
 import type { PrivacyDeps } from './context.ts';
@@ -363,8 +363,8 @@ interface ResolvedUser {
 }
 
 /**
- * Takes the workspace's shared lock, finds the subject's profiles (an email may match several) and takes their
- * exclusive locks before acting. Each lookup is sent together with the locks it must come after (run in order, a
+ * Takes the workspace's shared lock (and an email's exclusive one), finds the subject's profiles (an email may match
+ * several) and takes their exclusive locks before acting. Each lookup is sent together with the locks it must come after (run in order, a
  * snapshot per statement), so the common case is one round trip.
  */
 async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser[]> {
@@ -378,10 +378,13 @@ async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser
   const locked = new Set<string>();
   // lockKeys sends its statement when called, so each batch's locks go out ahead of the lookup awaited with them.
   const locks = [lockKeys(tx, 'shared', [workspaceLockKey(req.workspaceId)])];
-  // An external id is known up front; an email is resolved first, then re-resolved under the locks.
+  // An external id is known up front; an email is resolved first, then re-resolved under the locks. The email's own
+  // key waits out an ingest that is linking a profile to the email, so the lookup sees that profile.
   if (req.subjectKind === 'user_id') {
     locks.push(lockKeys(tx, 'exclusive', [userLockKey(req.workspaceId, value)]));
     locked.add(value);
+  } else {
+    locks.push(lockKeys(tx, 'exclusive', [emailLockKey(req.workspaceId, value)]));
   }
   let [users] = await Promise.all([find(), ...locks]);
   for (let round = 1; round < 5; round++) {

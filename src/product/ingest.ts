@@ -13,7 +13,7 @@ import {
   workspaceCounters,
   workspaces,
 } from '../db/schema/index.ts';
-import { normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
+import { emailLockKey, normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
 import { jsonDepthWithin } from '../lib/json.ts';
 
@@ -95,10 +95,16 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     ) as markers`;
   type ErasureState = { ws_erased_at: string | null; markers: Record<string, string> };
 
+  // An identify that sets an email holds that email's key too: an erasure or suppression by the email waits for it,
+  // then finds the profile it linked to the email.
+  const emails = [...new Set(items.flatMap((i) => (i.type === 'identify' && i.email ? [normalizeEmail(i.email)] : [])))];
+  const emailLocks =
+    emails.length > 0 ? sql`${lockList('shared', emails.map((e) => emailLockKey(workspaceId, e)))},` : sql``;
+
   return deps.db.transaction(async (tx) => {
-    // Workspace key first, then user keys: the order every locker uses (src/db/locks.ts).
+    // Workspace key first, then email keys, then user keys: the order every locker uses (src/db/locks.ts).
     const [before] = await tx.execute<ErasureState>(sql`
-      select ${lockList('shared', [workspaceLockKey(workspaceId)])},
+      select ${lockList('shared', [workspaceLockKey(workspaceId)])}, ${emailLocks}
              ${lockList('shared', externalIds.map((e) => userLockKey(workspaceId, e)))},
              ${erasureState}`);
     const [after] = await tx.execute<

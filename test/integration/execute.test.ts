@@ -413,6 +413,48 @@ describe('ingest racing an erasure', () => {
     expect((await racing).json).toMatchObject({ stored: false, reason: 'erased' });
     expect(await env.sql`select 1 from end_users where workspace_id = ${ws.workspaceId}`).toHaveLength(0);
   });
+
+  it('a profile being linked to the email while an erasure by that email runs is erased with the rest', async () => {
+    const ws = await env.newWorkspace();
+    const known = await seedUser(env, ws.ingestKey, { email: `${uniq('p')}@example.test` });
+
+    // Hold an identify that links another user id to the email mid-transaction (its profile written, not committed).
+    const blocker = await env.sql.reserve();
+    await blocker`begin`;
+    await blocker`select 1 from workspace_counters where workspace_id = ${ws.workspaceId} for update`;
+    const linking = call(env, 'POST', '/v1/batch', {
+      key: ws.ingestKey,
+      body: {
+        batch: [
+          { type: 'identify', userId: 'second-device', email: ` ${known.email.toUpperCase()}` },
+          { type: 'track', userId: 'second-device', event: 'opened' },
+        ],
+      },
+    });
+    await waitFor(async () =>
+      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+        and query ilike '%workspace_counters%'`).length > 0,
+    );
+
+    const id = await request(ws.workspaceId, 'erase', { kind: 'email', value: known.email });
+    let finished = false;
+    const jobs = env.runJobs().then(() => (finished = true));
+    // The erasure must wait for that identify (or, before the fix, it finishes without it).
+    await waitFor(async () =>
+      finished ||
+      (await env.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
+        and database = (select oid from pg_database where datname = current_database())`).length > 0,
+    );
+    await blocker`commit`;
+    blocker.release();
+    await jobs;
+    expect((await linking).status).toBe(200);
+
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect(await userFootprint(env, ws.workspaceId, 'second-device')).toMatchObject({ profiles: 0, events: 0 });
+    expect(await userFootprint(env, ws.workspaceId, known.userId)).toMatchObject({ profiles: 0, events: 0 });
+    expect((await auditRows(env, id))[0]!.counts).toMatchObject({ profiles: 2, events: 4 });
+  });
 });
 
 async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
