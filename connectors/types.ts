@@ -63,6 +63,12 @@ export type SubjectRef = { kind: 'user_id' | 'email'; value: string };
 export interface DsrTicket {
   /** The vendor's stable id for this ticket; a redelivery carries the same key. No personal data. */
   ticketKey: string;
+  /**
+   * The key names a vendor job that may come once per subject (Transcend: a request with two identifiers of one type
+   * sends two webhooks with one request id and type): the core keys the ticket by the key and a keyed digest of the
+   * subject together, so each subject is its own ticket.
+   */
+  perSubject?: boolean;
   action: TicketAction;
   subject: SubjectRef;
   /** Human reference shown on the request and its audit record (e.g. the vendor's request id). No personal data. */

@@ -74,7 +74,7 @@ interface JobRef {
  * Keys and references of a Transcend job, shared by webhooks and pull mode so a job seen both ways is one ticket.
  * One job per identifier: two webhooks of a request are two tickets.
  */
-function ticketFields(job: JobRef): Pick<DsrTicket, 'ticketKey' | 'upstreamRef' | 'upstream' | 'secret'> {
+function ticketFields(job: JobRef): Pick<DsrTicket, 'ticketKey' | 'perSubject' | 'upstreamRef' | 'upstream' | 'secret'> {
   const upstream: Record<string, JsonValue> = {
     requestId: job.requestId ?? null,
     profileType: job.profileType ?? null,
@@ -83,6 +83,8 @@ function ticketFields(job: JobRef): Pick<DsrTicket, 'ticketKey' | 'upstreamRef' 
   if (job.requestId) {
     return {
       ticketKey: `${job.requestId}:${job.profileType ?? 'core'}`,
+      // Two identifiers of one type (an email added by enrichment) are two jobs under one request id and type.
+      perSubject: true,
       upstreamRef: job.requestId,
       upstream,
       secret: job.nonce,
@@ -92,6 +94,7 @@ function ticketFields(job: JobRef): Pick<DsrTicket, 'ticketKey' | 'upstreamRef' 
   const short = createHash('sha256').update(job.nonce).digest('hex').slice(0, 32);
   return {
     ticketKey: `nonce:${short}`,
+    perSubject: true,
     upstreamRef: `transcend-request-${short.slice(0, 12)}`,
     upstream,
     secret: job.nonce,
@@ -203,7 +206,7 @@ async function pendingRequests(
 }
 
 async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrTicket[]> {
-  // Keyed by ticketKey: offset paging over a list that changes between pages may show a job twice.
+  // Keyed by job and subject: offset paging over a list that changes between pages may show a job twice.
   const tickets = new Map<string, DsrTicket>();
   for (const transcendAction of new Set(conn.config.pull.actions)) {
     const action = actionFor(transcendAction);
@@ -238,7 +241,7 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrT
           nonce,
         });
         const subject = subjectFor(conn.config, { identifier, type }, identifier);
-        tickets.set(fields.ticketKey, { ...fields, action, subject });
+        tickets.set(`${fields.ticketKey}\u0000${subject.kind}\u0000${subject.value}`, { ...fields, action, subject });
       });
       if (items.length < PAGE_SIZE) break;
     }

@@ -308,6 +308,7 @@ describe('parse', () => {
       tickets: [
         {
           ticketKey: 'req-uuid-1:email',
+          perSubject: true,
           action: 'erase',
           subject: { kind: 'email', value: 'jane@example.com' },
           upstreamRef: 'req-uuid-1',
@@ -640,6 +641,7 @@ describe('poll', () => {
     }
     expect(tickets[0]).toEqual({
       ticketKey: `${items[0]!.requestId}:email`,
+      perSubject: true,
       action: 'erase',
       subject: { kind: 'email', value: 'user0@example.com' },
       upstreamRef: items[0]!.requestId,

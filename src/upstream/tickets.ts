@@ -71,6 +71,7 @@ export async function receiveTickets(
 ): Promise<ReceivedTicket[]> {
   const actor: Actor = { type: 'connector', id: connector.id, source: 'connector' };
   tickets.forEach(checkSubject);
+  tickets = tickets.map((t) => storedKey(deps, connector, t));
   if (tickets.length === 1) {
     const fresh = await receiveFreshTicket(deps, connector, actor, tickets[0]!, verified, rawBody);
     if (fresh) return [fresh];
@@ -160,6 +161,20 @@ function ticketDedupeKey(connectorId: string, ticketKey: string): string {
   if (key.length <= DEDUPE_KEY_MAX) return key;
   return `connector:${connectorId}:sha256:${createHash('sha256').update(ticketKey).digest('hex')}`;
 }
+
+/**
+ * The key a ticket is stored under: the vendor's, with a keyed digest of the subject for a per-subject key (the
+ * digest, never the identifier, so the key holds no personal data).
+ */
+function storedKey(deps: UpstreamDeps, connector: { workspaceId: string }, t: DsrTicket): DsrTicket {
+  if (!t.perSubject) return t;
+  const digest = subjectDigest(deps.digestKey, connector.workspaceId, t.subject.kind, t.subject.value);
+  return { ...t, ticketKey: `${t.ticketKey}${PER_SUBJECT_SEPARATOR}${digest.slice(0, PER_SUBJECT_DIGEST_CHARS)}` };
+}
+
+/** Shared with migration 0012, which gave the tickets stored before per-subject keys theirs. */
+const PER_SUBJECT_SEPARATOR = '#';
+const PER_SUBJECT_DIGEST_CHARS = 32;
 
 /**
  * The adapter took the identifier from the vendor's body; a value intake cannot take (an email it does not accept,

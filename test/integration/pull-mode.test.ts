@@ -59,7 +59,10 @@ describe('Transcend pull mode', () => {
     expect(await queuedPolls()).toEqual([connectorId]);
     await env.runJobs(); // poll → tickets + requests
     const tickets = await env.sql`select * from upstream_tickets where connector_id = ${connectorId} order by ticket_key`;
-    expect(tickets.map((t) => t.ticket_key)).toEqual([`${items[0]!.requestId}:email`, `${items[1]!.requestId}:email`]);
+    // Keyed per subject: the job's request id and identifier type, and a digest of the identifier.
+    expect(tickets.map((t) => t.ticket_key)).toEqual(
+      items.map((item, i) => `${item.requestId}:email#${tickets[i]!.subject_digest.slice(0, 32)}`),
+    );
     await env.runJobs(); // execute → report
     await env.runJobs();
 
@@ -86,7 +89,7 @@ describe('Transcend pull mode', () => {
     await env.sql`update connectors set last_polled_at = null where id = ${connectorId}`;
     await connectorsTick(env.deps);
     await env.runJobs();
-    const rows = await env.sql`select count(*)::int as n from upstream_tickets where ticket_key = ${`${item.requestId}:email`}`;
+    const rows = await env.sql`select count(*)::int as n from upstream_tickets where upstream->>'requestId' = ${item.requestId}`;
     expect(rows[0]!.n).toBe(1);
     transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
   });
