@@ -241,8 +241,8 @@ const VERIFY_BATCH = 1000;
 /**
  * Walks one workspace's chain in position order and reports the first broken link: a record whose stored hash does
  * not match its fields, a record that does not point at its predecessor's hash, a gap in positions (a deleted
- * record), a record outside the chain written after it began, or a request whose audit record is gone (which also
- * catches a deleted last record).
+ * record), a record outside the chain (written after it began, or at a position below 1), or a request whose audit
+ * record is gone (which also catches a deleted last record).
  */
 export async function verifyWorkspaceChain(db: Db, workspaceId: string): Promise<WorkspaceChainReport> {
   const report: WorkspaceChainReport = { workspaceId, ok: true, records: 0, head: null, legacyRecords: 0, firstBreak: null };
@@ -263,13 +263,22 @@ export async function verifyWorkspaceChain(db: Db, workspaceId: string): Promise
         and(
           eq(auditRecords.workspaceId, workspaceId),
           isNotNull(auditRecords.chainSeq),
-          gt(auditRecords.chainSeq, expected - 1),
+          // The first batch from the lowest position stored, so a record moved below position 1 is seen.
+          expected === 1 ? undefined : gt(auditRecords.chainSeq, expected - 1),
         ),
       )
       .orderBy(asc(auditRecords.chainSeq))
       .limit(VERIFY_BATCH);
     for (const r of rows) {
       const position = r.chainSeq!;
+      if (position < 1) {
+        return fail({
+          problem: 'unchained_record',
+          position: null,
+          recordId: r.id,
+          detail: `a record has position ${position}, before the chain's first: it was moved out of the chain`,
+        });
+      }
       firstRecordedAt ??= r.recordedAt;
       if (position !== expected) {
         return fail({

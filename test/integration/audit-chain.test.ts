@@ -314,6 +314,17 @@ describe('audit chain', () => {
     expect(report).toMatchObject({ ok: false, records: 1, firstBreak: { problem: 'unchained_record', recordId: rows[1]!.id } });
   });
 
+  it('a last record moved to a position before the first (0 or below) is an unchained_record', async () => {
+    for (const position of [0, -1]) {
+      const { ws, rows } = await workspaceWithChain(3);
+      await tamper((tx) => tx`update audit_records set chain_seq = ${position} where id = ${rows[2]!.id}`);
+      expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({
+        ok: false,
+        firstBreak: { problem: 'unchained_record', recordId: rows[2]!.id },
+      });
+    }
+  });
+
   describe('rewriting hashes to hide an edit', () => {
     it('a new hash with the next prev_hash made to match: the edited record’s own hash no longer matches', async () => {
       const { ws, rows } = await workspaceWithChain(3);
