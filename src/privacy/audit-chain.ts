@@ -335,7 +335,9 @@ export async function verifyWorkspaceChain(db: Db, workspaceId: string): Promise
       and(
         eq(dsrRequests.workspaceId, workspaceId),
         isNotNull(dsrRequests.auditRecordId),
-        sql`not exists (select 1 from ${auditRecords} where ${auditRecords.id} = ${dsrRequests.auditRecordId})`,
+        // In the request's own workspace: a record moved to another one is gone from this chain.
+        sql`not exists (select 1 from ${auditRecords} where ${auditRecords.id} = ${dsrRequests.auditRecordId}
+                          and ${auditRecords.workspaceId} = ${dsrRequests.workspaceId})`,
       ),
     )
     .limit(1);
@@ -344,7 +346,7 @@ export async function verifyWorkspaceChain(db: Db, workspaceId: string): Promise
       problem: 'dangling_request_reference',
       position: null,
       recordId: dangling.auditRecordId,
-      detail: `request ${dangling.requestId} points at an audit record that no longer exists`,
+      detail: `request ${dangling.requestId} points at an audit record that is no longer in its workspace`,
     });
   }
   return report;

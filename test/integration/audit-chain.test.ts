@@ -325,6 +325,18 @@ describe('audit chain', () => {
     }
   });
 
+  it('a last record moved to another workspace is a dangling_request_reference in its own', async () => {
+    const { ws, rows } = await workspaceWithChain(2);
+    const empty = await env.newWorkspace(uniq('empty'));
+    await tamper((tx) => tx`update audit_records set workspace_id = ${empty.workspaceId}, chain_seq = null, prev_hash = null, hash = null
+                            where id = ${rows[1]!.id}`);
+    expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({
+      ok: false,
+      records: 1,
+      firstBreak: { problem: 'dangling_request_reference', recordId: rows[1]!.id },
+    });
+  });
+
   describe('rewriting hashes to hide an edit', () => {
     it('a new hash with the next prev_hash made to match: the edited record’s own hash no longer matches', async () => {
       const { ws, rows } = await workspaceWithChain(3);
