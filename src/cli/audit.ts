@@ -31,7 +31,7 @@ const show: Command = async (cli, args) => {
 function verdict(w: WorkspaceChainReport): string {
   const legacy = w.legacyRecords ? ` (+${w.legacyRecords} written before the chain)` : '';
   if (w.ok) {
-    const head = w.head ? `, head #${w.head.position} ${w.head.hash.slice(0, 16)}…` : '';
+    const head = w.head ? `, head #${w.head.position} ${w.head.recordId} ${w.head.hash.slice(0, 16)}…` : '';
     return `${w.workspaceId}: ok ${w.records} records${head}${legacy}`;
   }
   const b = w.firstBreak!;

@@ -38,7 +38,10 @@ const ChainReportView = z
     workspaceId: z.string(),
     ok: z.boolean(),
     records: z.number().int(),
-    head: z.object({ position: z.number().int(), hash: z.string() }).nullable(),
+    head: z
+      .object({ position: z.number().int(), hash: z.string(), recordId: z.string() })
+      .nullable()
+      .openapi({ description: 'the last record: keep its hash, and later check GET /v1/privacy/audit/{recordId} still shows it' }),
     legacyRecords: z.number().int(),
     firstBreak: z
       .object({

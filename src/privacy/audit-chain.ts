@@ -230,7 +230,8 @@ export interface WorkspaceChainReport {
   workspaceId: string;
   ok: boolean;
   records: number;
-  head: { position: number; hash: string } | null;
+  /** The last record of the intact chain: a hash kept elsewhere is checked later through the record's id. */
+  head: { position: number; hash: string; recordId: string } | null;
   /** Records written before the chain existed (migration 0003); not covered by it. */
   legacyRecords: number;
   firstBreak: ChainBreak | null;
@@ -305,7 +306,7 @@ export async function verifyWorkspaceChain(db: Db, workspaceId: string): Promise
         });
       }
       report.records += 1;
-      report.head = { position, hash: r.hash };
+      report.head = { position, hash: r.hash, recordId: r.id };
       prevHash = r.hash;
       expected += 1;
     }

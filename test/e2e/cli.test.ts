@@ -514,11 +514,11 @@ describe('requests and audit', () => {
     expect(verified).toEqual({
       ok: true,
       workspaces: [
-        { workspaceId: ws.workspaceId, ok: true, records: 2, head: { position: 2, hash: head!.hash }, legacyRecords: 0, firstBreak: null },
+        { workspaceId: ws.workspaceId, ok: true, records: 2, head: { position: 2, hash: head!.hash, recordId: head!.id }, legacyRecords: 0, firstBreak: null },
       ],
     });
     expect(human.code).toBe(0);
-    expect(human.stdout).toBe(`${ws.workspaceId}: ok 2 records, head #2 ${(head!.hash as string).slice(0, 16)}…\n`);
+    expect(human.stdout).toBe(`${ws.workspaceId}: ok 2 records, head #2 ${head!.id} ${(head!.hash as string).slice(0, 16)}…\n`);
 
     const [first] = await env.sql`select id from audit_records where workspace_id = ${ws.workspaceId} and chain_seq = 1`;
     await env.sql.begin(async (tx) => {

@@ -218,7 +218,7 @@ describe('audit chain', () => {
         workspaceId: ws.workspaceId,
         ok: true,
         records: n,
-        head: { position: n, hash: views[n - 1]!.chain.hash },
+        head: { position: n, hash: views[n - 1]!.chain.hash, recordId: views[n - 1]!.id },
         legacyRecords: 0,
         firstBreak: null,
       });
@@ -246,7 +246,7 @@ describe('audit chain', () => {
     expect(report).toMatchObject({
       ok: false,
       records: 1,
-      head: { position: 1, hash: rows[0]!.hash },
+      head: { position: 1, hash: rows[0]!.hash, recordId: rows[0]!.id },
       firstBreak: { problem: 'hash_mismatch', position: 2, recordId: target.id, detail: expect.any(String) },
     });
     const http = await call(env, 'GET', '/v1/admin/audit/verify', { key: ws.adminKey });
@@ -289,7 +289,7 @@ describe('audit chain', () => {
     expect(report).toMatchObject({
       ok: false,
       records: 2,
-      head: { position: 2, hash: rows[1]!.hash },
+      head: { position: 2, hash: rows[1]!.hash, recordId: rows[1]!.id },
       firstBreak: { problem: 'dangling_request_reference', position: null, recordId: last.id },
     });
     expect(report.firstBreak!.detail).toContain(last.request_id);
@@ -391,6 +391,9 @@ describe('audit chain', () => {
       expect(report).toMatchObject({ ok: true, records: 3, firstBreak: null });
       expect(report.head!.position).toBe(headBefore.position);
       expect(report.head!.hash).not.toBe(headBefore.hash);
+      // The kept head names its record: that record no longer shows the hash that was kept.
+      expect(headBefore.recordId).toBe(rows[2]!.id);
+      expect((await getAudit(ws, headBefore.recordId)).chain.hash).not.toBe(headBefore.hash);
     });
   });
 
