@@ -125,9 +125,15 @@ export function newRequestRow(actor: Actor, v: ParsedIntake, digest: string): ty
     externalRequestId: v.externalRequestId ?? null,
     upstreamRef: v.upstreamRef ?? null,
     dedupeKey:
-      v.dedupeKey ?? (v.externalRequestId ? `${actor.source}:ext:${v.externalRequestId}` : `${actor.source}:id:${id}`),
+      v.dedupeKey ?? (v.externalRequestId ? `${externalIdSpace(actor)}:ext:${v.externalRequestId}` : `${actor.source}:id:${id}`),
   };
 }
+
+/**
+ * Whose ids an externalRequestId is among: each source has its own, except that an API key and an admin's dashboard
+ * session both speak for the workspace (a person resubmitting what a script sent gets the original back).
+ */
+const externalIdSpace = (actor: Actor) => (actor.source === 'dashboard' ? 'api' : actor.source);
 
 /** A request's execute_request job (job key = request id). */
 export function executeJob(ctx: Pick<PrivacyDeps, 'executeMaxAttempts'>, requestId: string): OutboxJob {

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { adminSession } from '../helpers/sessions.ts';
 
 let env: TestEnv;
 beforeAll(async () => {
@@ -417,6 +418,28 @@ describe('POST /v1/privacy/requests', () => {
     const ws2 = await env.newWorkspace();
     const other = await submitOne(ws2, body);
     expect(other).not.toBe(id);
+  });
+
+  it('an externalRequestId is the workspace\'s: a dashboard session resubmitting one sent with the API key replays it', async () => {
+    const ws = await env.newWorkspace();
+    const body = { action: 'suppress', userId: 'replay-across', externalRequestId: 'TICKET-3003' };
+    const id = await submitOne(ws, body);
+    const s = await adminSession(env, ws.workspaceId);
+    const pending = await s.call('POST', '/v1/privacy/requests', { body });
+    expect(pending.json.results).toEqual([{ index: 0, accepted: true, requestId: id, status: 'queued', replayed: true }]);
+    await env.runJobs();
+    const done = await s.call('POST', '/v1/privacy/requests', { body });
+    expect(done.json.results).toEqual([{ index: 0, accepted: true, requestId: id, status: 'complete', replayed: true }]);
+    expect(await requestCount(ws.workspaceId)).toBe(1);
+    // And the other way round.
+    const fromSession = { action: 'unsuppress', userId: 'replay-across', externalRequestId: 'TICKET-3004' };
+    const created = await s.call('POST', '/v1/privacy/requests', { body: fromSession });
+    expect(created.json.results[0]).toMatchObject({ accepted: true, status: 'queued' });
+    const viaKey = await submit(ws, fromSession);
+    expect(viaKey.json.results).toEqual([
+      { index: 0, accepted: true, requestId: created.json.results[0].requestId, status: 'queued', replayed: true },
+    ]);
+    expect(await requestCount(ws.workspaceId)).toBe(2);
   });
 
   it.each([
