@@ -295,10 +295,10 @@ const listRequests = createRoute({
   request: {
     query: Pagination.extend({
       status: z.enum(REQUEST_STATUSES).optional(),
-      externalRequestId: z.string().max(200).optional(),
-      userId: z.string().max(256).optional(),
+      externalRequestId: z.string().min(1).max(200).optional(),
+      userId: z.string().min(1).max(256).optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
-      upstreamRef: z.string().max(500).optional().openapi({ description: "A vendor's ticket reference" }),
+      upstreamRef: z.string().min(1).max(500).optional().openapi({ description: "A vendor's ticket reference" }),
       upstreamStatus: z.enum(UPSTREAM_STATUSES).optional().openapi({ description: 'Requests with a vendor ticket in this state' }),
     }),
   },
@@ -341,11 +341,11 @@ const listAudit = createRoute({
   security: bearerSecurity,
   request: {
     query: Pagination.extend({
-      requestId: z.string().max(100).optional(),
+      requestId: z.string().min(1).max(100).optional(),
       action: z.enum(REQUEST_ACTIONS).optional(),
       status: z.enum(['complete', 'failed']).optional(),
       outcome: z.enum(OUTCOMES).optional(),
-      userId: z.string().max(256).optional(),
+      userId: z.string().min(1).max(256).optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
     }),
   },

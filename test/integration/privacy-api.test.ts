@@ -635,6 +635,23 @@ describe('GET /v1/privacy/requests (list)', () => {
   });
 });
 
+describe('empty filters', () => {
+  it('an empty userId, externalRequestId, upstreamRef or requestId filter → 400 naming it, not every request', async () => {
+    const ws = await env.newWorkspace();
+    await submitOne(ws, { action: 'suppress', userId: 'someone-else' });
+    for (const [path, field] of [
+      ['/v1/privacy/requests?userId=', 'userId'],
+      ['/v1/privacy/requests?externalRequestId=', 'externalRequestId'],
+      ['/v1/privacy/requests?upstreamRef=', 'upstreamRef'],
+      ['/v1/privacy/audit?userId=', 'userId'],
+      ['/v1/privacy/audit?requestId=', 'requestId'],
+    ] as const) {
+      const err = expectError(await get(ws, path), 400, 'validation_failed');
+      expect(err.details!.map((d) => d.path), path).toEqual([field]);
+    }
+  });
+});
+
 describe('execution and audit', () => {
   const EMAIL = 'Audit.Subject-4417@Example.com';
   const USER_ID = 'audit-subject-user-4417';
