@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
@@ -440,6 +441,30 @@ describe('POST /v1/privacy/requests', () => {
       { index: 0, accepted: true, requestId: created.json.results[0].requestId, status: 'queued', replayed: true },
     ]);
     expect(await requestCount(ws.workspaceId)).toBe(2);
+  });
+
+  it("migration 0013 moves ids stored from a dashboard session into the workspace's space, unless the key used it too", async () => {
+    const ws = await env.newWorkspace();
+    const s = await adminSession(env, ws.workspaceId);
+    const moved = { action: 'suppress', userId: 'migrated-id', externalRequestId: 'TICKET-3005' };
+    const both = { action: 'suppress', userId: 'used-twice', externalRequestId: 'TICKET-3006' };
+    const movedId = (await s.call('POST', '/v1/privacy/requests', { body: moved })).json.results[0].requestId as string;
+    const sessionTwice = (await s.call('POST', '/v1/privacy/requests', { body: both })).json.results[0].requestId as string;
+    await env.runJobs();
+    // As stored before: the dashboard's own key space, and the same id used with the key as well (a second request).
+    await env.sql`update dsr_requests set dedupe_key = 'dashboard:ext:' || external_request_id where workspace_id = ${ws.workspaceId}`;
+    const keyTwice = await submitOne(ws, both);
+    expect(keyTwice).not.toBe(sessionTwice);
+    const migration = readFileSync(new URL('../../drizzle/0013_external_id_workspace_space.sql', import.meta.url), 'utf8');
+    await env.sql.unsafe(migration);
+    const keys = await env.sql`select id, dedupe_key from dsr_requests where workspace_id = ${ws.workspaceId} order by dedupe_key`;
+    expect(keys.map((k) => [k.id, k.dedupe_key])).toEqual([
+      [movedId, 'api:ext:TICKET-3005'],
+      [keyTwice, 'api:ext:TICKET-3006'],
+      [sessionTwice, 'dashboard:ext:TICKET-3006'],
+    ]);
+    const again = await submit(ws, moved);
+    expect(again.json.results).toEqual([{ index: 0, accepted: true, requestId: movedId, status: 'complete', replayed: true }]);
   });
 
   it.each([
