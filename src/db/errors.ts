@@ -7,6 +7,12 @@ function* causes(err: unknown): Generator<{ code?: unknown; severity?: unknown }
   }
 }
 
+/**
+ * On Workers the driver's socket is workerd's (cloudflare:sockets), whose errors carry no code: a refused connection
+ * and a dropped one are told apart only by these messages.
+ */
+const WORKERD_SOCKET_ERRORS = new Set(['proxy request failed, cannot connect to the specified address', 'Network connection lost.']);
+
 /** Errors worth another attempt: serialisation/deadlock, connection loss, resource exhaustion, shutdown. */
 export function isTransient(err: unknown): boolean {
   const code = pgCode(err);
@@ -15,6 +21,7 @@ export function isTransient(err: unknown): boolean {
     if (typeof e.code === 'string' && /^(ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|CONNECT_TIMEOUT|CONNECTION_)/.test(e.code)) {
       return true;
     }
+    if (e instanceof Error && e.code === undefined && WORKERD_SOCKET_ERRORS.has(e.message)) return true;
   }
   return false;
 }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -25,12 +26,56 @@ let dir: string;
 let base: string;
 let stop: () => void;
 let output = '';
+let relay: Relay;
+
+/**
+ * A loopback TCP relay to the test database: the Worker connects through it, so a test can make the database
+ * unreachable (nothing listening on its port) and bring it back on the same port.
+ */
+interface Relay {
+  port: number;
+  down(): Promise<void>;
+  up(): Promise<void>;
+}
+
+async function startRelay(target: URL): Promise<Relay> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const upstream = net.connect(Number(target.port || 5432), target.hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+      s.on('error', () => {
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  const listen = (port: number) => new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  await listen(0);
+  const port = (server.address() as net.AddressInfo).port;
+  return {
+    port,
+    down: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const s of sockets) s.destroy();
+      }),
+    up: () => listen(port),
+  };
+}
 
 beforeAll(async () => {
   env = await createTestEnv();
   dir = await mkdtemp(path.join(os.tmpdir(), 'dsr-wrangler-'));
   const envFile = path.join(dir, 'vars.env');
-  await writeFile(envFile, `DATABASE_URL=${env.url}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nDSR_ENCRYPTION_KEY=${env.encryptionKey.toString('base64')}\nLOG_LEVEL=warn\n`);
+  const target = new URL(env.url);
+  relay = await startRelay(target);
+  const relayed = new URL(env.url);
+  relayed.hostname = '127.0.0.1';
+  relayed.port = String(relay.port);
+  await writeFile(envFile, `DATABASE_URL=${relayed.toString()}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nDSR_ENCRYPTION_KEY=${env.encryptionKey.toString('base64')}\nLOG_LEVEL=warn\n`);
   // freePort only finds a port free now; another process (a test's outgoing connection, say) can take it before
   // wrangler binds it. Then start again on other ports, a few times.
   for (let attempt = 1; ; attempt++) {
@@ -83,6 +128,7 @@ async function startWrangler(envFile: string): Promise<string> {
 
 afterAll(async () => {
   stop?.();
+  await relay?.down();
   await env?.close();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
@@ -202,5 +248,28 @@ describe('web role on Workers (wrangler dev)', () => {
     } finally {
       await dg.fake.stop();
     }
+  });
+
+  it('answers 503 service_unavailable with Retry-After while the database is unreachable, as Node does', async () => {
+    const ws = await env.newWorkspace();
+    await relay.down();
+    try {
+      const health = await fetch(`${base}/healthz`);
+      expect(health.status).toBe(503);
+      const res = await fetch(`${base}/v1/track`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${ws.ingestKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ userId: 'wk-down', event: 'e' }),
+      });
+      const body = (await res.json()) as { error: { code: string } };
+      expect({ status: res.status, code: body.error.code, retryAfter: res.headers.get('retry-after') }).toEqual({
+        status: 503,
+        code: 'service_unavailable',
+        retryAfter: '5',
+      });
+    } finally {
+      await relay.up();
+    }
+    expect((await fetch(`${base}/healthz`)).status).toBe(200);
   });
 });
