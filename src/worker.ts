@@ -38,10 +38,12 @@ let settled: Settled | undefined;
 
 function settle(bindings: WorkerBindings) {
   if (settled) return settled;
-  const vars = Object.fromEntries(Object.entries(bindings).filter(([, v]) => typeof v === 'string')) as Record<
-    string,
-    string
-  >;
+  // Vars written as TOML numbers or booleans in wrangler.toml arrive as such; they count as their text, like env vars.
+  const vars = Object.fromEntries(
+    Object.entries(bindings)
+      .filter(([, v]) => typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean')
+      .map(([k, v]) => [k, String(v)]),
+  );
   const env = parseEnv(vars);
   const databaseUrl = bindings.HYPERDRIVE?.connectionString ?? env.DATABASE_URL;
   if (!databaseUrl) throw new ConfigError('Invalid configuration:\n  DATABASE_URL: set it or bind HYPERDRIVE');
