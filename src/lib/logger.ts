@@ -38,6 +38,10 @@ export function createLogger(level: string, destination?: pino.DestinationStream
         ],
         censor: '[redacted]',
       },
+      // Workers bundle pino's browser build, which applies the redaction only to logs it builds as one object; written
+      // as one JSON line, as in Node (the console is where Workers take logs from).
+      // eslint-disable-next-line no-console
+      browser: { asObject: true, write: (o) => console.log(JSON.stringify(o)) },
     },
     destination,
   );
