@@ -61,9 +61,31 @@ function settle(bindings: WorkerBindings) {
   return settled;
 }
 
+/**
+ * A Worker whose vars or secrets are missing or invalid answers every request in the API's error shape: 503, so
+ * vendors keep retrying their webhooks until the configuration is fixed (nothing is received meanwhile). The reason
+ * (variable names, never values) goes to the Worker's logs, not to callers.
+ */
+function misconfigured(err: ConfigError): Response {
+  const requestId = crypto.randomUUID();
+  const problems = err.message.split('\n').slice(1).map((l) => l.trim());
+  // No logger without a configuration: one JSON line at pino's error level, as the logger would write it.
+  // eslint-disable-next-line no-console
+  console.error(JSON.stringify({ level: 50, time: Date.now(), requestId, problems, msg: 'invalid configuration' }));
+  const error = { code: 'service_unavailable', message: 'the service is not configured yet; retry later', requestId };
+  return Response.json({ error }, { status: 503, headers: { 'Retry-After': '60', 'X-Request-Id': requestId } });
+}
+
 export default {
   async fetch(request: Request, bindings: WorkerBindings, ctx: ExecutionContext): Promise<Response> {
-    const { env, logger, digestKey, sealer, databaseUrl, http, cache } = settle(bindings);
+    let config: Settled;
+    try {
+      config = settle(bindings);
+    } catch (err) {
+      if (err instanceof ConfigError) return misconfigured(err);
+      throw err;
+    }
+    const { env, logger, digestKey, sealer, databaseUrl, http, cache } = config;
     // Workers cannot share sockets between requests: one small client per request (Hyperdrive pools upstream).
     const database = createDatabase(databaseUrl, { max: 1, prepare: env.DB_PREPARE });
     const deps = createDeps({

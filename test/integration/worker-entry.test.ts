@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import worker from '../../src/worker.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 
@@ -20,6 +20,29 @@ afterAll(async () => {
 });
 
 describe('Workers entry', () => {
+  // First: a Worker keeps the configuration it settled on, and only a valid one is kept.
+  it.each([
+    ['no DSR_ENCRYPTION_KEY', { DSR_ENCRYPTION_KEY: undefined }, /^DSR_ENCRYPTION_KEY: /],
+    ['an invalid LOG_LEVEL', { LOG_LEVEL: 'loud' }, /^LOG_LEVEL: /],
+  ])('with %s, every request is a 503 in the error shape, naming no value', async (_, over: Record<string, unknown>, named) => {
+    const logged: string[] = [];
+    const spy = vi.spyOn(console, 'error').mockImplementation((line: string) => void logged.push(line));
+    try {
+      const bindings = { DATABASE_URL: env.url, DSR_DIGEST_KEY: env.deps.digestKey.toString('base64'), DSR_ENCRYPTION_KEY: env.encryptionKey.toString('base64'), ...over };
+      const res = await worker.fetch(new Request('http://worker.local/v1/privacy/requests'), bindings, ctx);
+      expect(res.status).toBe(503);
+      expect(res.headers.get('retry-after')).toBe('60');
+      const body = (await res.json()) as { error: { code: string; message: string; requestId: string } };
+      expect(body.error).toEqual({ code: 'service_unavailable', message: expect.any(String), requestId: res.headers.get('x-request-id') });
+      expect(JSON.stringify(body)).not.toMatch(/DSR_|LOG_LEVEL|loud|at .*\.ts/);
+      const entry = logged.map((l) => JSON.parse(l) as { msg: string; problems: string[] }).find((e) => e.msg === 'invalid configuration');
+      expect(entry!.problems.join(' ')).toMatch(named);
+      expect(JSON.stringify(logged)).not.toContain(env.deps.digestKey.toString('base64'));
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
   it('applies [vars] given as TOML numbers instead of dropping them for the defaults', async () => {
     const ws = await env.newWorkspace();
     const bindings = {
