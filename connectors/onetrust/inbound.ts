@@ -68,7 +68,11 @@ const requestTypeList = z
 
 /** OneTrust's ids are short (UUIDs, reference numbers): anything longer than this is not one. */
 const ID_MAX = 200;
-const idText = text.refine((v) => v === undefined || v.length <= ID_MAX, `must be at most ${ID_MAX} characters`);
+/** Ids are path segments of the report URLs, where `.` and `..` would move the call (…/subtasks/../status). */
+const notDotSegment = (v: string | undefined) => v !== '.' && v !== '..';
+const idText = text
+  .refine((v) => v === undefined || v.length <= ID_MAX, `must be at most ${ID_MAX} characters`)
+  .refine(notDotSegment, 'must not be "." or ".."');
 
 const bodySchema = z.looseObject({
   requestQueueRefId: z
@@ -76,7 +80,8 @@ const bodySchema = z.looseObject({
     .trim()
     .min(1)
     .max(ID_MAX, `must be at most ${ID_MAX} characters`)
-    .refine((v) => !UNRENDERED.test(v), 'is an unfilled template placeholder'),
+    .refine((v) => !UNRENDERED.test(v), 'is an unfilled template placeholder')
+    .refine(notDotSegment, 'must not be "." or ".."'),
   requestQueueId: idText,
   subTaskId: idText,
   requestTypes: requestTypeList,

@@ -309,6 +309,18 @@ describe('parse', () => {
     expect(err.details?.map((d) => d.path).sort()).toEqual(['requestQueueRefId', 'requestTypes']);
   });
 
+  it('refuses ids that would be dot segments in the report URLs', () => {
+    // …/subtasks/../status would reach …/v2/status, …/requestqueues/./comments …/requestqueues/comments.
+    for (const id of ['.', '..', ' .. ']) {
+      for (const field of ['subTaskId', 'requestQueueRefId']) {
+        const err = parseError({ [field]: id });
+        expect(err.code).toBe('validation_failed');
+        expect(err.details).toEqual([{ path: field, message: 'must not be "." or ".."' }]);
+      }
+    }
+    expect(parse({ subTaskId: 'a..b', requestQueueRefId: '.x' }).ticketKey).toBe('subtask:a..b');
+  });
+
   it('answers malformed JSON with malformed_json', () => {
     expect(parseError('{"requestQueueRefId": ').code).toBe('malformed_json');
   });
