@@ -70,9 +70,13 @@ const requestTypeList = z
 const ID_MAX = 200;
 /** Ids are path segments of the report URLs, where `.` and `..` would move the call (…/subtasks/../status). */
 const notDotSegment = (v: string | undefined) => v !== '.' && v !== '..';
+/** An address in an id is a placeholder swapped for the email: it would be kept on the request and its audit record. */
+const noAddress = (v: string | undefined) => !v?.includes('@');
+const NOT_AN_ID = 'is not an id (it contains @)';
 const idText = text
   .refine((v) => v === undefined || v.length <= ID_MAX, `must be at most ${ID_MAX} characters`)
-  .refine(notDotSegment, 'must not be "." or ".."');
+  .refine(notDotSegment, 'must not be "." or ".."')
+  .refine(noAddress, NOT_AN_ID);
 
 const bodySchema = z.looseObject({
   requestQueueRefId: z
@@ -81,7 +85,8 @@ const bodySchema = z.looseObject({
     .min(1)
     .max(ID_MAX, `must be at most ${ID_MAX} characters`)
     .refine((v) => !UNRENDERED.test(v), 'is an unfilled template placeholder')
-    .refine(notDotSegment, 'must not be "." or ".."'),
+    .refine(notDotSegment, 'must not be "." or ".."')
+    .refine(noAddress, NOT_AN_ID),
   requestQueueId: idText,
   subTaskId: idText,
   requestTypes: requestTypeList,

@@ -321,6 +321,16 @@ describe('parse', () => {
     expect(parse({ subTaskId: 'a..b', requestQueueRefId: '.x' }).ticketKey).toBe('subtask:a..b');
   });
 
+  it('refuses an email address rendered into an id by a wrong placeholder, without echoing it', () => {
+    // requestQueueRefId becomes the reference on the request and its immutable audit record.
+    for (const field of ['requestQueueRefId', 'subTaskId', 'requestQueueId']) {
+      const err = parseError({ [field]: 'jane@example.com' });
+      expect(err.code).toBe('validation_failed');
+      expect(err.details).toEqual([{ path: field, message: 'is not an id (it contains @)' }]);
+      expect(JSON.stringify(err.details) + err.message).not.toContain('jane');
+    }
+  });
+
   it('answers malformed JSON with malformed_json', () => {
     expect(parseError('{"requestQueueRefId": ').code).toBe('malformed_json');
   });
