@@ -34,6 +34,12 @@ const TOKEN_PATTERN = /^dsrs_[A-Za-z0-9_-]{43}$/;
 const TOUCH_EVERY_MS = 60_000;
 
 /**
+ * How long last_seen_at may lag the last request: a minute, or a tenth of a shorter idle timeout. The idle timeout
+ * counts from last_seen_at plus this lag, so a request the clock did not record never ends the session early.
+ */
+const touchLagMs = (auth: AuthSettings) => Math.min(TOUCH_EVERY_MS, auth.sessionIdleMs / 10);
+
+/**
  * The CSRF token is derived from the session token (HMAC), so it needs no storage and changes with the session.
  * A cross-site page cannot read it: it comes in a JSON body, and the cookie itself is HttpOnly and SameSite=Strict.
  */
@@ -128,7 +134,7 @@ export async function login(
 }
 
 function info(deps: SessionDeps, s: typeof adminSessions.$inferSelect, email: string, token: string): SessionInfo {
-  const idle = new Date(s.lastSeenAt.getTime() + deps.auth.sessionIdleMs);
+  const idle = new Date(s.lastSeenAt.getTime() + deps.auth.sessionIdleMs + touchLagMs(deps.auth));
   return {
     sessionId: s.id,
     adminId: s.adminId,
@@ -144,11 +150,11 @@ function info(deps: SessionDeps, s: typeof adminSessions.$inferSelect, email: st
 
 /**
  * The live session for a cookie token: not revoked, not past its absolute expiry, not idle for too long, and its
- * admin still enabled. Refreshes the idle clock (at most once a minute).
+ * admin still enabled. Refreshes the idle clock (at most once a minute, see touchLagMs).
  */
 export async function resolveSession(deps: SessionDeps, token: string): Promise<SessionInfo | null> {
   if (!TOKEN_PATTERN.test(token)) return null;
-  const idleCutoff = new Date(Date.now() - deps.auth.sessionIdleMs);
+  const idleCutoff = new Date(Date.now() - deps.auth.sessionIdleMs - touchLagMs(deps.auth));
   const [row] = await deps.db
     .select({ s: adminSessions, email: adminUsers.email })
     .from(adminSessions)
@@ -164,7 +170,7 @@ export async function resolveSession(deps: SessionDeps, token: string): Promise<
     );
   if (!row) return null;
   let s = row.s;
-  if (Date.now() - s.lastSeenAt.getTime() > TOUCH_EVERY_MS) {
+  if (Date.now() - s.lastSeenAt.getTime() > touchLagMs(deps.auth)) {
     const [touched] = await deps.db
       .update(adminSessions)
       .set({ lastSeenAt: sql`now()` })
