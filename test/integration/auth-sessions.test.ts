@@ -387,6 +387,25 @@ describe('session lifetime', () => {
     for (const r of rows) expect(r.revoked_at).toBeInstanceOf(Date);
   });
 
+  it('a disabled admin can be added again: a new admin with its own password; the old one stays disabled', async () => {
+    const a = await newAdmin(env, ws.workspaceId);
+    await disableByKey(a.adminId);
+    const password = 'a brand new long password';
+    const again = await call(env, 'POST', '/v1/admin/admins', { key: ws.adminKey, body: { email: a.email.toUpperCase(), password } });
+    expect(again.status, again.text).toBe(201);
+    expect(again.json.id).not.toBe(a.adminId);
+    expect(again.json.disabledAt).toBeNull();
+    // The old password opens nothing; the new admin logs in.
+    expectError((await login(env, { workspaceId: ws.workspaceId, email: a.email, password: a.password })).res, 401, 'invalid_credentials');
+    const { res } = await login(env, { workspaceId: ws.workspaceId, email: a.email, password });
+    expect(res.status, res.text).toBe(200);
+    expect(res.json.admin.id).toBe(again.json.id);
+    // Still one enabled admin per email.
+    expectError(await call(env, 'POST', '/v1/admin/admins', { key: ws.adminKey, body: { email: a.email, password } }), 409, 'conflict');
+    const [old] = await env.sql`select disabled_at from admin_users where id = ${a.adminId}`;
+    expect(old!.disabled_at).toBeInstanceOf(Date);
+  });
+
   it('a session without a cookie, or with a made-up one, is 401', async () => {
     expectError(await call(env, 'GET', '/v1/auth/session'), 401, 'unauthorized');
     expectError(await call(env, 'GET', '/v1/auth/session', { headers: { cookie: `dsr_session=dsrs_${'A'.repeat(43)}` } }), 401, 'unauthorized');

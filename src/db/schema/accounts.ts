@@ -19,7 +19,9 @@ export const adminUsers = pgTable(
     passwordChangedAt: ts('password_changed_at').notNull().defaultNow(),
     disabledAt: ts('disabled_at'),
   },
-  (t) => [uniqueIndex('admin_users_workspace_email_uq').on(t.workspaceId, t.email)],
+  // One enabled admin per email: a disabled one stays (sessions and audit actors name it), and the same person can be
+  // added again as a new admin.
+  (t) => [uniqueIndex('admin_users_workspace_email_uq').on(t.workspaceId, t.email).where(sql`${t.disabledAt} is null`)],
 );
 
 /**

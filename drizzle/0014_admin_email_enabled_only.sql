@@ -1,0 +1,2 @@
+DROP INDEX "admin_users_workspace_email_uq";--> statement-breakpoint
+CREATE UNIQUE INDEX "admin_users_workspace_email_uq" ON "admin_users" USING btree ("workspace_id","email") WHERE "admin_users"."disabled_at" is null;
