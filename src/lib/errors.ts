@@ -56,16 +56,36 @@ export class DomainError extends Error {
   }
 }
 
-/** Turns zod-style issues into `{ path, message }` without echoing the offending input. */
+/**
+ * Turns zod-style issues into `{ path, message }` without echoing the offending input. Object keys are input too
+ * (a client may key a map by email address): only keys shaped like field names are repeated.
+ */
 export function issuesToDetails(
-  issues: ReadonlyArray<{ path: ReadonlyArray<PropertyKey>; message: string }>,
+  issues: ReadonlyArray<{ path: ReadonlyArray<PropertyKey>; message: string; code?: string; keys?: ReadonlyArray<string> }>,
   prefix: PropertyKey[] = [],
 ): ErrorDetail[] {
-  return issues.map((i) => ({ path: formatPath([...prefix, ...i.path]) || '(body)', message: i.message }));
+  return issues.map((i) => ({
+    path: formatPath([...prefix, ...i.path]) || '(body)',
+    message: i.code === 'unrecognized_keys' && i.keys ? unrecognized(i.keys) : i.message,
+  }));
+}
+
+/** A field name: what a client's typo looks like, as opposed to a value used as a key. */
+const FIELD_NAME = /^[A-Za-z_$][\w$-]{0,63}$/;
+
+function unrecognized(keys: ReadonlyArray<string>): string {
+  const shown = keys.filter((k) => FIELD_NAME.test(k)).map((k) => `"${k}"`);
+  const hidden = keys.length - shown.length;
+  const parts = [...shown, ...(hidden > 0 ? [`${hidden} key${hidden === 1 ? '' : 's'} not shown`] : [])];
+  return `Unrecognized key${keys.length === 1 ? '' : 's'}: ${parts.join(', ')}`;
 }
 
 function formatPath(path: PropertyKey[]): string {
   return path
-    .map((p, idx) => (typeof p === 'number' ? `[${p}]` : `${idx === 0 ? '' : '.'}${String(p)}`))
+    .map((p, idx) => {
+      if (typeof p === 'number') return `[${p}]`;
+      const name = FIELD_NAME.test(String(p)) ? String(p) : '[key]';
+      return `${idx === 0 || name === '[key]' ? '' : '.'}${name}`;
+    })
     .join('');
 }

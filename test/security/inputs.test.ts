@@ -358,6 +358,26 @@ describe('bodies', () => {
     expect((await env.sql`select enabled, name, secrets_sealed from connectors where id = ${connectors.onetrust!}`)[0]).toEqual(row);
   });
 
+  it('an unknown key or a map key that is a value (an email) is not repeated in the error; a field-name typo still is', async () => {
+    const email = `key-canary-${randomUUID()}@example.test`;
+    const request = await http('POST', '/v1/privacy/requests', {
+      key: ws.privacyKey,
+      body: { action: 'erase', userId: 'u-keys', [email]: true, externalRequestid: 'typo' },
+    });
+    const requestError = expectError(request, 400, 'validation_failed');
+    expect(request.text).not.toContain('key-canary');
+    expect(JSON.stringify(requestError.details)).toContain('externalRequestid');
+    expect(JSON.stringify(requestError.details)).toContain('1 key not shown');
+
+    const mapped = await http('POST', '/v1/admin/connectors', {
+      key: ws.adminKey,
+      body: { vendor: 'transcend', name: 'keys', config: { sombraUrl: 'https://sombra.example', audience: 'a', identifierTypes: { [email]: 'phone' } }, secrets: { apiKey: 'k' } },
+    });
+    const mappedError = expectError(mapped, 400, 'validation_failed');
+    expect(mapped.text).not.toContain('key-canary');
+    expect(mappedError.details).toContainEqual(expect.objectContaining({ path: 'config.identifierTypes[key]' }));
+  });
+
   it('the webhook route documents the 415 it answers to a non-JSON body', () => {
     const doc = env.app.getOpenAPI31Document({ openapi: '3.1.0', info: { title: 'dsr-connector', version: 'test' } });
     const responses = doc.paths?.['/webhooks/{vendor}/{connectorId}']?.post?.responses ?? {};
