@@ -1,6 +1,7 @@
 import { and, eq, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { connectors, webhookTokens } from '../db/schema/index.ts';
+import { isUnstorableValue, pgCode } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector } from './store.ts';
@@ -65,10 +66,12 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
       const [result] = await receiveTickets(deps, row, [ticket], {}, '');
       if (result && !result.replayed) fresh++;
     } catch (err) {
-      // A ticket we refuse (e.g. reused id with another subject) must not hold back the others; transient errors
-      // still fail the job so it is retried.
-      if (!(err instanceof ApiError)) throw err;
-      deps.logger.warn({ connectorId, code: err.code }, 'polled ticket refused');
+      // A ticket we refuse (e.g. reused id with another subject) or one holding a value the database cannot store
+      // (a NUL character: a webhook gets a 400 for it) must not hold back the others; transient errors still fail
+      // the job so it is retried.
+      if (err instanceof ApiError) deps.logger.warn({ connectorId, code: err.code }, 'polled ticket refused');
+      else if (isUnstorableValue(err)) deps.logger.warn({ connectorId, code: 'validation_failed', errorCode: pgCode(err) }, 'polled ticket refused');
+      else throw err;
     }
   }
   await deps.db.update(connectors).set({ lastPolledAt: sql`now()` }).where(eq(connectors.id, connectorId));

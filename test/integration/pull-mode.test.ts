@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAKE_DATA_SILO_ID, startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
-import { connectorsTick } from '../../src/upstream/poll.ts';
+import { connectorsTick, pollConnector } from '../../src/upstream/poll.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser } from '../helpers/factories.ts';
 
@@ -123,5 +123,18 @@ describe('Transcend pull mode', () => {
     await connectorsTick(env.deps);
     const left = await env.sql`select token_id from webhook_tokens where connector_id = ${connectorId} order by token_id`;
     expect(left.map((r) => r.token_id)).toEqual(['live', 'never-expires']);
+  });
+
+  it('a listed job the database cannot store (a NUL character) is skipped: the jobs after it are still received', async () => {
+    const bad = transcend.pendingItem(10, { identifier: 'nul-user@example.test', requestId: 'req\u0000with-nul' });
+    const good = transcend.pendingItem(11, { identifier: 'after-nul@example.test', type: 'email' });
+    transcend.setPending('ERASURE', [bad, good]);
+    await env.sql`update connectors set last_polled_at = null where id = ${connectorId}`;
+    const result = await pollConnector(env.deps, connectorId);
+    expect(result).toEqual({ received: 2, new: 1 });
+    const rows = await env.sql`select count(*)::int as n from upstream_tickets where upstream->>'requestId' = ${good.requestId}`;
+    expect(rows[0]!.n).toBe(1);
+    const [polled] = await env.sql`select last_polled_at from connectors where id = ${connectorId}`;
+    expect(polled!.last_polled_at).not.toBeNull();
   });
 });
