@@ -1,7 +1,7 @@
 import { and, eq, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { connectors, webhookTokens } from '../db/schema/index.ts';
-import { isUnstorableValue, pgCode } from '../db/errors.ts';
+import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector } from './store.ts';
@@ -71,7 +71,13 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
       // the job so it is retried.
       if (err instanceof ApiError) deps.logger.warn({ connectorId, code: err.code }, 'polled ticket refused');
       else if (isUnstorableValue(err)) deps.logger.warn({ connectorId, code: 'validation_failed', errorCode: pgCode(err) }, 'polled ticket refused');
-      else throw err;
+      else {
+        // graphile-worker logs and stores the thrown message: a failed query's carries its parameters, the subject's
+        // identifier among them. Give it a code only.
+        const errorCode = safeErrorCode(err);
+        deps.logger.warn({ connectorId, errorCode }, 'polled ticket not stored; the poll will be retried');
+        throw new Error(`polled ticket not stored (${errorCode})`);
+      }
     }
   }
   await deps.db.update(connectors).set({ lastPolledAt: sql`now()` }).where(eq(connectors.id, connectorId));

@@ -137,4 +137,38 @@ describe('Transcend pull mode', () => {
     const [polled] = await env.sql`select last_polled_at from connectors where id = ${connectorId}`;
     expect(polled!.last_polled_at).not.toBeNull();
   });
+
+  it('a poll that fails on the database tells graphile-worker (its log and stored last_error) a code, never the identifier', async () => {
+    const email = `poll-canary-${Date.now()}@example.test`;
+    // A pending erasure of the subject, held (its job removed), so the polled ticket joins it in a transaction.
+    const pending = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body: { action: 'erase', email } });
+    const requestId = pending.json.results[0].requestId as string;
+    await env.sql`delete from graphile_worker._private_jobs where key = ${requestId}`;
+    // That transaction's insert of the request (not the one-statement fast path) fails as a deadlock would.
+    await env.sql.unsafe(`
+      create function poll_deadlock() returns trigger language plpgsql as $$
+      begin
+        if current_query() not like '%req as (%' then raise exception 'simulated deadlock' using errcode = '40P01'; end if;
+        return new;
+      end $$;
+      create trigger poll_deadlock before insert on dsr_requests
+        for each row when (new.subject_value = '${email}') execute function poll_deadlock();`);
+    const jobKey = `poll:${connectorId}`;
+    try {
+      transcend.setPending('ERASURE', [transcend.pendingItem(20, { identifier: email, type: 'email' })]);
+      await env.sql`select graphile_worker.add_job('poll_connector', json_build_object('connectorId', ${connectorId}::text),
+                      job_key => ${jobKey}::text, max_attempts => 3)`;
+      await env.runJobs();
+      const [job] = await env.sql`select last_error from graphile_worker._private_jobs where key = ${jobKey}`;
+      expect(job?.last_error).toBeTruthy(); // the poll did fail
+      expect(job!.last_error).not.toContain(email);
+      expect(env.logs.text()).toContain('40P01');
+      expect(env.logs.text()).not.toContain(email);
+    } finally {
+      await env.sql.unsafe('drop trigger poll_deadlock on dsr_requests; drop function poll_deadlock();');
+      await env.sql`delete from graphile_worker._private_jobs where key = ${jobKey}`;
+      await env.sql`update dsr_requests set status = 'failed', subject_value = null where id = ${requestId}`;
+      transcend.setPending('ERASURE', []);
+    }
+  });
 });
