@@ -58,7 +58,11 @@ const pendingItem = z.looseObject({
   identifier: subjectString,
   type: idString,
   requestId: idString,
-  nonce: z.string().min(1),
+  // Sent back as the x-transcend-nonce header: a control character could never be, and every report would fail.
+  nonce: z
+    .string()
+    .min(1)
+    .refine((v) => ![...v].some((ch) => ch < ' ' || ch === '\u007f'), 'must not contain control characters'),
   dataSiloId: idString.optional(),
 });
 

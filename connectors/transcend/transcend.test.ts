@@ -697,6 +697,16 @@ describe('poll', () => {
     expect(warnings[0]).not.toContain(broken.nonce);
   });
 
+  it('skips an item whose nonce could not be sent back as a header (CR/LF), naming the field only', async () => {
+    const broken = { ...t.pendingItem(2), nonce: 'nonce-2\r\nx-injected: 1' };
+    t.setPending('ERASURE', [t.pendingItem(1), broken, t.pendingItem(3)]);
+    const tickets = await transcend.poll!(conn(pullConfig()), ctx);
+    expect(tickets.map((x) => x.subject.value)).toEqual(['user1@example.com', 'user3@example.com']);
+    const warnings = ctx.logs.filter((l) => l.includes('skipped an invalid pending request'));
+    expect(JSON.parse(warnings[0]!)).toMatchObject({ position: 1, invalid: ['nonce'] });
+    expect(warnings[0]).not.toContain('injected');
+  });
+
   it('stops after 20 pages, and a job seen twice is one ticket', async () => {
     const page = Array.from({ length: 50 }, (_, i) => t.pendingItem(i));
     t.fake.on(PENDING_ROUTE, { status: 200, body: { items: page } });
