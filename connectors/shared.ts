@@ -12,6 +12,24 @@ export function safeEqual(a: string, b: string): boolean {
   return timingSafeEqual(ha, hb);
 }
 
+/**
+ * A check for a config map of request type names: two spellings of one type (same once normalised) mapped to
+ * different actions would make the outcome depend on key order, so the later one is refused, naming it.
+ */
+export function distinctRequestTypes<A extends string>(normalise: (name: string) => string) {
+  return (types: Record<string, A>, ctx: z.RefinementCtx): void => {
+    const seen = new Map<string, A>();
+    for (const [name, action] of Object.entries(types)) {
+      const key = normalise(name);
+      const earlier = seen.get(key);
+      if (earlier && earlier !== action) {
+        ctx.addIssue({ code: 'custom', path: [name], message: `maps a request type already mapped to ${earlier}` });
+      }
+      seen.set(key, action);
+    }
+  };
+}
+
 /** JSON.parse with a 400 that says so; the body itself never appears in the error. */
 export function parseJson(rawBody: string): unknown {
   try {

@@ -1,6 +1,6 @@
 import net from 'node:net';
 import { z } from 'zod';
-import { hostAllowed } from '../shared.ts';
+import { distinctRequestTypes, hostAllowed } from '../shared.ts';
 
 export const REQUEST_KINDS = ['erase', 'suppress', 'unsuppress', 'access', 'health_check'] as const;
 export type RequestKind = (typeof REQUEST_KINDS)[number];
@@ -71,6 +71,7 @@ export const configSchema = z.strictObject({
   requestTypes: z
     .record(z.string().trim().min(1), z.enum(REQUEST_KINDS))
     .default({})
+    .superRefine(distinctRequestTypes(normaliseRequestType))
     .transform((custom) => {
       const merged: Record<string, RequestKind> = { ...DEFAULT_REQUEST_TYPES };
       for (const [name, kind] of Object.entries(custom)) merged[normaliseRequestType(name)] = kind;

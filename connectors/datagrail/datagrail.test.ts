@@ -134,6 +134,15 @@ describe('config', () => {
     });
   });
 
+  it('refuses two spellings of one custom request type mapped to different actions, naming the later one', () => {
+    const result = datagrail.configSchema.safeParse({ requestTypes: { 'Erase Me': 'erase', ' erase me ': 'suppress' } });
+    expect(result.success).toBe(false);
+    expect(result.error!.issues).toEqual([
+      expect.objectContaining({ path: ['requestTypes', 'erase me'], message: 'maps a request type already mapped to erase' }),
+    ]);
+    expect(datagrail.configSchema.safeParse({ requestTypes: { 'Erase Me': 'erase', ' erase me ': 'erase' } }).success).toBe(true);
+  });
+
   it('merges custom request types over the defaults, keys trimmed and lower-cased, and re-parses to the same', () => {
     const config = datagrail.configSchema.parse({ requestTypes: { ' Delete Data ': 'erase', deletion: 'suppress' } });
     expect(config.requestTypes['delete data']).toBe('erase');

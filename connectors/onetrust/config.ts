@@ -1,6 +1,6 @@
 /** OneTrust settings: where the tenant lives, how its workflow authenticates to us, what its request types mean. */
 import { z } from 'zod';
-import { vendorBaseUrl } from '../shared.ts';
+import { distinctRequestTypes, vendorBaseUrl } from '../shared.ts';
 
 export type RequestTypeAction = 'erase' | 'suppress' | 'unsuppress' | 'access';
 
@@ -57,18 +57,7 @@ export const configSchema = z.strictObject({
   requestTypes: z
     .record(z.string().trim().min(1), z.enum(['erase', 'suppress', 'unsuppress', 'access']))
     .default({})
-    .superRefine((types, ctx) => {
-      // Two spellings of one type with different actions would make the outcome depend on key order.
-      const seen = new Map<string, RequestTypeAction>();
-      for (const [name, action] of Object.entries(types)) {
-        const key = normaliseRequestType(name);
-        const earlier = seen.get(key);
-        if (earlier && earlier !== action) {
-          ctx.addIssue({ code: 'custom', path: [name], message: `maps a request type already mapped to ${earlier}` });
-        }
-        seen.set(key, action);
-      }
-    }),
+    .superRefine(distinctRequestTypes(normaliseRequestType)),
   internalComment: z.boolean().default(true),
 });
 
