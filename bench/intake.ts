@@ -33,6 +33,7 @@ import {
 import { startFakeTranscend, type FakeTranscend } from '../connectors/transcend/fake.ts';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
 import { createDatabase } from '../src/db/client.ts';
+import { subjectDigest } from '../src/lib/digest.ts';
 import { NPM_START_ARGS } from '../test/helpers/process.ts';
 import { freePort } from '../src/lib/net.ts';
 import {
@@ -298,10 +299,16 @@ function datagrailSide(sql: postgres.Sql, connectorId: string, callbackUrl: stri
 }
 
 /**
- * Transcend requests: each its own request id (the ticket key is `<request id>:email`), subject, nonce and token
- * (fresh jti), signed ahead of the round with the fake's `webhook()`.
+ * Transcend requests: each its own request id (the ticket key is `<request id>:email#<subject digest>`, from
+ * `keyOf`), subject, nonce and token (fresh jti), signed ahead of the round with the fake's `webhook()`.
  */
-function transcendSide(sql: postgres.Sql, connectorId: string, t: FakeTranscend, tag: string): Side {
+function transcendSide(
+  sql: postgres.Sql,
+  connectorId: string,
+  t: FakeTranscend,
+  tag: string,
+  keyOf: (requestId: string, email: string) => string,
+): Side {
   let n = 0;
   let pool: Built[] = [];
   let taken = 0;
@@ -318,7 +325,7 @@ function transcendSide(sql: postgres.Sql, connectorId: string, t: FakeTranscend,
       profile: { identifier: `t-${tag}-${i}@example.test`, type: 'email' },
       requestId,
     });
-    return { key: `${requestId}:email`, headers: w.headers, body: w.body };
+    return { key: keyOf(requestId, `t-${tag}-${i}@example.test`), headers: w.headers, body: w.body };
   };
 
   /** The same request as `one()`, signed synchronously (setupRequest cannot wait): only when the pool runs dry. */
@@ -341,7 +348,7 @@ function transcendSide(sql: postgres.Sql, connectorId: string, t: FakeTranscend,
     const input = `${header}.${base64url.encode(JSON.stringify(claims))}`;
     const signature = sign('sha384', Buffer.from(input), { key: privateKey, dsaEncoding: 'ieee-p1363' });
     return {
-      key: `${requestId}:email`,
+      key: keyOf(requestId, body.extras.profile.identifier),
       headers: {
         ...template!.headers,
         'x-sombra-token': `${input}.${base64url.encode(signature)}`,
@@ -404,11 +411,14 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const transcend = await startFakeTranscend();
   ctx.cleanup.add('stop fake Transcend', () => transcend.stop());
 
+  const digestKey = randomBytes(32);
   const web = await spawnChild(
     ctx,
     'web server',
     serviceEnv(url, {
       PORT: String(await freePort()),
+      // Known here: a Transcend ticket's key carries a keyed digest of its subject.
+      DSR_DIGEST_KEY: digestKey.toString('base64'),
     }),
     ['--role', 'web'],
   );
@@ -446,7 +456,8 @@ export async function runIntakeBench(ctx: BenchContext): Promise<Figure[]> {
   const sides: Side[] = [
     baselineSide(sql, callbackUrl, false),
     datagrailSide(sql, dg.id, callbackUrl, tag),
-    transcendSide(sql, tc.id, transcend, tag),
+    transcendSide(sql, tc.id, transcend, tag, (requestId, email) =>
+      `${requestId}:email#${subjectDigest(digestKey, ws.workspaceId, 'email', email).slice(0, 32)}`),
     baselineSide(sql, callbackUrl, true),
   ];
   // BENCH_INTAKE_SIDES=baseline,DataGrail runs only those sides (e.g. to profile one of them); the baseline always runs.
