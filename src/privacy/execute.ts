@@ -364,8 +364,8 @@ interface ResolvedUser {
 
 /**
  * Takes the workspace's shared lock (and an email's exclusive one), finds the subject's profiles (an email may match
- * several) and takes their exclusive locks before acting. Each lookup is sent together with the locks it must come after (run in order, a
- * snapshot per statement), so the common case is one round trip.
+ * several) and takes their exclusive locks before acting. Each lookup is sent together with the locks it must come
+ * after (run in order, a snapshot per statement), so the common case is one round trip.
  */
 async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser[]> {
   if (req.subjectValue === null) throw new DomainError('subject_missing', 'request has no subject identifier');
