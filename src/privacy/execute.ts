@@ -350,7 +350,9 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
   if (users.length === 0) return { outcome: 'not_found', counts: {} };
   switch (req.action) {
     case 'erase':
-      return eraseUsers(tx, ctx, req.workspaceId, users);
+      // By email, the email is marked erased too: an identify that waited for this erasure to link a profile to it
+      // is dropped (src/product/ingest.ts).
+      return eraseUsers(tx, ctx, req.workspaceId, users, req.subjectKind === 'email' ? [req.subjectDigest] : []);
     case 'suppress':
     case 'unsuppress':
       return setSuppression(tx, req.workspaceId, users, req);
@@ -402,7 +404,13 @@ async function resolveAndLock(tx: Tx, req: RunningRequest): Promise<ResolvedUser
   throw new DomainError('subject_unstable', 'subject profiles kept changing during resolution');
 }
 
-async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[]): Promise<Applied> {
+async function eraseUsers(
+  tx: Tx,
+  ctx: PrivacyDeps,
+  workspaceId: string,
+  users: ResolvedUser[],
+  subjectDigests: string[],
+): Promise<Applied> {
   const ids = users.map((u) => u.id);
   const externalIds = users.map((u) => u.externalId);
   // Sent together and run in this order on the transaction's connection (one round trip instead of eight); the
@@ -413,7 +421,10 @@ async function eraseUsers(tx: Tx, ctx: PrivacyDeps, workspaceId: string, users: 
     workspaceId,
     ids: client.array(ids, 20),
     externalIds: client.array(externalIds),
-    digests: client.array(externalIds.map((ext) => subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext))),
+    digests: client.array([
+      ...externalIds.map((ext) => subjectDigest(ctx.digestKey, workspaceId, 'user_id', ext)),
+      ...subjectDigests,
+    ]),
   };
   const [m, c, e, q, s, profiles, left] = await Promise.all([
     eraseStatements.messages.run(tx, values),

@@ -79,14 +79,20 @@ export interface IngestDeps {
  * Records product data for one workspace in one transaction, serialised with erasure and suppression: it shares the
  * advisory locks they take exclusively. The statement that takes the locks also reads the erasure state as of its
  * own start (READ COMMITTED takes the snapshot before any lock wait); the next statement reads it again. If an
- * erasure of the workspace or of one of these users committed in between, this write was in flight while it ran and
- * is dropped rather than recreating part of what was erased. Suppression flags are read in that second statement.
+ * erasure of the workspace, of one of these users or of an email an identify sets committed in between, this write
+ * was in flight while it ran and is dropped rather than recreating part of what was erased. Suppression flags are
+ * read in that second statement.
  */
 export async function ingest(deps: IngestDeps, workspaceId: string, items: IngestItem[]): Promise<IngestResult[]> {
   if (items.length === 0) return [];
   const externalIds = [...new Set(items.map((i) => i.userId))];
   const digests = new Map(externalIds.map((e) => [subjectDigest(deps.digestKey, workspaceId, 'user_id', e), e]));
-  const digestList = [...digests.keys()];
+  // An identify that sets an email holds that email's key too: an erasure or suppression by the email waits for it,
+  // then finds the profile it linked to the email. An erasure by the email marks it as well, so an identify that
+  // waited for that erasure does not link a profile to the email it just erased.
+  const emails = [...new Set(items.flatMap((i) => (i.type === 'identify' && i.email ? [normalizeEmail(i.email)] : [])))];
+  const emailDigests = new Map(emails.map((e) => [subjectDigest(deps.digestKey, workspaceId, 'email', e), e]));
+  const digestList = [...digests.keys(), ...emailDigests.keys()];
   const erasureState = sql`
     (select ${workspaces.erasedAt}::text from ${workspaces} where ${workspaces.id} = ${workspaceId}) as ws_erased_at,
     (select coalesce(json_object_agg(${erasureMarkers.userDigest}, ${erasureMarkers.erasedAt}::text), '{}'::json)
@@ -95,9 +101,6 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     ) as markers`;
   type ErasureState = { ws_erased_at: string | null; markers: Record<string, string> };
 
-  // An identify that sets an email holds that email's key too: an erasure or suppression by the email waits for it,
-  // then finds the profile it linked to the email.
-  const emails = [...new Set(items.flatMap((i) => (i.type === 'identify' && i.email ? [normalizeEmail(i.email)] : [])))];
   const emailLocks =
     emails.length > 0 ? sql`${lockList('shared', emails.map((e) => emailLockKey(workspaceId, e)))},` : sql``;
 
@@ -125,9 +128,13 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     if (after.ws_suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
 
     const suppressedUsers = new Set(after.suppressed_users);
-    const erasedUsers = new Set(
-      digestList.filter((d) => after.markers[d] !== before.markers[d]).map((d) => digests.get(d)!),
-    );
+    const erasedMeanwhile = (d: string) => after.markers[d] !== before.markers[d];
+    const erasedUsers = new Set([...digests.keys()].filter(erasedMeanwhile).map((d) => digests.get(d)!));
+    // A user this write links to an email erased meanwhile is that subject's: none of its items are stored.
+    const erasedEmails = new Set([...emailDigests.keys()].filter(erasedMeanwhile).map((d) => emailDigests.get(d)!));
+    for (const i of items) {
+      if (i.type === 'identify' && i.email && erasedEmails.has(normalizeEmail(i.email))) erasedUsers.add(i.userId);
+    }
 
     const results: IngestResult[] = items.map((i) =>
       erasedUsers.has(i.userId)

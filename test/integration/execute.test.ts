@@ -455,6 +455,57 @@ describe('ingest racing an erasure', () => {
     expect(await userFootprint(env, ws.workspaceId, known.userId)).toMatchObject({ profiles: 0, events: 0 });
     expect((await auditRows(env, id))[0]!.counts).toMatchObject({ profiles: 2, events: 4 });
   });
+
+  it('an identify linking another profile to the email, waiting on the erasure by that email, is dropped', async () => {
+    const ws = await env.newWorkspace();
+    const known = await seedUser(env, ws.ingestKey, { email: `${uniq('late')}@example.test` });
+    const id = await request(ws.workspaceId, 'erase', { kind: 'email', value: known.email });
+
+    // Hold the erasure at its very end (data deleted, email's lock held, not committed).
+    const blocker = await env.sql.reserve();
+    await blocker`begin`;
+    await blocker`lock table audit_records in access exclusive mode`;
+    const jobs = env.runJobs();
+    await waitFor(async () =>
+      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'
+        and wait_event = 'relation' and query ilike '%audit_records%'`).length > 0,
+    );
+    // An identify giving another user id the email being erased: it waits on the email's key.
+    const racing = call(env, 'POST', '/v1/batch', {
+      key: ws.ingestKey,
+      body: {
+        batch: [
+          { type: 'identify', userId: 'other-device', email: known.email.toUpperCase(), name: 'Ada' },
+          { type: 'track', userId: 'other-device', event: 'opened' },
+          { type: 'track', userId: 'bystander', event: 'opened' },
+        ],
+      },
+    });
+    await waitFor(async () => (await env.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
+        and database = (select oid from pg_database where datname = current_database())`).length > 0);
+    await blocker`commit`;
+    blocker.release();
+    await jobs;
+    const res = await racing;
+
+    expect(res.status, res.text).toBe(200);
+    expect(await requestRow(env, id)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    expect(res.json.results).toEqual([
+      { stored: false, suppressed: false, reason: 'erased' },
+      { stored: false, suppressed: false, reason: 'erased' },
+      { stored: true, suppressed: false },
+    ]);
+    // Nothing carries the erased email once the erasure has reported success.
+    expect(
+      await env.sql`select 1 from end_users where workspace_id = ${ws.workspaceId} and email_normalized = ${known.email.toLowerCase()}`,
+    ).toHaveLength(0);
+    expect(await userFootprint(env, ws.workspaceId, 'other-device')).toMatchObject({ profiles: 0, events: 0 });
+    expect(await userFootprint(env, ws.workspaceId, 'bystander')).toMatchObject({ profiles: 1, events: 1 });
+
+    // Once the erasure is over, the product may record the email afresh.
+    const later = await call(env, 'POST', '/v1/identify', { key: ws.ingestKey, body: { userId: 'other-device', email: known.email } });
+    expect(later.json).toMatchObject({ stored: true });
+  });
 });
 
 async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {

@@ -148,8 +148,9 @@ export const workspaceCounters = pgTable(
 );
 
 /**
- * Written by a user erasure: the keyed digest of the erased external id and when it committed. Ingest that was
- * already in flight when the erasure committed sees it and drops its write instead of resurrecting the profile.
+ * Written by a user erasure: the keyed digest of each erased external id (and, for an erasure by email, the email's)
+ * and when it committed. Ingest that was already in flight when the erasure committed sees it and drops its write
+ * instead of resurrecting the profile.
  */
 export const erasureMarkers = pgTable(
   'erasure_markers',
