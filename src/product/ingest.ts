@@ -104,6 +104,18 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
   const emailLocks =
     emails.length > 0 ? sql`${lockList('shared', emails.map((e) => emailLockKey(workspaceId, e)))},` : sql``;
 
+  // The emails an identify sets that a suppressed profile carries, each with the request that flagged that profile:
+  // the person is suppressed, so a user id identified with the email is flagged too instead of being recorded.
+  const suppressedEmails =
+    emails.length > 0
+      ? sql`(select coalesce(json_object_agg(f.email, f.request_id), '{}'::json) from (
+           select distinct on (${endUsers.emailNormalized}) ${endUsers.emailNormalized} as email,
+                  ${suppressions.requestId} as request_id
+             from ${suppressions} join ${endUsers} on ${endUsers.id} = ${suppressions.userId}
+            where ${endUsers.workspaceId} = ${workspaceId} and ${inArray(endUsers.emailNormalized, emails)}
+            order by ${endUsers.emailNormalized}, ${suppressions.id}) f)`
+      : sql`'{}'::json`;
+
   return deps.db.transaction(async (tx) => {
     // Workspace key first, then email keys, then user keys: the order every locker uses (src/db/locks.ts).
     const [before] = await tx.execute<ErasureState>(sql`
@@ -111,7 +123,12 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
              ${lockList('shared', externalIds.map((e) => userLockKey(workspaceId, e)))},
              ${erasureState}`);
     const [after] = await tx.execute<
-      ErasureState & { exists: boolean; ws_suppressed: boolean; suppressed_users: string[] }
+      ErasureState & {
+        exists: boolean;
+        ws_suppressed: boolean;
+        suppressed_users: string[];
+        suppressed_emails: Record<string, string | null>;
+      }
     >(sql`
       select exists(select 1 from ${workspaces} where ${workspaces.id} = ${workspaceId}) as exists,
              exists(select 1 from ${suppressions} where ${suppressions.workspaceId} = ${workspaceId}
@@ -120,6 +137,7 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
                 from ${suppressions} join ${endUsers} on ${endUsers.id} = ${suppressions.userId}
                where ${endUsers.workspaceId} = ${workspaceId} and ${inArray(endUsers.externalId, externalIds)}
              ) as suppressed_users,
+             ${suppressedEmails} as suppressed_emails,
              ${erasureState}`);
     if (!before || !after?.exists) throw new ApiError('not_found', 'workspace not found');
     if (after.ws_erased_at !== before.ws_erased_at) {
@@ -135,6 +153,16 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     for (const i of items) {
       if (i.type === 'identify' && i.email && erasedEmails.has(normalizeEmail(i.email))) erasedUsers.add(i.userId);
     }
+    // Users this batch would link to a suppressed person's email: linked (so erasure and unsuppression by the email
+    // reach them) and flagged, nothing else of them stored.
+    const linked = new Map<string, Linked>();
+    for (const i of items) {
+      if (i.type !== 'identify' || !i.email || suppressedUsers.has(i.userId) || erasedUsers.has(i.userId)) continue;
+      const normalized = normalizeEmail(i.email);
+      if (!(normalized in after.suppressed_emails) || linked.has(i.userId)) continue;
+      linked.set(i.userId, { email: i.email, requestId: after.suppressed_emails[normalized] ?? null });
+    }
+    for (const u of linked.keys()) suppressedUsers.add(u);
 
     const results: IngestResult[] = items.map((i) =>
       erasedUsers.has(i.userId)
@@ -144,20 +172,44 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
           : { stored: true, suppressed: false },
     );
     const kept = items.filter((_, idx) => results[idx]!.stored);
-    if (kept.length > 0) await store(tx, workspaceId, kept);
+    if (kept.length > 0 || linked.size > 0) await store(tx, workspaceId, kept, linked);
     return results;
   });
 }
 
-async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<void> {
+/** A user identified with a suppressed person's email: the email it is linked to, the flag's request. */
+interface Linked {
+  email: string;
+  requestId: string | null;
+}
+
+async function store(tx: Tx, workspaceId: string, items: IngestItem[], linked: Map<string, Linked>): Promise<void> {
   const userIds = new Map<string, number>();
   const seen = (i: IngestItem) => (i.timestamp ? new Date(i.timestamp) : new Date());
   let profilesCreated = 0;
+  const flags: (typeof suppressions.$inferInsert)[] = [];
+  const writes: (IngestItem | { type: 'link'; userId: string; link: Linked })[] = [
+    ...items,
+    ...[...linked].map(([userId, link]) => ({ type: 'link' as const, userId, link })),
+  ];
 
   // Profiles first. Each upsert locks its row until commit, so rows are locked in one order for every batch (by user
   // id): two batches naming the same users in different orders would otherwise deadlock. The sort is stable, so one
   // user's items keep their batch order and a later identify in a batch wins over an earlier one.
-  for (const item of byKey(items, (i) => i.userId)) {
+  for (const item of byKey(writes, (i) => i.userId)) {
+    if (item.type === 'link') {
+      const { email } = item.link;
+      const [row] = await tx
+        .insert(endUsers)
+        .values({ workspaceId, externalId: item.userId, email, emailNormalized: normalizeEmail(email) })
+        .onConflictDoUpdate({
+          target: [endUsers.workspaceId, endUsers.externalId],
+          set: { email: sql`excluded.email`, emailNormalized: sql`excluded.email_normalized`, updatedAt: sql`now()` },
+        })
+        .returning({ id: endUsers.id });
+      flags.push({ workspaceId, userId: row!.id, requestId: item.link.requestId });
+      continue;
+    }
     const lastSeen = seen(item);
     const base = { workspaceId, externalId: item.userId, lastSeenAt: lastSeen };
     const set: Record<string, unknown> = {
@@ -194,6 +246,8 @@ async function store(tx: Tx, workspaceId: string, items: IngestItem[]): Promise<
     if (row!.created) profilesCreated++;
     userIds.set(item.userId, row!.id);
   }
+
+  if (flags.length > 0) await tx.insert(suppressions).values(flags).onConflictDoNothing();
 
   const uid = (i: IngestItem) => userIds.get(i.userId)!;
   const tracks = items.filter((i) => i.type === 'track');

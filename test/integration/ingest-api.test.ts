@@ -672,6 +672,62 @@ describe('suppression', () => {
     expect((await rowCounts(ws.workspaceId)).events).toBe(0);
   });
 
+  it('an identify linking a suppressed person’s email to another user id suppresses that user too; unsuppress by email lifts it', async () => {
+    const ws = await env.newWorkspace();
+    await post(ws, '/v1/identify', { userId: 'held', email: 'Held@Example.com', name: 'Held' });
+    // An existing user with activity, not yet linked to the email.
+    await post(ws, '/v1/track', { userId: 'old-device', event: 'before' });
+    await privacy(ws, { action: 'suppress', email: 'held@example.com' }, 'suppressed');
+    const before = await rowCounts(ws.workspaceId);
+    const countersBefore = await counters(ws.workspaceId);
+
+    // A new device of the same person, and the existing user, both identified with the suppressed email.
+    const batch = await post(ws, '/v1/batch', {
+      batch: [
+        { type: 'identify', userId: 'new-device', email: ' HELD@example.com', name: 'Held Again', traits: { t: 1 } },
+        { type: 'track', userId: 'new-device', event: 'opened' },
+        { type: 'message', userId: 'new-device', conversationId: 'nd-c', role: 'user', content: 'hi' },
+        { type: 'identify', userId: 'old-device', email: 'held@example.com' },
+        { type: 'track', userId: 'old-device', event: 'after' },
+        { type: 'track', userId: 'bystander', event: 'kept' },
+      ],
+    });
+    expect(batch.status).toBe(200);
+    expect(batch.json.results.map((r: { stored: boolean; suppressed: boolean }) => [r.stored, r.suppressed])).toEqual([
+      [false, true], [false, true], [false, true], [false, true], [false, true], [true, false],
+    ]);
+    // Nothing of their activity is recorded; the new device is known only as linked to the email, and flagged.
+    expect(await rowCounts(ws.workspaceId)).toEqual({ ...before, users: before.users + 2, events: before.events + 1 });
+    expect(await counters(ws.workspaceId)).toEqual({
+      ...countersBefore,
+      events_recorded: (countersBefore.events_recorded ?? 0) + 1,
+      profiles_created: (countersBefore.profiles_created ?? 0) + 1,
+    });
+    expect(await user(ws.workspaceId, 'new-device')).toMatchObject({
+      email_normalized: 'held@example.com', display_name: null, traits: {},
+    });
+    const flagged = async () =>
+      (await env.sql<{ external_id: string }[]>`select e.external_id from suppressions s join end_users e on e.id = s.user_id
+          where s.workspace_id = ${ws.workspaceId} order by 1`).map((r) => r.external_id);
+    expect(await flagged()).toEqual(['held', 'new-device', 'old-device']);
+    // Later items of those users, without the email, stay dropped.
+    expect((await post(ws, '/v1/track', { userId: 'new-device', event: 'later' })).json).toMatchObject({
+      stored: false, suppressed: true,
+    });
+
+    // The person opts back in by email: every profile linked to it is recorded again.
+    await privacy(ws, { action: 'unsuppress', email: 'held@example.com' }, 'unsuppressed');
+    expect(await flagged()).toEqual([]);
+    expect((await post(ws, '/v1/track', { userId: 'new-device', event: 'back' })).json).toMatchObject({ stored: true });
+
+    // The same for a user suppressed by user id: another user id identified with that user's email is suppressed.
+    await post(ws, '/v1/identify', { userId: 'by-id', email: 'by-id@example.com' });
+    await privacy(ws, { action: 'suppress', userId: 'by-id' }, 'suppressed');
+    expect((await post(ws, '/v1/identify', { userId: 'by-id-2', email: 'By-Id@example.com' })).json).toMatchObject({
+      stored: false, suppressed: true,
+    });
+  });
+
   it('suppression in one workspace does not affect the same user id in another', async () => {
     const a = await env.newWorkspace();
     const b = await env.newWorkspace();
