@@ -1,10 +1,10 @@
-import { and, eq, isNull, lt, sql } from 'drizzle-orm';
+import { and, eq, getTableColumns, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { connectors, webhookTokens } from '../db/schema/index.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { UpstreamDeps } from './context.ts';
-import { adapterContext, openConnector } from './store.ts';
+import { adapterContext, openConnector, rowVersion, StaleConnectorError } from './store.ts';
 import { receiveTickets, requeueStalledReports } from './tickets.ts';
 
 /** A pending report this long past due has lost its job; the tick adds it again. */
@@ -52,20 +52,34 @@ export async function connectorsTick(
  * transaction per ticket, so one bad ticket cannot hold back the rest). Tickets already received are no-ops.
  */
 export async function pollConnector(deps: UpstreamDeps, connectorId: string): Promise<{ received: number; new: number }> {
-  const [row] = await deps.db
-    .select()
-    .from(connectors)
-    .where(and(eq(connectors.id, connectorId), eq(connectors.enabled, true), isNull(connectors.deletedAt)));
+  const current = () =>
+    deps.db
+      .select({ ...getTableColumns(connectors), version: rowVersion })
+      .from(connectors)
+      .where(and(eq(connectors.id, connectorId), eq(connectors.enabled, true), isNull(connectors.deletedAt)));
+  const [row] = await current();
   if (!row) return { received: 0, new: 0 };
   const { adapter, instance } = openConnector(deps.sealer, row);
   if (!adapter.poll) return { received: 0, new: 0 };
   const tickets = await adapter.poll(instance, adapterContext(deps));
+  // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
+  // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
+  const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version };
   let fresh = 0;
   for (const ticket of tickets) {
     try {
-      const [result] = await receiveTickets(deps, row, [ticket], {}, '');
+      const [result] = await receiveTickets(deps, connector, [ticket], {}, '');
       if (result && !result.replayed) fresh++;
     } catch (err) {
+      if (err instanceof StaleConnectorError) {
+        // Disabled or deleted: stop here. Edited: fail the job, so its retry polls again with the new settings.
+        if ((await current()).length === 0) {
+          deps.logger.info({ connectorId, received: tickets.length, new: fresh }, 'connector disabled during the poll; the rest of it dropped');
+          return { received: tickets.length, new: fresh };
+        }
+        deps.logger.info({ connectorId }, 'connector changed during the poll; it will be polled again');
+        throw new Error('connector changed during the poll; polling again');
+      }
       // A ticket we refuse (e.g. reused id with another subject) or one holding a value the database cannot store
       // (a NUL character: a webhook gets a 400 for it) must not hold back the others; transient errors still fail
       // the job so it is retried.

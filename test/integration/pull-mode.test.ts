@@ -171,4 +171,80 @@ describe('Transcend pull mode', () => {
       transcend.setPending('ERASURE', []);
     }
   });
+
+  /** Another pull connector of the workspace, reading its own data silo's pending list. */
+  async function pullConnector(dataSiloId: string, intervalMinutes = 5): Promise<string> {
+    const res = await call(env, 'POST', '/v1/admin/connectors', {
+      key: ws.adminKey,
+      body: {
+        vendor: 'transcend',
+        name: `Transcend (pull ${dataSiloId})`,
+        config: transcend.config({ pull: { enabled: true, dataSiloId, actions: ['ERASURE'], intervalMinutes } }),
+        secrets: transcend.secrets,
+      },
+    });
+    expect(res.status, res.text).toBe(201);
+    return res.json.id as string;
+  }
+
+  for (const change of ['disabled', 'deleted'] as const) {
+    it(`a connector ${change} while its poll is storing tickets stores nothing more from that poll`, async () => {
+      const silo = `silo-mid-poll-${change}`;
+      const id = await pullConnector(silo);
+      const items = [1, 2, 3].map((n) => transcend.pendingItem(30 + n, { identifier: `mid-poll-${change}-${n}@example.test`, dataSiloId: silo }));
+      transcend.setPending('ERASURE', items, silo);
+      // The admin's change commits right after the poll's first ticket (with it, in the same transaction).
+      const set = change === 'disabled' ? 'enabled = false' : 'enabled = false, deleted_at = now(), secrets_sealed = null';
+      const fn = `mid_poll_${change}`;
+      await env.sql.unsafe(`
+        create function ${fn}() returns trigger language plpgsql as $$
+        begin update connectors set ${set} where id = '${id}'; return new; end $$;
+        create trigger ${fn} after insert on upstream_tickets
+          for each row when (new.connector_id = '${id}') execute function ${fn}();`);
+      try {
+        await env.sql`select graphile_worker.add_job('poll_connector', json_build_object('connectorId', ${id}::text),
+                        job_key => ${`poll:${id}`}::text, max_attempts => 3)`;
+        await env.runJobs();
+      } finally {
+        await env.sql.unsafe(`drop trigger ${fn} on upstream_tickets; drop function ${fn}();`);
+      }
+      const tickets = await env.sql`select request_id from upstream_tickets where connector_id = ${id}`;
+      expect(tickets).toHaveLength(1);
+      const requests = await env.sql`select id from dsr_requests where dedupe_key like ${`connector:${id}:%`}`;
+      expect(requests.map((r) => r.id)).toEqual([tickets[0]!.request_id]);
+      // Polled again (the job's retry), the connector is no longer polled at all.
+      expect(await pollConnector(env.deps, id)).toEqual({ received: 0, new: 0 });
+      expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(1);
+      expect(env.logs.text()).not.toContain(`mid-poll-${change}-2@example.test`);
+    });
+  }
+
+  it('a connector edited while its poll is storing tickets is polled again with its new settings (the job retries)', async () => {
+    const silo = 'silo-mid-poll-edited';
+    const id = await pullConnector(silo);
+    const items = [1, 2, 3].map((n) => transcend.pendingItem(40 + n, { identifier: `mid-poll-edited-${n}@example.test`, dataSiloId: silo }));
+    transcend.setPending('ERASURE', items, silo);
+    await env.sql.unsafe(`
+      create function mid_poll_edited() returns trigger language plpgsql as $$
+      begin update connectors set name = name || '.' where id = '${id}'; return new; end $$;
+      create trigger mid_poll_edited after insert on upstream_tickets
+        for each row when (new.connector_id = '${id}') execute function mid_poll_edited();`);
+    const jobKey = `poll:${id}`;
+    try {
+      await env.sql`select graphile_worker.add_job('poll_connector', json_build_object('connectorId', ${id}::text),
+                      job_key => ${jobKey}::text, max_attempts => 3)`;
+      await env.runJobs();
+    } finally {
+      await env.sql.unsafe('drop trigger mid_poll_edited on upstream_tickets; drop function mid_poll_edited();');
+    }
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(1);
+    const [job] = await env.sql`select attempts, last_error from graphile_worker._private_jobs where key = ${jobKey}`;
+    expect(job).toMatchObject({ attempts: 1 });
+    expect(job!.last_error).toContain('connector changed during the poll');
+    await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${jobKey}`;
+    await env.runJobs();
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(3);
+    expect(await env.sql`select id from graphile_worker._private_jobs where key = ${jobKey}`).toHaveLength(0);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
 });
