@@ -11,7 +11,8 @@ import { receiveTickets, requeueStalledReports } from './tickets.ts';
 const STALLED_REPORT_MINUTES = 15;
 
 /**
- * The cron fan-out (every minute): one poll_connector job per connector in pull mode whose interval has passed,
+ * The cron fan-out (every minute): one poll_connector job per connector in pull mode whose interval has passed since
+ * its last poll was scheduled or finished, and whose last poll job is over,
  * requeueing of reports whose jobs were lost, and pruning of expired webhook token ids.
  */
 export async function connectorsTick(
@@ -38,13 +39,22 @@ export async function connectorsTick(
     if (row.lastPolledAt && row.lastPolledAt.getTime() + minutes * 60_000 > now.getTime() + 1_000) continue;
     due.push(row.id);
   }
-  if (due.length > 0) {
-    await deps.db.execute(sql`
-      select graphile_worker.add_job('poll_connector', json_build_object('connectorId', id),
-               job_key => 'poll:' || id, max_attempts => 3)
-      from unnest(${`{${due.join(',')}}`}::text[]) as id`);
-  }
-  return { scheduled: due, requeued };
+  if (due.length === 0) return { scheduled: [], requeued };
+  // A poll is claimed when it is scheduled: the interval runs from there, so a poll that fails is tried again by its
+  // own job (a few attempts) and then waits for its interval, not polled afresh every minute. A connector whose poll
+  // job is still running or waiting for a retry gets none beside it (re-adding its key would start a second poll
+  // next to a running one, or give a failing one a fresh attempt budget).
+  const scheduled = await deps.db.execute<{ id: string }>(sql`
+    with claimed as (
+      update ${connectors} c set last_polled_at = ${now.toISOString()}::timestamptz
+       where c.id = any(${`{${due.join(',')}}`}::text[])
+         and not exists (select 1 from graphile_worker._private_jobs j
+                          where j.key = 'poll:' || c.id and (j.locked_at is not null or j.attempts < j.max_attempts))
+      returning c.id)
+    select id, (graphile_worker.add_job('poll_connector', json_build_object('connectorId', id),
+                  job_key => 'poll:' || id, max_attempts => 3)).id as job_id
+    from claimed`);
+  return { scheduled: scheduled.map((r) => r.id), requeued };
 }
 
 /**

@@ -247,4 +247,53 @@ describe('Transcend pull mode', () => {
     expect(await env.sql`select id from graphile_worker._private_jobs where key = ${jobKey}`).toHaveLength(0);
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
   });
+
+  const pollJobs = (id: string) =>
+    env.sql`select j.attempts, j.locked_at from graphile_worker._private_jobs j
+             join graphile_worker._private_tasks t on t.id = j.task_id
+            where t.identifier = 'poll_connector' and j.payload->>'connectorId' = ${id}`;
+
+  it('a poll that keeps failing is tried again by its job, and by the tick only once its interval has passed', async () => {
+    const silo = 'silo-failing';
+    const id = await pullConnector(silo, 5);
+    transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, { status: 503, body: { error: 'down' } });
+    const t0 = new Date();
+    expect((await connectorsTick(env.deps, t0)).scheduled).toContain(id);
+    await env.runJobs();
+    expect(await pollJobs(id)).toMatchObject([{ attempts: 1, locked_at: null }]); // waiting for its retry
+
+    // The next minutes' ticks leave the failing poll to its job's own retries (no fresh attempt budget every minute).
+    expect((await connectorsTick(env.deps, new Date(t0.getTime() + 61_000))).scheduled).not.toContain(id);
+    expect(await pollJobs(id)).toMatchObject([{ attempts: 1 }]);
+    // Out of attempts: still not before the interval has passed since the poll was scheduled.
+    await env.sql`update graphile_worker._private_jobs set attempts = max_attempts where payload->>'connectorId' = ${id}`;
+    expect((await connectorsTick(env.deps, new Date(t0.getTime() + 2 * 60_000))).scheduled).not.toContain(id);
+    expect((await connectorsTick(env.deps, new Date(t0.getTime() + 5 * 60_000 + 1_000))).scheduled).toContain(id);
+    expect(await env.sql`select attempts from graphile_worker._private_jobs where key = ${`poll:${id}`}`).toMatchObject([{ attempts: 0 }]);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+    await env.runJobs();
+  });
+
+  it('a poll still running when its connector is due again gets no second poll beside it', async () => {
+    const silo = 'silo-slow';
+    const id = await pullConnector(silo, 1);
+    transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, { status: 200, body: { items: [] }, delayMs: 1_500 });
+    const t0 = new Date();
+    expect((await connectorsTick(env.deps, t0)).scheduled).toContain(id);
+    const running = env.runJobs();
+    try {
+      const until = Date.now() + 5_000;
+      while (!(await pollJobs(id))[0]?.locked_at) {
+        if (Date.now() > until) throw new Error('the poll did not start');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect((await connectorsTick(env.deps, new Date(t0.getTime() + 2 * 60_000))).scheduled).not.toContain(id);
+      expect(await pollJobs(id)).toHaveLength(1);
+    } finally {
+      await running;
+    }
+    const lists = transcend.fake.calls.filter((c) => c.path === `/v1/data-silo/${silo}/pending-requests/ERASURE`);
+    expect(lists).toHaveLength(1);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
 });
