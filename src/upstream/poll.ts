@@ -70,7 +70,10 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
   const [row] = await current();
   if (!row) return { received: 0, new: 0 };
   const { adapter, instance } = openConnector(deps.sealer, row);
-  if (!adapter.poll) return { received: 0, new: 0 };
+  // A job queued before the connector was switched back to webhooks (pull mode off) finds nothing to do.
+  if (!adapter.poll || !adapter.pollIntervalMinutes || adapter.pollIntervalMinutes(instance.config) === null) {
+    return { received: 0, new: 0 };
+  }
   const tickets = await adapter.poll(instance, adapterContext(deps));
   // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
   // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.

@@ -296,4 +296,20 @@ describe('Transcend pull mode', () => {
     expect(lists).toHaveLength(1);
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
   });
+
+  it('a poll job still queued when its connector is switched back to webhooks does not poll', async () => {
+    const silo = 'silo-switched-off';
+    const id = await pullConnector(silo);
+    transcend.setPending('ERASURE', [transcend.pendingItem(50, { identifier: 'switched-off@example.test', dataSiloId: silo })], silo);
+    expect((await connectorsTick(env.deps)).scheduled).toContain(id);
+    const res = await call(env, 'PATCH', `/v1/admin/connectors/${id}`, {
+      key: ws.adminKey,
+      body: { config: transcend.config({ pull: { enabled: false, dataSiloId: silo, actions: ['ERASURE'], intervalMinutes: 5 } }) },
+    });
+    expect(res.status, res.text).toBe(200);
+    await env.runJobs();
+    expect(transcend.fake.calls.filter((c) => c.path.startsWith(`/v1/data-silo/${silo}/`))).toHaveLength(0);
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(0);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
 });
