@@ -15,17 +15,21 @@ export type DeliveryResult =
   | { kind: 'delivered' | 'failed'; error?: string }
   | { kind: 'retry_scheduled'; error: string; delayMs: number };
 
-/** Delay before attempt `attempt + 1`: exponential from the base, capped; a vendor's Retry-After wins (capped too). */
+/**
+ * Delay before attempt `attempt + 1`: exponential from the base, capped. A vendor's Retry-After is the least wait: a
+ * longer one wins (capped too), a shorter one does not cut the backoff (a vendor answering `Retry-After: 1` to every
+ * attempt would otherwise use up the whole attempt budget, meant to span about a day, in seconds).
+ */
 export function retryDelayMs(
   policy: Pick<ReportPolicy, 'backoffBaseMs' | 'backoffMaxMs'>,
   attempt: number,
   retryAfterMs?: number,
   random = Math.random,
 ): number {
-  if (retryAfterMs !== undefined) return Math.min(Math.max(retryAfterMs, 0), policy.backoffMaxMs);
   const exp = policy.backoffBaseMs * 2 ** (attempt - 1);
   // ±10% jitter so tickets failed by one outage do not all come back in the same second; the cap is a hard limit.
-  return Math.min(Math.round(exp * (0.9 + 0.2 * random())), policy.backoffMaxMs);
+  const backoff = Math.round(exp * (0.9 + 0.2 * random()));
+  return Math.min(Math.max(backoff, retryAfterMs ?? 0), policy.backoffMaxMs);
 }
 
 /** What a report reads: only the columns it uses (building and mapping whole rows of four tables cost more CPU). */

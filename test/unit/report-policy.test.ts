@@ -11,9 +11,17 @@ describe('report retry delays', () => {
     expect(retryDelayMs(policy, 30, undefined, () => 1)).toBe(policy.backoffMaxMs);
   });
 
-  it('honour a vendor’s Retry-After, capped', () => {
-    expect(retryDelayMs(policy, 5, 7_000)).toBe(7_000);
+  it('honour a vendor’s Retry-After longer than the backoff, capped', () => {
+    expect(retryDelayMs(policy, 1, 7 * 60_000, () => 0.5)).toBe(7 * 60_000);
     expect(retryDelayMs(policy, 1, 48 * 3600 * 1000)).toBe(policy.backoffMaxMs);
+  });
+
+  it('a Retry-After shorter than the backoff does not shorten it: "Retry-After: 1" cannot use up the attempts in seconds', () => {
+    expect(retryDelayMs(policy, 5, 7_000, () => 0.5)).toBe(480_000);
+    expect(retryDelayMs(policy, 1, 0, () => 0.5)).toBe(30_000);
+    let total = 0;
+    for (let attempt = 1; attempt < policy.maxAttempts; attempt++) total += retryDelayMs(policy, attempt, 1_000, () => 0.5);
+    expect(total / 3_600_000).toBeGreaterThan(18);
   });
 
   it('with the defaults, all attempts together span about a day', () => {
