@@ -547,10 +547,12 @@ const reportJobsOf = {
   request: reportJobsWhere(sql`t.request_id = ${p('requestId')}`),
   ticket: reportJobsWhere(sql`t.id = ${p('ticketId')}`),
   stalled: reportJobsWhere(
-    // Due since its next attempt; with none scheduled, since its first was queued: when the request finished, or
-    // when the ticket was last put back to pending (a redelivery or a retry), whichever is later.
+    // A retry is due since its next attempt. A first attempt is due since the latest of: when the request finished,
+    // when the ticket was last put back to pending (a redelivery or a retry), and the end of its hold if it was held
+    // (next_attempt_at): a retried request that sat in the queue past its hold has its report just queued, not lost.
     sql`exists (select 1 from ${dsrRequests} r where r.id = t.request_id and r.status in ('complete', 'failed')
-              and coalesce(t.next_attempt_at, greatest(r.finished_at, t.updated_at))
+              and case when t.attempts > 0 then coalesce(t.next_attempt_at, t.updated_at)
+                       else greatest(t.next_attempt_at, r.finished_at, t.updated_at) end
                   < now() - make_interval(mins => ${p('stalledForMinutes')}::int))`,
   ),
 };

@@ -11,6 +11,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { poll } from '../helpers/process.ts';
+import { connectorsTick } from '../../src/upstream/poll.ts';
 
 /** How long the vendor takes to answer the failure report: the window in which the retry happens. */
 const ERROR_REPORT_MS = 800;
@@ -145,4 +146,36 @@ it('a retry long after the failure report was given up on reports the new outcom
   await env.runJobs();
   expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1, generation: 1 });
   expect(Date.now() - started).toBeLessThan(ATTEMPT_TIMEOUT_MS);
+});
+
+it('a retried request that finishes long after its hold ran out: the tick does not take its first report for lost', async () => {
+  const ws = await env.newWorkspace();
+  const { requestId, fix } = await failingTicket(ws);
+  const { running: first } = await failWithReportInFlight(requestId);
+  await fix();
+  const retried = await call(env, 'POST', `/v1/privacy/requests/${requestId}/retry`, { key: ws.privacyKey });
+  expect(retried.status, retried.text).toBe(202);
+  // The retried request waits in the queue (a backlog) ...
+  await env.sql`update graphile_worker._private_jobs set run_at = now() + interval '1 hour' where key = ${requestId}`;
+  await first;
+  expect(await ticketOf(requestId)).toMatchObject({ status: 'pending', attempts: 0 });
+  // ... for 20 minutes: its ticket's hold ran out long ago when it runs.
+  await env.sql`update upstream_tickets set next_attempt_at = now() - interval '20 minutes', updated_at = now() - interval '20 minutes'
+                 where request_id = ${requestId}`;
+  await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${requestId}`;
+  // The vendor is slow to take the new outcome: the tick runs while the first report of it is out.
+  transcend.fake.on('PUT /v1/data-silo', async (c: RecordedCall) => {
+    const status = (c.json as { profileStatus: string }).profileStatus;
+    events.push(`${status} received`);
+    await new Promise((r) => setTimeout(r, ERROR_REPORT_MS));
+    events.push(`${status} answered`);
+    return { status: 200, body: {} };
+  });
+  const running = env.runJobs();
+  await poll(async () => (events.includes('RESOLVED received') ? true : undefined), 10_000);
+  expect((await connectorsTick(env.deps)).requeued).toBe(0);
+  await running;
+  await env.runJobs();
+  expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
+  expect(events.filter((e) => e === 'RESOLVED received')).toHaveLength(1);
 });
