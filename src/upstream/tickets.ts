@@ -493,7 +493,8 @@ async function reportIfAlreadyFinished(tx: Tx, requestId: string, ticketId: stri
  * nothing when it ends. Its vendor call may still land, though: if the ticket was pending and due, a report of the old
  * outcome may be on its way right now, so the new one is held until that attempt is surely over (next_attempt_at,
  * `attemptTimeoutMs` and a second after the reset; the first attempt waits for it): the vendor hears the new outcome
- * last. A ticket that had failed, or whose next attempt was still ahead, has nothing on its way and is not held.
+ * last. A ticket still held by an earlier reset keeps that hold (what it waits for may still be on its way). A ticket
+ * that had failed, or whose next attempt was still ahead, has nothing on its way and is not held.
  */
 export function resetForNewOutcome(policy: Pick<UpstreamDeps['reportPolicy'], 'attemptTimeoutMs'>) {
   const t = upstreamTickets;
@@ -502,7 +503,8 @@ export function resetForNewOutcome(policy: Pick<UpstreamDeps['reportPolicy'], 'a
     attempts: 0,
     generation: sql`${t.generation} + 1`,
     nextAttemptAt: sql`case when ${t.status} = 'pending' and (${t.nextAttemptAt} is null or ${t.nextAttemptAt} <= now())
-      then clock_timestamp() + make_interval(secs => ${(policy.attemptTimeoutMs + 1000) / 1000}::float8) end`,
+      then clock_timestamp() + make_interval(secs => ${(policy.attemptTimeoutMs + 1000) / 1000}::float8)
+      when ${t.status} = 'pending' and ${t.attempts} = 0 then ${t.nextAttemptAt} end`,
     updatedAt: sql`now()`,
   };
 }

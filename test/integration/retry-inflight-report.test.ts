@@ -16,7 +16,7 @@ import { connectorsTick } from '../../src/upstream/poll.ts';
 /** How long the vendor takes to answer the failure report: the window in which the retry happens. */
 const ERROR_REPORT_MS = 800;
 /** Every vendor call of an attempt is over this long after its start; a reset holds the new report 1 s longer. */
-const ATTEMPT_TIMEOUT_MS = 1500;
+const ATTEMPT_TIMEOUT_MS = 3000;
 
 let env: TestEnv;
 let transcend: FakeTranscend;
@@ -178,4 +178,45 @@ it('a retried request that finishes long after its hold ran out: the tick does n
   await env.runJobs();
   expect(await ticketOf(requestId)).toMatchObject({ status: 'delivered', attempts: 1 });
   expect(events.filter((e) => e === 'RESOLVED received')).toHaveLength(1);
+});
+
+it('a second retry while the first one holds the report keeps the hold: the failure report still out is not overtaken', async () => {
+  // The failure report is out for nearly the whole attempt timeout: both retries happen meanwhile.
+  transcend.fake.on('PUT /v1/data-silo', async (c: RecordedCall) => {
+    const status = (c.json as { profileStatus: string }).profileStatus;
+    events.push(`${status} received`);
+    if (status === 'ERROR' && events.length === 1) await new Promise((r) => setTimeout(r, ATTEMPT_TIMEOUT_MS - 200));
+    events.push(`${status} answered`);
+    return { status: 200, body: {} };
+  });
+  const ws = await env.newWorkspace();
+  const { requestId, fix } = await failingTicket(ws);
+  const { running: first } = await failWithReportInFlight(requestId);
+  const firstAudit = (await requestRow(env, requestId)).audit_record_id;
+
+  // The first retry fails again (the cause is not fixed yet): the report of that failure is held.
+  const once = await call(env, 'POST', `/v1/privacy/requests/${requestId}/retry`, { key: ws.privacyKey });
+  expect(once.status, once.text).toBe(202);
+  const hold = (await env.sql`select next_attempt_at from upstream_tickets where request_id = ${requestId}`)[0]!.next_attempt_at as Date;
+  expect(hold).not.toBeNull();
+  const second = env.runJobs();
+  await poll(async () => {
+    const r = await requestRow(env, requestId);
+    return r.status === 'failed' && r.audit_record_id !== firstAudit ? true : undefined;
+  }, 10_000);
+  await second;
+
+  // Fixed now, and retried again before the hold is over: the first failure report may still be out.
+  await fix();
+  const twice = await call(env, 'POST', `/v1/privacy/requests/${requestId}/retry`, { key: ws.privacyKey });
+  expect(twice.status, twice.text).toBe(202);
+  expect(Date.now()).toBeLessThan(hold.getTime());
+  const [ticket] = await env.sql`select next_attempt_at from upstream_tickets where request_id = ${requestId}`;
+  expect(ticket!.next_attempt_at).toEqual(hold);
+  const third = env.runJobs();
+  await poll(async () => ((await requestRow(env, requestId)).status === 'complete' ? true : undefined), 10_000);
+  await Promise.all([first, third]);
+
+  expect(await runUntilReported(requestId)).toMatchObject({ status: 'delivered', attempts: 1, generation: 2 });
+  expect(events).toEqual(['ERROR received', 'ERROR answered', 'RESOLVED received', 'RESOLVED answered']);
 });
