@@ -1,7 +1,8 @@
 /**
  * Drain benchmark: how fast the real worker process (`src/main.ts --role worker`, WORKER_CONCURRENCY 4) empties a
  * queue of user erasures, against graphile-worker draining as many no-op jobs with the same settings
- * (bench/noop-worker.ts) on the same database server.
+ * (bench/noop-worker.ts, the service worker's `runnerSettings`: checked from its result line) on the same database
+ * server.
  *
  * A template database is prepared once: `jobs` small users (each a profile and `events` events, interleaved in
  * time), one workspace, and one queued erase request per user created through the intake verb (request +
@@ -15,11 +16,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
+import { isDeepStrictEqual } from 'node:util';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
 import { parseEnv } from '../src/config.ts';
 import { createDatabase, type Database } from '../src/db/client.ts';
 import { migrateDatabase } from '../src/db/migrate.ts';
 import { createNodeDeps } from '../src/deps-node.ts';
+import { runnerSettings } from '../src/jobs/worker.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { Sealer } from '../src/lib/sealing.ts';
 import { verifyWorkspaceChain } from '../src/privacy/audit-chain.ts';
@@ -138,7 +141,8 @@ export async function runDrainBench(ctx: BenchContext): Promise<Figure[]> {
   );
   console.log(
     `${rounds} round(s); each: fresh clones → CHECKPOINT → worker started on its clone → drained → verified; ` +
-      `concurrency ${concurrency}, graphile-worker pollInterval 2 s and pool concurrency + 2 on both sides`,
+      `concurrency ${concurrency}, graphile-worker pollInterval 2 s, pool concurrency + 2, local queue concurrency + 1 ` +
+      'and batched completions on both sides',
   );
 
   async function drainErasures(): Promise<Drained> {
@@ -221,7 +225,12 @@ export async function runDrainBench(ctx: BenchContext): Promise<Figure[]> {
       await worker.stop();
       const m = /^RESULT (\{.*\})$/m.exec(worker.output());
       if (!m) throw new VerificationError(`no-op worker printed no result:\n${worker.output().slice(-2000)}`);
-      const res = JSON.parse(m[1]!) as { jobs: number; firstStartMs: number; lastEndMs: number };
+      const res = JSON.parse(m[1]!) as { jobs: number; firstStartMs: number; lastEndMs: number; settings?: unknown };
+      // The two sides must differ in their tasks alone: a baseline without the service's fetch and completion
+      // batching drains about half as fast, which would flatter the ratio.
+      if (!isDeepStrictEqual(res.settings, runnerSettings(concurrency))) {
+        throw new VerificationError(`no-op worker ran with ${JSON.stringify(res.settings)}, not the service's settings`);
+      }
       const [left] = await sql<{ n: number }[]>`select count(*)::int as n from graphile_worker.jobs`;
       if (res.jobs !== jobs || left!.n !== 0) {
         throw new VerificationError(`no-op worker ran ${res.jobs} of ${jobs} tasks; ${left!.n} jobs left`);

@@ -15,6 +15,28 @@ export interface WorkerOptions {
   sweepIntervalMs?: number;
 }
 
+/**
+ * The graphile-worker settings of the service's worker, also given to the drain benchmark's no-op baseline
+ * (bench/noop-worker.ts) so that the two differ only in their tasks.
+ */
+export function runnerSettings(concurrency: number, pollInterval = 2_000) {
+  return {
+    concurrency,
+    // One connection per concurrent job plus one for LISTEN and one spare; graphile-worker's default is 10.
+    maxPoolSize: concurrency + 2,
+    pollInterval,
+    preset: {
+      worker: {
+        // Jobs are fetched (and locked) a few at a time and completions of the same tick go out together: a burst of
+        // webhooks no longer costs one fetch and one completion round trip per job. Kept small so that a report job
+        // (higher priority) added meanwhile waits for at most a handful of erasures.
+        localQueue: { size: concurrency + 1 },
+        completeJobBatchDelay: 0,
+      },
+    },
+  };
+}
+
 export interface WorkerHandle {
   runner: Runner;
   liveness: Liveness;
@@ -37,21 +59,9 @@ export async function startWorker(deps: UpstreamDeps, opts: WorkerOptions): Prom
   try {
     runner = await run({
       connectionString: opts.connectionString,
-      concurrency: opts.concurrency,
-      // One connection per concurrent job plus one for LISTEN and one spare; graphile-worker's default is 10.
-      maxPoolSize: opts.concurrency + 2,
-      pollInterval: opts.pollInterval ?? 2_000,
+      ...runnerSettings(opts.concurrency, opts.pollInterval),
       noHandleSignals: true,
       crontab: opts.crontab ?? CRONTAB,
-      preset: {
-        worker: {
-          // Jobs are fetched (and locked) a few at a time and completions of the same tick go out together: a burst of
-          // webhooks no longer costs one fetch and one completion round trip per job. Kept small so that a report job
-          // (higher priority) added meanwhile waits for at most a handful of erasures.
-          localQueue: { size: opts.concurrency + 1 },
-          completeJobBatchDelay: 0,
-        },
-      },
       logger: graphileLogger(deps.logger),
       taskList: taskList(deps),
       events,
