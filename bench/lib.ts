@@ -354,6 +354,8 @@ export class PeakRss {
   private sampledKb = 0;
   private timer: NodeJS.Timeout;
   readonly hwmReset: boolean;
+  /** VmRSS when the window started (0 if it could not be read). */
+  readonly startKb: number;
   /** VmHWM is meaningful: reset at the start, or deliberately covering the process's whole life. */
   private useHwm: boolean;
 
@@ -373,6 +375,7 @@ export class PeakRss {
     this.hwmReset = reset;
     this.useHwm = reset || opts.reset === false;
     this.sample();
+    this.startKb = this.sampledKb;
     this.timer = setInterval(() => this.sample(), opts.intervalMs ?? 100);
     this.timer.unref();
   }
