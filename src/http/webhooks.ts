@@ -93,7 +93,8 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
         return await handle(connector);
       } catch (err) {
         // A copy kept from an earlier webhook may be out of date (secrets replaced, config changed, disabled): when it
-        // refused this one or could not store it, read the connector again and, if it changed, decide again.
+        // refused this one, could not verify it (a wrong API key or vendor URL the admin has since fixed) or could not
+        // store it, read the connector again and, if it changed, decide again.
         const mayBeStale = err instanceof StaleConnectorError || (cached && isAdapterVerdict(err));
         if (!mayBeStale) throw err;
         const current = await connectors.load(vendor, connectorId);
@@ -118,7 +119,10 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
   });
 }
 
-/** The adapter's own refusals (signature, payload): what a copy with old secrets or config could get wrong. */
+/**
+ * The adapter's own refusals (signature, payload) and its failures to verify at all (the vendor's signing key out of
+ * reach with the credentials or URL it has): what a copy with old secrets or config could get wrong.
+ */
 function isAdapterVerdict(err: unknown): boolean {
-  return err instanceof WebhookAuthError || err instanceof WebhookPayloadError;
+  return err instanceof WebhookAuthError || err instanceof WebhookPayloadError || err instanceof WebhookUnavailableError;
 }

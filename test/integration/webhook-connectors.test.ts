@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { datagrailBody, datagrailWebhook, FAKE_DATAGRAIL_API_KEY } from '../../connectors/datagrail/fake.ts';
 import { onetrustWebhook } from '../../connectors/onetrust/fake.ts';
+import { FAKE_API_KEY, startFakeTranscend } from '../../connectors/transcend/fake.ts';
 import { freshWriter } from '../../src/upstream/tickets.ts';
 import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { uniq } from '../helpers/factories.ts';
@@ -180,6 +181,47 @@ describe('connectors kept between webhooks', () => {
     const wiped = await deliver('onetrust', id, ot('Wipe Me'));
     expect(wiped.status, wiped.text).toBe(200);
     expectError(await deliver('onetrust', id, ot('Forget Me')), 422, 'unsupported_request_type');
+  });
+
+  it('a kept copy that cannot verify (503: wrong Sombra API key or URL) is read again once the admin fixes it', async () => {
+    const transcend = await startFakeTranscend();
+    try {
+      const id = await createConnector({
+        vendor: 'transcend',
+        name: 'Transcend',
+        config: transcend.config(),
+        secrets: { apiKey: 'wrong-transcend-api-key' },
+      });
+      const send = async () => {
+        const w = await transcend.webhook();
+        return deliver('transcend', id, { headers: w.headers, rawBody: w.body });
+      };
+      // Sombra refuses the key, so the signing key cannot be fetched: 503, and the connector is now kept opened.
+      expectError(await send(), 503, 'service_unavailable');
+      const put = await call(env, 'PUT', `/v1/admin/connectors/${id}/secrets`, {
+        key: ws.adminKey,
+        body: { secrets: { apiKey: FAKE_API_KEY } },
+      });
+      expect(put.status, put.text).toBe(200);
+      const fixed = await send();
+      expect(fixed.status, fixed.text).toBe(200);
+
+      // The same for a wrong Sombra URL fixed by a config change.
+      const patch = await call(env, 'PATCH', `/v1/admin/connectors/${id}`, {
+        key: ws.adminKey,
+        body: { config: transcend.config({ sombraUrl: 'http://127.0.0.1:9' }) },
+      });
+      expect(patch.status, patch.text).toBe(200);
+      expectError(await send(), 503, 'service_unavailable');
+      const back = await call(env, 'PATCH', `/v1/admin/connectors/${id}`, { key: ws.adminKey, body: { config: transcend.config() } });
+      expect(back.status, back.text).toBe(200);
+      const again = await send();
+      expect(again.status, again.text).toBe(200);
+      // Two tickets of one subject: the second joined the first's pending request.
+      expect(await stored(id)).toMatchObject({ tickets: 2, requests: 1 });
+    } finally {
+      await transcend.stop();
+    }
   });
 
   it('a webhook for another vendor’s URL of a kept connector is 404', async () => {
