@@ -128,6 +128,11 @@ export interface Connector<C = unknown, S = unknown> {
   configSchema: z.ZodType<C>;
   /** Secret settings (API keys, shared secrets), validated on every write; stored sealed, never shown. */
   secretsSchema: z.ZodType<S>;
+  /**
+   * What the config and the secrets get wrong together (e.g. a secret the config makes required), checked on every
+   * write of either: each problem names its field (`secrets.<name>` or `config.<name>`), never a value.
+   */
+  settingsProblems?(config: C, secrets: S): { path: string; message: string }[];
   /** Throws WebhookAuthError (401) when the sender cannot be verified. Runs before the body is parsed. */
   verify(req: RawWebhook, conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<Verified>;
   /** Throws WebhookPayloadError (4xx with a clear reason) for bad input. */

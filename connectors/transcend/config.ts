@@ -75,6 +75,13 @@ export const secretsSchema = z.strictObject({
 
 export type Config = z.output<typeof configSchema>;
 export type Secrets = z.output<typeof secretsSchema>;
+
+/** A self-hosted Sombra wants its own API key on every call: without it nothing could be verified or reported. */
+export function settingsProblems(config: Config, secrets: Secrets): { path: string; message: string }[] {
+  return config.selfHostedSombra && !secrets.sombraApiKey
+    ? [{ path: 'secrets.sombraApiKey', message: 'required when config.selfHostedSombra is true' }]
+    : [];
+}
 export type TranscendConnector = ConnectorInstance<Config, Secrets>;
 
 /**

@@ -2,11 +2,11 @@ import { and, asc, eq, getTableColumns, isNotNull, isNull, sql, type SQL } from 
 import { z } from 'zod';
 import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
 import type { AdapterContext, ConnectorInstance } from '../../connectors/types.ts';
-import type { Db } from '../db/client.ts';
+import type { Db, DbOrTx } from '../db/client.ts';
 import { connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
-import { secretFingerprint, type Sealer } from '../lib/sealing.ts';
+import { SealError, secretFingerprint, type Sealer } from '../lib/sealing.ts';
 import type { UpstreamDeps } from './context.ts';
 
 export type ConnectorRow = typeof connectors.$inferSelect;
@@ -44,6 +44,28 @@ function validate<T>(schema: z.ZodType<T>, value: unknown, field?: 'config' | 's
   return result.data;
 }
 
+/** Refuses a config and secrets that do not go together (the adapter's settingsProblems), naming the fields. */
+function checkSettings(adapter: AnyConnector, config: unknown, secrets: unknown): void {
+  const problems = adapter.settingsProblems?.(config, secrets) ?? [];
+  if (problems.length > 0) {
+    throw new ApiError('validation_failed', 'config and secrets do not go together for this vendor', problems);
+  }
+}
+
+/** The stored secrets, or undefined when no configured key opens them (then only new secrets can help). */
+function storedSecrets(sealer: Sealer, adapter: AnyConnector, row: ConnectorRow): unknown {
+  if (!row.secretsSealed) return undefined;
+  let plain: string;
+  try {
+    plain = sealer.open(row.secretsSealed, secretsContext(row.id));
+  } catch (err) {
+    if (err instanceof SealError) return undefined;
+    throw err;
+  }
+  const parsed = adapter.secretsSchema.safeParse(JSON.parse(plain));
+  return parsed.success ? parsed.data : undefined;
+}
+
 function sealSecrets(deps: Pick<UpstreamDeps, 'sealer' | 'digestKey'>, connectorId: string, secrets: Record<string, unknown>) {
   const fingerprints: Record<string, string> = {};
   for (const [name, value] of Object.entries(secrets)) {
@@ -57,6 +79,7 @@ export async function createConnector(deps: UpstreamDeps, workspaceId: string, i
   const adapter = adapterOf(v.vendor);
   const config = validate(adapter.configSchema, v.config, 'config');
   const secrets = validate(adapter.secretsSchema, v.secrets, 'secrets') as Record<string, unknown>;
+  checkSettings(adapter, config, secrets);
   const id = newId('con');
   const [row] = await deps.db
     .insert(connectors)
@@ -84,30 +107,52 @@ export async function getConnector(db: Db, workspaceId: string, id: string): Pro
   return row;
 }
 
-export async function updateConnector(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
-  const v = validate(connectorUpdateSchema, input);
-  const current = await getConnector(deps.db, workspaceId, id);
-  const config = v.config === undefined ? undefined : validate(adapterOf(current.vendor).configSchema, v.config, 'config');
-  const [row] = await deps.db
-    .update(connectors)
-    .set({ name: v.name, config: config as Record<string, unknown> | undefined, enabled: v.enabled, updatedAt: sql`now()` })
+/** getConnector, holding the row until the transaction ends (config and secrets are checked against each other). */
+async function lockedConnector(tx: DbOrTx, workspaceId: string, id: string): Promise<ConnectorRow> {
+  const [row] = await tx
+    .select()
+    .from(connectors)
     .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
-    .returning();
+    .for('update');
   if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
   return row;
+}
+
+export async function updateConnector(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
+  const v = validate(connectorUpdateSchema, input);
+  return deps.db.transaction(async (tx) => {
+    const current = await lockedConnector(tx, workspaceId, id);
+    const adapter = adapterOf(current.vendor);
+    const config = v.config === undefined ? undefined : validate(adapter.configSchema, v.config, 'config');
+    if (config !== undefined) {
+      const secrets = storedSecrets(deps.sealer, adapter, current);
+      if (secrets !== undefined) checkSettings(adapter, config, secrets);
+    }
+    const [row] = await tx
+      .update(connectors)
+      .set({ name: v.name, config: config as Record<string, unknown> | undefined, enabled: v.enabled, updatedAt: sql`now()` })
+      .where(eq(connectors.id, id))
+      .returning();
+    return row!;
+  });
 }
 
 /** Replaces the whole secret set (validated as a set, so a vendor's required secrets cannot be dropped). */
 export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
   const body = validate(z.strictObject({ secrets: z.record(z.string(), z.unknown()) }), input);
-  const current = await getConnector(deps.db, workspaceId, id);
-  const secrets = validate(adapterOf(current.vendor).secretsSchema, body.secrets, 'secrets') as Record<string, unknown>;
-  const [row] = await deps.db
-    .update(connectors)
-    .set({ ...sealSecrets(deps, id, secrets), secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
-    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
-    .returning();
-  if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
+  const row = await deps.db.transaction(async (tx) => {
+    const current = await lockedConnector(tx, workspaceId, id);
+    const adapter = adapterOf(current.vendor);
+    const secrets = validate(adapter.secretsSchema, body.secrets, 'secrets') as Record<string, unknown>;
+    const config = adapter.configSchema.safeParse(current.config);
+    if (config.success) checkSettings(adapter, config.data, secrets);
+    const [updated] = await tx
+      .update(connectors)
+      .set({ ...sealSecrets(deps, id, secrets), secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
+      .where(eq(connectors.id, id))
+      .returning();
+    return updated!;
+  });
   deps.logger.info({ connectorId: id }, 'connector secrets replaced');
   return row;
 }

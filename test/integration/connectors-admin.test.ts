@@ -272,6 +272,42 @@ describe('POST /v1/admin/connectors', () => {
     expect(await countRows(ws.workspaceId)).toBe(0);
   });
 
+  // README: selfHostedSombra "also send x-sombra-authorization: Bearer <sombraApiKey> (secret then required)". Without
+  // it every webhook answers 503 and every report fails, which the admin would only find out from Transcend.
+  it('transcend selfHostedSombra without the sombraApiKey secret → 400 secrets.sombraApiKey, on create, config change and secret change', async () => {
+    const ws = await env.newWorkspace();
+    const selfHosted = { ...transcend.config(), selfHostedSombra: true };
+    const created = await admin(ws, 'POST', '/v1/admin/connectors', input('transcend', { config: selfHosted }));
+    expect(detailPaths(created)).toEqual(['secrets.sombraApiKey']);
+    expect(await countRows(ws.workspaceId)).toBe(0);
+
+    // A multi-tenant connector (no sombraApiKey) switched to self-hosted by a config change.
+    const view = await create(ws, 'transcend');
+    const path = `/v1/admin/connectors/${view.id}`;
+    const before = await rawRow(view.id);
+    expect(detailPaths(await admin(ws, 'PATCH', path, { config: selfHosted }))).toEqual(['secrets.sombraApiKey']);
+    expect((await rawRow(view.id))!.as_json).toBe(before!.as_json);
+
+    // With the secret set first, the switch is accepted; then the secret cannot be dropped while it is self-hosted.
+    const withKey = await admin(ws, 'PUT', `${path}/secrets`, { secrets: { apiKey: FAKE_API_KEY, sombraApiKey: 'sombra-key-1a2b3c4d' } });
+    expect(withKey.status, withKey.text).toBe(200);
+    const patched = await admin(ws, 'PATCH', path, { config: selfHosted });
+    expect(patched.status, patched.text).toBe(200);
+    const after = await rawRow(view.id);
+    expect(detailPaths(await admin(ws, 'PUT', `${path}/secrets`, { secrets: { apiKey: FAKE_API_KEY } }))).toEqual([
+      'secrets.sombraApiKey',
+    ]);
+    expect((await rawRow(view.id))!.as_json).toBe(after!.as_json);
+    // Created with both, it is accepted.
+    const both = await admin(
+      ws,
+      'POST',
+      '/v1/admin/connectors',
+      input('transcend', { config: selfHosted, secrets: { apiKey: FAKE_API_KEY, sombraApiKey: 'sombra-key-1a2b3c4d' } }),
+    );
+    expect(both.status, both.text).toBe(201);
+  });
+
   it('unknown vendor, missing name or secrets → 400 validation_failed', async () => {
     const ws = await env.newWorkspace();
     expect(detailPaths(await admin(ws, 'POST', '/v1/admin/connectors', input('transcend', { vendor: 'acme' })))).toContain(
