@@ -193,7 +193,7 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
         202: json(z.object({ ticketId: z.string(), status: z.literal('pending') }), 'Queued again'),
         ...commonErrors,
         ...notFoundError,
-        409: json(ErrorBody, 'The report is not failed (pending or already delivered)'),
+        409: json(ErrorBody, 'The report is not failed (pending or already delivered), or its connector was deleted'),
       },
     }),
     async (c) => {

@@ -315,6 +315,14 @@ export async function redeliverTicket(deps: UpstreamDeps, workspaceId: string, t
       .for('update');
     if (!row) throw new ApiError('not_found', 'no such ticket in this workspace');
     if (row.status !== 'failed') throw new ApiError('conflict', `only a failed report can be redelivered (this one is ${row.status})`);
+    // A deleted connector's secrets (and its tickets' capabilities) are gone: the report could only fail again.
+    const [connector] = await tx
+      .select({ deletedAt: connectors.deletedAt })
+      .from(connectors)
+      .where(eq(connectors.id, row.connectorId));
+    if (!connector || connector.deletedAt) {
+      throw new ApiError('conflict', "the ticket's connector was deleted: its report can no longer be delivered");
+    }
     const [updated] = await tx
       .update(upstreamTickets)
       .set(resetForNewOutcome(deps.reportPolicy))

@@ -415,6 +415,40 @@ describe('report delivery', () => {
   });
 });
 
+describe('redelivery of a deleted connector’s report', () => {
+  it('→ 409 conflict naming the deletion; the ticket stays failed and no job is queued', async () => {
+    const id = await createConnector(a, {
+      vendor: 'datagrail',
+      name: 'DataGrail (to delete)',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: 'dg-secret-deleted', apiKey: FAKE_DATAGRAIL_API_KEY },
+    });
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 401 });
+    try {
+      const w = datagrailWebhook({
+        secret: 'dg-secret-deleted',
+        body: datagrailBody({ webhook_request_id: randomUUID(), identifiers: { email: `${uniq('x')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+      });
+      const requestId = (await deliver('datagrail', id, w.headers, w.rawBody)).json.received[0].requestId as string;
+      const t = await settle(requestId);
+      expect(t.status).toBe('failed');
+      const del = await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: a.adminKey });
+      expect(del.status, del.text).toBe(204);
+      // Its report can never be delivered any more: queuing it again would only fail it again (connector_deleted).
+      const again = await call(env, 'POST', `/v1/admin/tickets/${t.id}/redeliver`, { key: a.adminKey });
+      const err = expectError(again, 409, 'conflict');
+      expect(err.message).toMatch(/deleted/);
+      expect(await ticketOf(requestId)).toMatchObject({ status: 'failed', attempts: t.attempts, last_error: t.last_error });
+      const [jobs] = await env.sql`
+        select (select count(*) from graphile_worker._private_jobs where payload->>'ticketId' = ${t.id})::int +
+               (select count(*) from job_outbox where payload->>'ticketId' = ${t.id})::int as n`;
+      expect(jobs!.n).toBe(0);
+    } finally {
+      datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
+    }
+  });
+});
+
 describe('OneTrust webhooks', () => {
   const auth = { type: 'bearer' as const, secret: OT.inbound };
 
