@@ -5,12 +5,11 @@ import { connectorView } from '../http/admin.ts';
 import type { AppDeps } from '../http/env.ts';
 import { ApiError } from '../lib/errors.ts';
 import {
-  adapterContext,
   createConnector,
   getConnector,
   listConnectors,
-  openConnector,
   replaceSecrets,
+  testConnector,
   updateConnector,
   type ConnectorRow,
 } from '../upstream/store.ts';
@@ -130,8 +129,7 @@ const test: Command = async (cli, args) => {
   const { ids } = parse('connectors test', args, {}, ['connectorId']);
   return withDeps(cli, async (deps) => {
     const row = await connectorById(deps, ids[0]!);
-    const { adapter, instance } = openConnector(deps.sealer, row);
-    const result = await adapter.test(instance, adapterContext(deps));
+    const result = await testConnector(deps, row);
     output(cli, result, () => [
       `${row.id} (${row.vendor}): ${result.ok ? 'ok' : 'NOT OK'}`,
       ...result.checks.map((c) => `  ${c.ok ? 'ok  ' : 'FAIL'}  ${c.name}: ${c.detail}`),

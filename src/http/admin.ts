@@ -1,13 +1,12 @@
 import { createRoute, z } from '@hono/zod-openapi';
 import { VENDORS } from '../db/schema/index.ts';
 import {
-  adapterContext,
   createConnector,
   deleteConnector,
   getConnector,
   listConnectors,
-  openConnector,
   replaceSecrets,
+  testConnector,
   updateConnector,
   type ConnectorRow,
 } from '../upstream/store.ts';
@@ -210,8 +209,7 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
     }),
     async (c) => {
       const row = await getConnector(deps.db, ws(c), c.req.valid('param').id);
-      const { adapter, instance } = openConnector(deps.sealer, row);
-      const result = await adapter.test(instance, adapterContext(deps));
+      const result = await testConnector(deps, row);
       deps.logger.info({ connectorId: row.id, vendor: row.vendor, ok: result.ok }, 'connector tested');
       return c.json(result, 200);
     },

@@ -1,7 +1,7 @@
 import { and, asc, eq, getTableColumns, isNotNull, isNull, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
-import type { AdapterContext, ConnectorInstance } from '../../connectors/types.ts';
+import type { AdapterContext, ConnectorInstance, TestResult } from '../../connectors/types.ts';
 import type { Db, DbOrTx } from '../db/client.ts';
 import { connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
@@ -295,6 +295,22 @@ export function openConnectorAt(
   const opened = openConnector(sealer, row);
   kept.set(row.id, { version: row.version, opened });
   return opened;
+}
+
+/**
+ * Checks a connector's credentials against its vendor. Secrets no configured master key opens (a key removed before
+ * `keys rotate-master` re-sealed them) are a failed check telling the admin to re-enter them, not an error.
+ */
+export async function testConnector(deps: UpstreamDeps, row: ConnectorRow): Promise<TestResult> {
+  let opened: ReturnType<typeof openConnector>;
+  try {
+    opened = openConnector(deps.sealer, row);
+  } catch (err) {
+    if (!(err instanceof SealError)) throw err;
+    const detail = 'the stored secrets do not open with the configured master keys: replace them (PUT .../secrets)';
+    return { ok: false, checks: [{ name: 'secrets', ok: false, detail }] };
+  }
+  return opened.adapter.test(opened.instance, adapterContext(deps));
 }
 
 export function adapterContext(deps: UpstreamDeps): AdapterContext {

@@ -682,6 +682,18 @@ describe('POST /v1/admin/connectors/:id/test', () => {
     expectNoSecrets(res.text);
   });
 
+  // README (rotating the master key): a value no configured key opens is to be re-entered; the test must say so.
+  it('secrets no configured master key opens → 200 { ok: false } naming the secrets check, not a 500', async () => {
+    const ws = await env.newWorkspace();
+    const view = await create(ws, 'onetrust');
+    // Sealed for another row: well formed, but it does not open here (as under a master key removed too early).
+    const foreign = env.deps.sealer.seal('{"clientId":"x"}', 'connector:con_other:secrets');
+    await env.sql`update connectors set secrets_sealed = ${foreign} where id = ${view.id}`;
+    const res = await admin(ws, 'POST', `/v1/admin/connectors/${view.id}/test`);
+    expect(res.status, res.text).toBe(200);
+    expect(res.json).toEqual({ ok: false, checks: [{ name: 'secrets', ok: false, detail: expect.stringMatching(/master key/) }] });
+  });
+
   it('transcend with a wrong apiKey → 200 { ok: false } with a failed check', async () => {
     const ws = await env.newWorkspace();
     const view = await create(ws, 'transcend');
