@@ -34,6 +34,21 @@ function codeForHttpException(err: HTTPException): ErrorCode {
   return (byStatus?.[0] as ErrorCode | undefined) ?? (err.status >= 500 ? 'internal_error' : 'bad_request');
 }
 
+/** The methods the app's routes (not its middleware) answer on this path; HEAD wherever GET is. */
+function allowedMethods(app: App, path: string): string[] {
+  const methods = new Set<string>();
+  for (const r of app.routes) {
+    if (r.method === 'ALL' || methods.has(r.method)) continue;
+    const pattern = r.path
+      .split('/')
+      .map((seg) => (seg.startsWith(':') ? '[^/]+' : seg === '*' ? '.*' : seg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')))
+      .join('/');
+    if (new RegExp(`^${pattern}$`).test(path)) methods.add(r.method);
+  }
+  if (methods.has('GET')) methods.add('HEAD');
+  return [...methods];
+}
+
 export function newApp(deps: AppDeps): App {
   const app: App = new OpenAPIHono<AppEnv>({
     defaultHook: (result) => {
@@ -103,7 +118,15 @@ export function newApp(deps: AppDeps): App {
   registerAccountRoutes(app, deps);
   registerWebhookRoutes(app, deps);
 
-  app.notFound((c) => errorBody(c, 'not_found', 'no such route'));
+  app.notFound((c) => {
+    // A path we serve, asked with another method: say which methods it takes rather than that it does not exist.
+    const allowed = allowedMethods(app, c.req.path);
+    if (allowed.length > 0 && !allowed.includes(c.req.method)) {
+      c.header('Allow', allowed.join(', '));
+      return errorBody(c, 'method_not_allowed', `${allowed.join(', ')} only on this route`);
+    }
+    return errorBody(c, 'not_found', 'no such route');
+  });
   app.onError((err, c) => {
     if (err instanceof ApiError) {
       for (const [name, value] of Object.entries(err.headers ?? {})) c.header(name, value);

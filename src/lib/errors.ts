@@ -12,6 +12,7 @@ export const ERROR_STATUS = {
   csrf_failed: 403,
   forbidden: 403,
   not_found: 404,
+  method_not_allowed: 405,
   conflict: 409,
   token_replayed: 401,
   payload_too_large: 413,

@@ -153,6 +153,28 @@ describe('ops routes', () => {
     const err = expectError(await call(env, 'GET', '/v2/nothing-here'), 404, 'not_found');
     expect(err.message).toBe('no such route');
   });
+
+  it('a route asked with a method it does not take → 405 with Allow, not "no such route"; nothing done', async () => {
+    const ws = await env.newWorkspace();
+    for (const [method, path, key, allow] of [
+      ['DELETE', '/v1/privacy/requests', ws.privacyKey, 'POST, GET, HEAD'],
+      ['PUT', '/v1/privacy/requests/req_0000000000000000000000000', ws.privacyKey, 'GET, HEAD'],
+      ['GET', '/v1/track', ws.ingestKey, 'POST'],
+      ['PUT', '/v1/admin/connectors/con_0000000000000000000000000', ws.adminKey, 'GET, PATCH, DELETE, HEAD'],
+      ['GET', '/webhooks/datagrail/con_0000000000000000000000000', undefined, 'POST'],
+      ['POST', '/healthz', undefined, 'GET, HEAD'],
+    ] as const) {
+      const res = await call(env, method, path, { key, body: method === 'GET' ? undefined : {} });
+      const err = expectError(res, 405, 'method_not_allowed');
+      expect(res.headers.get('allow'), `${method} ${path}`).toBe(allow);
+      expect(err.message).toContain(allow);
+    }
+    expect(await requestCount(ws.workspaceId)).toBe(0);
+    // An unknown path is still a 404, and a known path with its own method is served.
+    expectError(await call(env, 'DELETE', '/v1/privacy/nothing', { key: ws.privacyKey }), 404, 'not_found');
+    expect((await call(env, 'GET', '/v1/privacy/requests', { key: ws.privacyKey })).status).toBe(200);
+    expect((await env.app.request('/healthz', { method: 'HEAD' })).status).toBe(200);
+  });
 });
 
 describe('authentication on privacy routes', () => {
