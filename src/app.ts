@@ -53,7 +53,16 @@ export function newApp(deps: AppDeps): App {
   const app: App = new OpenAPIHono<AppEnv>({
     defaultHook: (result) => {
       if (!result.success) {
-        throw new ApiError('validation_failed', 'request failed validation', issuesToDetails(result.error.issues));
+        // A query parameter the route does not know (a misspelt filter) is named on its own, not as "(body)".
+        const issues =
+          result.target === 'query'
+            ? result.error.issues.flatMap((i) =>
+                i.code === 'unrecognized_keys'
+                  ? i.keys.map((key) => ({ path: [...i.path, key], message: 'unknown query parameter' }))
+                  : [i],
+              )
+            : result.error.issues;
+        throw new ApiError('validation_failed', 'request failed validation', issuesToDetails(issues));
       }
     },
   });

@@ -300,7 +300,7 @@ const listRequests = createRoute({
       email: z.string().trim().max(320).pipe(z.email()).optional(),
       upstreamRef: z.string().min(1).max(500).optional().openapi({ description: "A vendor's ticket reference" }),
       upstreamStatus: z.enum(UPSTREAM_STATUSES).optional().openapi({ description: 'Requests with a vendor ticket in this state' }),
-    }),
+    }).strict(),
   },
   responses: {
     200: json(z.object({ data: z.array(RequestView), nextCursor: z.string().nullable() }), 'A page'),
@@ -347,7 +347,7 @@ const listAudit = createRoute({
       outcome: z.enum(OUTCOMES).optional(),
       userId: z.string().min(1).max(256).optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
-    }),
+    }).strict(),
   },
   responses: {
     200: json(z.object({ data: z.array(AuditView), nextCursor: z.string().nullable() }), 'A page'),

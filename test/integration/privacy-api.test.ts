@@ -697,6 +697,28 @@ describe('empty filters', () => {
       expect(err.details!.map((d) => d.path), path).toEqual([field]);
     }
   });
+
+  it('a misspelt or unsupported filter → 400 naming it, not every request', async () => {
+    const ws = await env.newWorkspace();
+    await submitOne(ws, { action: 'suppress', userId: 'someone-else', externalRequestId: 'EXT-other' });
+    await env.runJobs();
+    for (const [path, field] of [
+      ['/v1/privacy/requests?externalRequestID=EXT-mine', 'externalRequestID'],
+      ['/v1/privacy/requests?user_id=u-mine', 'user_id'],
+      ['/v1/privacy/requests?status=complete&emial=me%40example.com', 'emial'],
+      // The audit list has no externalRequestId filter: it must not answer with every record.
+      ['/v1/privacy/audit?externalRequestId=EXT-mine', 'externalRequestId'],
+    ] as const) {
+      const err = expectError(await get(ws, path), 400, 'validation_failed');
+      expect(err.details, path).toEqual([{ path: field, message: 'unknown query parameter' }]);
+    }
+    // A parameter name that is a value (an email) is not repeated.
+    const odd = await get(ws, '/v1/privacy/requests?someone%40example.com=1');
+    expect(expectError(odd, 400, 'validation_failed').details).toEqual([{ path: '[key]', message: 'unknown query parameter' }]);
+    expect(odd.text).not.toContain('someone');
+    // The documented ones still work.
+    expect((await get(ws, '/v1/privacy/requests?externalRequestId=EXT-other&limit=5&cursor=')).json.data).toHaveLength(1);
+  });
 });
 
 describe('execution and audit', () => {
