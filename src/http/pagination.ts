@@ -18,10 +18,11 @@ export function encodeCursor(id: string): string {
   return Buffer.from(id).toString('base64url');
 }
 
-export function cursorCondition(cursor: string | undefined, idCol: PgColumn): SQL | undefined {
+/** `prefix` is the listed ids' own (`req`, `aud`): a cursor from another listing would silently give an empty page. */
+export function cursorCondition(cursor: string | undefined, idCol: PgColumn, prefix: string): SQL | undefined {
   if (!cursor) return undefined;
   const id = Buffer.from(cursor, 'base64url').toString('utf8');
-  if (!CURSOR.test(id)) {
+  if (!CURSOR.test(id) || !id.startsWith(`${prefix}_`)) {
     throw new ApiError('validation_failed', 'invalid cursor', [{ path: 'cursor', message: 'not a cursor we issued' }]);
   }
   return lt(idCol, id);

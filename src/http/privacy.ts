@@ -454,7 +454,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
               .where(and(eq(upstreamTickets.requestId, dsrRequests.id), eq(upstreamTickets.status, q.upstreamStatus))),
           )
         : undefined,
-      cursorCondition(q.cursor, dsrRequests.id),
+      cursorCondition(q.cursor, dsrRequests.id, 'req'),
     ];
     const views = await readRequestViews(deps.db, (tx) =>
       tx
@@ -499,7 +499,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       q.outcome ? eq(auditRecords.outcome, q.outcome) : undefined,
       q.userId ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
       q.email ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
-      cursorCondition(q.cursor, auditRecords.id),
+      cursorCondition(q.cursor, auditRecords.id, 'aud'),
     ];
     const rows = await deps.db
       .select()

@@ -680,6 +680,26 @@ describe('GET /v1/privacy/requests (list)', () => {
     expectError(await get(ws, '/v1/privacy/requests?limit=101'), 400, 'validation_failed');
     expectError(await get(ws, '/v1/privacy/requests?limit=abc'), 400, 'validation_failed');
   });
+
+  it("a cursor from the other listing → 400 naming cursor, not an empty last page", async () => {
+    const ws = await env.newWorkspace();
+    for (const u of ['swap-1', 'swap-2']) await submitOne(ws, { action: 'suppress', userId: u });
+    await env.runJobs();
+    const requestsPage = await get(ws, '/v1/privacy/requests?limit=1');
+    const auditPage = await get(ws, '/v1/privacy/audit?limit=1');
+    expect(requestsPage.json.nextCursor).toEqual(expect.any(String));
+    expect(auditPage.json.nextCursor).toEqual(expect.any(String));
+    for (const path of [
+      `/v1/privacy/requests?limit=1&cursor=${auditPage.json.nextCursor}`,
+      `/v1/privacy/audit?limit=1&cursor=${requestsPage.json.nextCursor}`,
+    ]) {
+      const err = expectError(await get(ws, path), 400, 'validation_failed');
+      expect(err.details!.map((d) => d.path), path).toEqual(['cursor']);
+    }
+    // Each in its own listing leads to the second item.
+    expect((await get(ws, `/v1/privacy/requests?limit=1&cursor=${requestsPage.json.nextCursor}`)).json.data).toHaveLength(1);
+    expect((await get(ws, `/v1/privacy/audit?limit=1&cursor=${auditPage.json.nextCursor}`)).json.data).toHaveLength(1);
+  });
 });
 
 describe('empty filters', () => {
