@@ -11,7 +11,7 @@ import {
 } from '../product/ingest.ts';
 import { keyOnlySecurity, requireKey } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
-import { commonErrors } from './schemas.ts';
+import { commonErrors, conflictError } from './schemas.ts';
 
 const IngestResult = z
   .object({
@@ -21,6 +21,9 @@ const IngestResult = z
     reason: z.enum(['suppressed', 'erased']).optional(),
   })
   .openapi('IngestResult');
+
+/** Messages name a conversation, which belongs to one end user. */
+const conversationConflict = conflictError('conversationId belongs to another user (nothing is stored)');
 
 const single = (path: string, summary: string, schema: z.ZodObject, type: IngestItem['type']) => ({
   route: createRoute({
@@ -33,6 +36,7 @@ const single = (path: string, summary: string, schema: z.ZodObject, type: Ingest
     responses: {
       200: { description: 'Accepted', content: { 'application/json': { schema: IngestResult } } },
       ...commonErrors,
+      ...(type === 'message' ? conversationConflict : {}),
     },
   }),
   type,
@@ -69,6 +73,7 @@ const batchRoute = createRoute({
       },
     },
     ...commonErrors,
+    ...conversationConflict,
   },
 });
 

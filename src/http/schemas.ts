@@ -20,7 +20,10 @@ export const commonErrors = {
   403: err('API key of the wrong scope, or a session mutation without its CSRF token'),
   413: err('Body too large'),
   415: err('Body is not JSON'),
+  503: err('Database temporarily unavailable; retry after the Retry-After seconds'),
 } as const;
+
+export const conflictError = (description: string) => ({ 409: err(description) }) as const;
 
 export const notFoundError = { 404: err('Not found (or not in this workspace)') } as const;
 

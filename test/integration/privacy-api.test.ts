@@ -134,6 +134,21 @@ describe('ops routes', () => {
     expect(res.json.components.securitySchemes.bearer).toMatchObject({ type: 'http', scheme: 'bearer' });
   });
 
+  it('GET /openapi.json lists the statuses the routes really answer: 409 for a foreign conversation, 503 when the database is down', async () => {
+    const doc = (await call(env, 'GET', '/openapi.json')).json;
+    // test/integration/ingest-api.test.ts: a conversationId of another user → 409 conflict, alone or in a batch.
+    for (const path of ['/v1/messages', '/v1/batch']) expect(Object.keys(doc.paths[path].post.responses), path).toContain('409');
+    // test/integration/db-down.test.ts: every route that reads the database answers 503 + Retry-After while it is down.
+    const missing: string[] = [];
+    for (const [path, item] of Object.entries(doc.paths as Record<string, Record<string, { responses: object }>>)) {
+      for (const [method, op] of Object.entries(item)) {
+        if (path === '/openapi.json') continue;
+        if (!Object.keys(op.responses).includes('503')) missing.push(`${method.toUpperCase()} ${path}`);
+      }
+    }
+    expect(missing).toEqual([]);
+  });
+
   it('GET /docs → 200 html that loads the local swagger assets', async () => {
     const res = await call(env, 'GET', '/docs');
     expect(res.status).toBe(200);
