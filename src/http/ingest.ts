@@ -59,7 +59,7 @@ const batchRoute = createRoute({
     body: {
       required: true,
       content: {
-        'application/json': { schema: z.object({ batch: z.array(ingestItemSchema).min(1).max(MAX_BATCH) }) },
+        'application/json': { schema: z.strictObject({ batch: z.array(ingestItemSchema).min(1).max(MAX_BATCH) }) },
       },
     },
   },

@@ -25,7 +25,9 @@ const jsonObject = z
   .record(z.string(), z.unknown())
   .refine((v) => jsonDepthWithin(v, MAX_JSON_DEPTH), `nested deeper than ${MAX_JSON_DEPTH} levels`);
 
-export const identifySchema = z.object({
+// Strict: a field the route does not take (a typo such as `props`, or `traits` sent to /v1/track) is refused naming
+// it, not dropped while the answer says stored.
+export const identifySchema = z.strictObject({
   userId,
   email: z.string().trim().max(320).pipe(z.email()).optional(),
   name: z.string().max(500).optional(),
@@ -34,20 +36,20 @@ export const identifySchema = z.object({
   traits: jsonObject.optional(),
   timestamp,
 });
-export const trackSchema = z.object({
+export const trackSchema = z.strictObject({
   userId,
   event: z.string().min(1).max(200),
   properties: jsonObject.optional(),
   timestamp,
 });
-export const messageSchema = z.object({
+export const messageSchema = z.strictObject({
   userId,
   conversationId: z.string().min(1).max(256),
   role: z.enum(['user', 'assistant']),
   content: z.string().min(1).max(32_000),
   timestamp,
 });
-export const topicQuestionSchema = z.object({
+export const topicQuestionSchema = z.strictObject({
   userId,
   question: z.string().min(1).max(8_000),
   timestamp,

@@ -358,6 +358,22 @@ describe('bodies', () => {
     expect((await env.sql`select enabled, name, secrets_sealed from connectors where id = ${connectors.onetrust!}`)[0]).toEqual(row);
   });
 
+  it('an unknown field on an ingest route (a typo, or another route\'s field) → 400 naming it, nothing stored', async () => {
+    const before = await snapshot(env);
+    for (const [path, body, detail] of [
+      ['/v1/track', { userId: 'u-typo', event: 'e', props: { plan: 'pro' } }, { path: '(body)', message: 'Unrecognized key: "props"' }],
+      ['/v1/identify', { userId: 'u-typo', name: 'Ada', trait: { plan: 'pro' } }, { path: '(body)', message: 'Unrecognized key: "trait"' }],
+      ['/v1/messages', { userId: 'u-typo', conversationId: 'c', role: 'user', content: 'hi', conversation: 'c2' }, { path: '(body)', message: 'Unrecognized key: "conversation"' }],
+      ['/v1/topics/questions', { userId: 'u-typo', question: 'q', email: 'x@example.test' }, { path: '(body)', message: 'Unrecognized key: "email"' }],
+      ['/v1/batch', { batch: [{ type: 'track', userId: 'u-typo', event: 'e', traits: { plan: 'pro' } }] }, { path: 'batch[0]', message: 'Unrecognized key: "traits"' }],
+      ['/v1/batch', { batch: [{ type: 'track', userId: 'u-typo', event: 'e' }], items: [] }, { path: '(body)', message: 'Unrecognized key: "items"' }],
+    ] as const) {
+      const err = expectError(await http('POST', path, { key: ws.ingestKey, body }), 400, 'validation_failed');
+      expect(err.details, path).toEqual([detail]);
+    }
+    expect(await snapshot(env)).toEqual(before);
+  });
+
   it('an unknown key or a map key that is a value (an email) is not repeated in the error; a field-name typo still is', async () => {
     const email = `key-canary-${randomUUID()}@example.test`;
     const request = await http('POST', '/v1/privacy/requests', {
