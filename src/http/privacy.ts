@@ -1,5 +1,5 @@
 import { createRoute, z } from '@hono/zod-openapi';
-import { and, eq, exists, sql, type SQL } from 'drizzle-orm';
+import { and, eq, exists, inArray, not, sql, type SQL } from 'drizzle-orm';
 import {
   auditRecords,
   dsrRequests,
@@ -8,6 +8,7 @@ import {
   REQUEST_STATUSES,
   UPSTREAM_STATUSES,
   upstreamTickets,
+  type UpstreamStatus,
 } from '../db/schema/index.ts';
 import type { Db, Tx } from '../db/client.ts';
 import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
@@ -299,7 +300,10 @@ const listRequests = createRoute({
       userId: z.string().min(1).max(256).optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
       upstreamRef: z.string().min(1).max(500).optional().openapi({ description: "A vendor's ticket reference" }),
-      upstreamStatus: z.enum(UPSTREAM_STATUSES).optional().openapi({ description: 'Requests with a vendor ticket in this state' }),
+      upstreamStatus: z
+        .enum(UPSTREAM_STATUSES)
+        .optional()
+        .openapi({ description: "Requests whose upstreamStatus is this one (failed if any ticket failed, else pending if any is pending, else delivered)" }),
     }).strict(),
   },
   responses: {
@@ -359,6 +363,23 @@ type Item = z.infer<typeof ItemResult>;
 
 function needsRecentAuth(parsed: { success: boolean; data?: { action: string; scope: string } }): boolean {
   return parsed.success && (parsed.data!.action === 'erase' || parsed.data!.scope === 'workspace');
+}
+
+/**
+ * Requests whose `upstreamStatus` (the aggregate the view shows) is this one: failed if any ticket failed, else
+ * pending if any is pending, else delivered.
+ */
+function upstreamStatusIs(deps: AppDeps, status: UpstreamStatus): SQL {
+  const ticketIn = (statuses: UpstreamStatus[]) =>
+    exists(
+      deps.db
+        .select({ one: sql`1` })
+        .from(upstreamTickets)
+        .where(and(eq(upstreamTickets.requestId, dsrRequests.id), inArray(upstreamTickets.status, statuses))),
+    );
+  if (status === 'failed') return ticketIn(['failed']);
+  if (status === 'pending') return and(ticketIn(['pending']), not(ticketIn(['failed'])))!;
+  return and(ticketIn(['delivered']), not(ticketIn(['pending', 'failed'])))!;
 }
 
 export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
@@ -446,14 +467,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
       q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
       q.upstreamRef ? eq(dsrRequests.upstreamRef, q.upstreamRef) : undefined,
-      q.upstreamStatus
-        ? exists(
-            deps.db
-              .select({ one: sql`1` })
-              .from(upstreamTickets)
-              .where(and(eq(upstreamTickets.requestId, dsrRequests.id), eq(upstreamTickets.status, q.upstreamStatus))),
-          )
-        : undefined,
+      q.upstreamStatus ? upstreamStatusIs(deps, q.upstreamStatus) : undefined,
       cursorCondition(q.cursor, dsrRequests.id, 'req'),
     ];
     const views = await readRequestViews(deps.db, (tx) =>

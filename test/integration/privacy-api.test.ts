@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { adminSession } from '../helpers/sessions.ts';
 
 let env: TestEnv;
@@ -694,6 +694,41 @@ describe('GET /v1/privacy/requests (list)', () => {
     expectError(await get(ws, '/v1/privacy/requests?limit=0'), 400, 'validation_failed');
     expectError(await get(ws, '/v1/privacy/requests?limit=101'), 400, 'validation_failed');
     expectError(await get(ws, '/v1/privacy/requests?limit=abc'), 400, 'validation_failed');
+  });
+
+  it('?upstreamStatus= lists the requests whose upstreamStatus is that one, not any request with one ticket in that state', async () => {
+    const ws = await env.newWorkspace();
+    const connectorId = await createConnectorVia(env, ws.adminKey, {
+      vendor: 'datagrail',
+      name: 'dg',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: 'dg-upstream-status-secret', apiKey: 'dg-key' },
+    });
+    const withTickets = async (userId: string, statuses: string[]) => {
+      const id = await submitOne(ws, { action: 'suppress', userId });
+      for (const [i, status] of statuses.entries()) {
+        await env.sql`insert into upstream_tickets (id, workspace_id, connector_id, ticket_key, request_id, action, subject_digest, upstream_ref, status)
+                      values (${`tkt_${userId}_${i}`}, ${ws.workspaceId}, ${connectorId}, ${`${userId}-${i}`}, ${id}, 'suppress', 'd', ${`${userId}-${i}`}, ${status})`;
+      }
+      return id;
+    };
+    const deliveredAndFailed = await withTickets('us-a', ['delivered', 'failed']);
+    const deliveredAndPending = await withTickets('us-b', ['delivered', 'pending']);
+    const delivered = await withTickets('us-c', ['delivered']);
+    const pending = await withTickets('us-d', ['pending']);
+    await withTickets('us-e', []);
+    const pendingAndFailed = await withTickets('us-f', ['pending', 'failed']);
+    for (const [status, expected] of [
+      ['failed', [deliveredAndFailed, pendingAndFailed]],
+      ['pending', [deliveredAndPending, pending]],
+      ['delivered', [delivered]],
+    ] as const) {
+      const res = await get(ws, `/v1/privacy/requests?upstreamStatus=${status}`);
+      expect(res.status, res.text).toBe(200);
+      const rows = res.json.data as { id: string; upstreamStatus: string }[];
+      expect(rows.map((r) => r.upstreamStatus), status).toEqual(expected.map(() => status));
+      expect(rows.map((r) => r.id).sort(), status).toEqual([...expected].sort());
+    }
   });
 
   it("a cursor from the other listing → 400 naming cursor, not an empty last page", async () => {
