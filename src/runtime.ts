@@ -4,7 +4,9 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Env } from './config.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './db/embedded.ts';
+import { isTransient, pgCode } from './db/errors.ts';
 import { migrateDatabase } from './db/migrate.ts';
+import { DomainError } from './lib/errors.ts';
 import { sealerFor, type Sealer } from './lib/sealing.ts';
 import type { Logger } from './lib/logger.ts';
 
@@ -40,9 +42,40 @@ export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: bo
     if (opts.migrate !== false) await migrateDatabase(databaseUrl, logger);
   } catch (err) {
     await embedded?.stop();
-    throw err;
+    throw connectionFailure(err, embedded ? databaseLabel : `${databaseLabel} (DATABASE_URL)`) ?? err;
   }
   return { databaseUrl, digestKey, sealer, embedded, databaseLabel };
+}
+
+/**
+ * A start-up failure written for the operator (shown by `npm start` and the CLI alike): `service_unavailable` when
+ * trying again later may help, `config_error` when a setting must change.
+ */
+export class StartupError extends DomainError {
+  constructor(code: 'config_error' | 'service_unavailable', message: string, options?: { cause: unknown }) {
+    super(code, message);
+    if (options) this.cause = options.cause;
+  }
+}
+
+/** Node's and the driver's codes for a server that cannot be reached at all. */
+const UNREACHABLE = /^(ECONNREFUSED|ECONNRESET|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH|EAI_AGAIN|ENOTFOUND|CONNECT_TIMEOUT|CONNECTION_)/;
+
+/**
+ * The database could not be reached or would not let us in (wrong password, no such database, unknown host): said
+ * with the server's own words, which at this stage quote only the user, database and host names, never a password.
+ * Any other error (a failed migration statement) is left as it is.
+ */
+function connectionFailure(err: unknown, where: string): StartupError | undefined {
+  const sqlState = pgCode(err);
+  const netCode = (err as { code?: unknown }).code;
+  const refused = sqlState !== undefined && /^(28|3D000|08|53300|57P03)/.test(sqlState);
+  const unreachable = sqlState === undefined && typeof netCode === 'string' && UNREACHABLE.test(netCode);
+  if (!refused && !unreachable) return undefined;
+  const reason = err instanceof Error ? err.message : String(netCode);
+  return isTransient(err)
+    ? new StartupError('service_unavailable', `cannot connect to the database at ${where}: ${reason}; retry`, { cause: err })
+    : new StartupError('config_error', `cannot connect to the database at ${where}: ${reason}`, { cause: err });
 }
 
 /** DSR_DIGEST_KEY, or a key generated once under DATA_DIR (mode 0600) for local use. */

@@ -549,6 +549,28 @@ describe('requests and audit', () => {
 });
 
 describe('service commands', () => {
+  it('a DATABASE_URL the server refuses (no such database, wrong password) exits 1 saying why, never the password', async () => {
+    const noDb = new URL(env.url);
+    noDb.pathname = '/dsr_cli_no_such_database';
+    const missing = await fails(['workspaces', 'create', '--name', 'Nowhere'], 1, 'config_error', {
+      env: { DATABASE_URL: noDb.toString() },
+    });
+    expect(missing.message).toBe(
+      `cannot connect to the database at postgres://${noDb.hostname}:${noDb.port}/dsr_cli_no_such_database (DATABASE_URL): ` +
+        'database "dsr_cli_no_such_database" does not exist',
+    );
+
+    // A server that checks passwords says so; one that trusts the address says the database is missing. Either way
+    // the operator reads why, and the password is not repeated.
+    const badPassword = new URL(noDb);
+    badPassword.password = 'cli-canary-password';
+    const refused = await fails(['workspaces', 'create', '--name', 'Nowhere'], 1, 'config_error', {
+      env: { DATABASE_URL: badPassword.toString() },
+    });
+    expect(refused.message).toMatch(/^cannot connect to the database at postgres:\/\/[^@]+ \(DATABASE_URL\): (password authentication failed|database ".*" does not exist)/);
+    expect(refused.stdout + refused.stderr).not.toContain('cli-canary-password');
+  });
+
   it('migrate reports the database it brought up to date', async () => {
     const out = await ok(['migrate']);
     const u = new URL(env.url);
