@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { link, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Env } from './config.ts';
 import { startEmbeddedPostgres, type EmbeddedPostgres } from './db/embedded.ts';
@@ -24,8 +24,8 @@ export interface Runtime {
  * schema. Shared by the server and the CLI.
  */
 export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: boolean } = {}): Promise<Runtime> {
-  const digestKey = await loadDigestKey(env, logger);
-  const sealer = sealerFor(await loadEncryptionKey(env, logger), env.DSR_ENCRYPTION_KEYS_PREVIOUS);
+  const { digestKey, encryptionKey } = await loadMasterKeys(env, logger);
+  const sealer = sealerFor(encryptionKey, env.DSR_ENCRYPTION_KEYS_PREVIOUS);
   let embedded: EmbeddedPostgres | undefined;
   let databaseUrl = env.DATABASE_URL;
   if (!databaseUrl) {
@@ -78,35 +78,76 @@ function connectionFailure(err: unknown, where: string): StartupError | undefine
     : new StartupError('config_error', `cannot connect to the database at ${where}: ${reason}`, { cause: err });
 }
 
-/** DSR_DIGEST_KEY, or a key generated once under DATA_DIR (mode 0600) for local use. */
-function loadDigestKey(env: Env, logger: Logger): Promise<Buffer> {
-  return loadKey(env, logger, env.DSR_DIGEST_KEY, 'DSR_DIGEST_KEY', 'digest.key', 'a subject digest key');
-}
-
-/** DSR_ENCRYPTION_KEY (the master key sealing connector secrets), or one generated once under DATA_DIR. */
-function loadEncryptionKey(env: Env, logger: Logger): Promise<Buffer> {
-  return loadKey(env, logger, env.DSR_ENCRYPTION_KEY, 'DSR_ENCRYPTION_KEY', 'encryption.key', 'an encryption master key');
+/**
+ * DSR_DIGEST_KEY (the key of the subject digests) and DSR_ENCRYPTION_KEY (the master key sealing connector secrets),
+ * each from the environment or from a file generated once under DATA_DIR (mode 0600) for local use.
+ */
+export async function loadMasterKeys(env: Env, logger: Logger): Promise<{ digestKey: Buffer; encryptionKey: Buffer }> {
+  return {
+    digestKey: await loadKey(env, logger, {
+      fromEnv: env.DSR_DIGEST_KEY,
+      variable: 'DSR_DIGEST_KEY',
+      fileName: 'digest.key',
+      what: 'a subject digest key',
+      exactly: false,
+    }),
+    encryptionKey: await loadKey(env, logger, {
+      fromEnv: env.DSR_ENCRYPTION_KEY,
+      variable: 'DSR_ENCRYPTION_KEY',
+      fileName: 'encryption.key',
+      what: 'an encryption master key',
+      exactly: true,
+    }),
+  };
 }
 
 async function loadKey(
   env: Env,
   logger: Logger,
-  fromEnv: string | undefined,
-  variable: string,
-  fileName: string,
-  what: string,
+  key: { fromEnv: string | undefined; variable: string; fileName: string; what: string; exactly: boolean },
 ): Promise<Buffer> {
-  if (fromEnv) return Buffer.from(fromEnv, 'base64');
-  const file = path.resolve(env.DATA_DIR, fileName);
-  if (!existsSync(file)) {
-    await mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-    await writeFile(file, randomBytes(32).toString('base64'), { mode: 0o600, flag: 'wx' }).catch((err: unknown) => {
-      if ((err as { code?: string }).code !== 'EEXIST') throw err;
-    });
-    logger.warn({ file }, `generated ${what} (mode 0600); set ${variable} in production and keep it stable`);
+  // Already checked by parseEnv.
+  if (key.fromEnv) return Buffer.from(key.fromEnv, 'base64');
+  const dir = path.resolve(env.DATA_DIR);
+  const file = path.join(dir, key.fileName);
+  let text: string;
+  try {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    if (await createOnce(file, randomBytes(32).toString('base64'))) {
+      logger.warn({ file }, `generated ${key.what} (mode 0600); set ${key.variable} in production and keep it stable`);
+    }
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new StartupError('config_error', `DATA_DIR ${dir} cannot be used: ${(err as Error).message}`, { cause: err });
+  }
+  const value = Buffer.from(text.trim(), 'base64');
+  if (key.exactly ? value.length !== 32 : value.length < 32) {
+    throw new StartupError(
+      'config_error',
+      `${file} does not hold a base64 key of ${key.exactly ? 'exactly' : 'at least'} 32 bytes: fix or restore it, or set ${key.variable}`,
+    );
   }
   if (env.DATABASE_URL) {
-    logger.warn(`DATABASE_URL is set but ${variable} is not: using the local key file; every process must share it`);
+    logger.warn(`DATABASE_URL is set but ${key.variable} is not: using the local key file; every process must share it`);
   }
-  return Buffer.from((await readFile(file, 'utf8')).trim(), 'base64');
+  return value;
+}
+
+/**
+ * Creates `file` holding `content` unless it exists, in one step (a hard link to a complete temporary file): a process
+ * starting at the same moment finds no file or the whole key, never an empty one. False when the file was there.
+ */
+async function createOnce(file: string, content: string): Promise<boolean> {
+  if (existsSync(file)) return false;
+  const tmp = `${file}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`;
+  await writeFile(tmp, content, { mode: 0o600, flag: 'wx' });
+  try {
+    await link(tmp, file);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw err;
+  } finally {
+    await rm(tmp, { force: true });
+  }
 }

@@ -99,14 +99,19 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
   const database = opts.database ?? 'dsr';
   const execOpts: SpawnOptions = { ...(ids ?? {}), env: { ...process.env, LC_ALL: 'C' } };
 
-  await mkdir(dataDir, { recursive: true, mode: 0o700 });
-  // The postgres user must be able to traverse into the data directory; its own files stay mode 0600.
-  if (ids) await chmod(dataDir, 0o711);
   const passwordFile = path.join(dataDir, 'pg-password');
-  if (!existsSync(passwordFile)) {
-    await writeFile(passwordFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
+  let password: string;
+  try {
+    await mkdir(dataDir, { recursive: true, mode: 0o700 });
+    // The postgres user must be able to traverse into the data directory; its own files stay mode 0600.
+    if (ids) await chmod(dataDir, 0o711);
+    if (!existsSync(passwordFile)) {
+      await writeFile(passwordFile, randomBytes(24).toString('base64url'), { mode: 0o600 });
+    }
+    password = (await readFile(passwordFile, 'utf8')).trim();
+  } catch (err) {
+    throw new EmbeddedPostgresError(`DATA_DIR ${dataDir} cannot be used: ${(err as Error).message}`);
   }
-  const password = (await readFile(passwordFile, 'utf8')).trim();
 
   if (!existsSync(path.join(pgdata, 'PG_VERSION'))) {
     log(`initialising embedded PostgreSQL in ${pgdata}`);
