@@ -10,7 +10,7 @@ import { safeErrorCode } from './db/errors.ts';
 import { createNodeDeps } from './deps-node.ts';
 import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
-import { openRuntime, type Runtime } from './runtime.ts';
+import { openRuntime, StartupError, type Runtime } from './runtime.ts';
 
 export const ROLES: Role[] = ['web', 'worker', 'all'];
 
@@ -151,7 +151,12 @@ export async function runService(role: Role): Promise<void> {
       });
       if (interrupted) return await shutdown(interrupted);
     }
-    if (role !== 'worker') server = await listen(newApp(deps), { port: env.PORT, hostname: env.HOST });
+    if (role !== 'worker') {
+      server = await listen(newApp(deps), { port: env.PORT, hostname: env.HOST }).catch((err: unknown) => {
+        // Node's message names the address and the reason (EADDRINUSE, EACCES, EADDRNOTAVAIL); nothing else is in it.
+        throw new StartupError('config_error', `${(err as Error).message}; set PORT (or HOST) to a free address`, { cause: err });
+      });
+    }
   } catch (err) {
     phase = 'stopping';
     if (rt) logger.warn('start-up failed: releasing what was started');

@@ -5,6 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { eq } from 'drizzle-orm';
@@ -575,6 +576,19 @@ describe('service commands', () => {
     const out = await ok(['migrate']);
     const u = new URL(env.url);
     expect(out).toEqual({ migrated: true, database: `postgres://${u.hostname}:${u.port}${u.pathname}` });
+  });
+
+  it('serve on a port already in use exits 1 saying so, as npm start does, not as an unexpected error', async () => {
+    const blocker = net.createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', () => resolve()));
+    const port = (blocker.address() as net.AddressInfo).port;
+    try {
+      const r = await run(['serve', '--role', 'web'], { env: { HOST: '127.0.0.1', PORT: String(port) } });
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(`error: listen EADDRINUSE: address already in use 127.0.0.1:${port}; set PORT (or HOST) to a free address`);
+    } finally {
+      blocker.close();
+    }
   });
 
   it('serve --role web answers /healthz and stops on SIGTERM; worker runs queued jobs; a bad role exits 2', async () => {
