@@ -20,6 +20,17 @@ describe('parseEnv', () => {
       expect(msg).not.toContain('c2hvcnQ=');
     }
   });
+
+  it('refuses a number variable set to nothing instead of reading it as 0 (PORT= would listen on a random port)', () => {
+    for (const name of ['PORT', 'FAILED_SUBJECT_RETENTION_DAYS', 'WORKER_CONCURRENCY', 'EMBEDDED_PG_PORT']) {
+      for (const blank of ['', '  ']) {
+        expect(() => parseEnv({ [name]: blank }), `${name}=${JSON.stringify(blank)}`).toThrow(
+          new ConfigError(`Invalid configuration:\n  ${name}: must be a number (it is set but empty)`),
+        );
+      }
+    }
+    expect(parseEnv({ PORT: '0', FAILED_SUBJECT_RETENTION_DAYS: ' 7 ' })).toMatchObject({ PORT: 0, FAILED_SUBJECT_RETENTION_DAYS: 7 });
+  });
 });
 
 describe('issuesToDetails', () => {
