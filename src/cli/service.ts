@@ -1,6 +1,5 @@
-import { openRuntime } from '../runtime.ts';
 import { runService } from '../service.ts';
-import { oneOf, output, parse, UsageError, type Command } from './shared.ts';
+import { oneOf, output, parse, UsageError, withRuntime, type Command } from './shared.ts';
 
 /** The service in the foreground; the process lives until SIGINT/SIGTERM (runService exits it). */
 const serve: Command = async (_cli, args) => {
@@ -20,9 +19,8 @@ const worker: Command = async (_cli, args) => {
 
 const migrate: Command = async (cli, args) => {
   parse('migrate', args, {});
-  const rt = await openRuntime(cli.env, cli.logger);
-  await rt.embedded?.stop();
-  output(cli, { migrated: true, database: rt.databaseLabel }, () => `migrations applied (${rt.databaseLabel})`);
+  const database = await withRuntime(cli, async (rt) => rt.databaseLabel);
+  output(cli, { migrated: true, database }, () => `migrations applied (${database})`);
   return 0;
 };
 

@@ -126,20 +126,61 @@ export function parseJsonObject(flag: string, text: string): Record<string, unkn
 }
 
 /**
- * Opens the runtime (database, keys, migrations), a small pool and the service's dependencies, runs `fn`, and
- * closes everything whatever happens. Every command that touches the database goes through here.
+ * Opens the runtime (database, keys, migrations), runs `fn`, and stops the embedded PostgreSQL if this command started
+ * it, whatever happens, Ctrl-C included. pg_ctl detaches the server, so a CLI killed by SIGINT would leave it running,
+ * and the next `npm start` would reuse it and never stop it. A SIGINT or SIGTERM lets the step under way finish (the
+ * start of PostgreSQL, the migrations), stops the server and exits 130; a second one exits at once.
  */
-export async function withDeps<T>(cli: Cli, fn: (deps: AppDeps, rt: Runtime) => Promise<T>): Promise<T> {
-  const rt = await openRuntime(cli.env, cli.logger);
-  const database = createDatabase(rt.databaseUrl, { max: 2, applicationName: 'dsr-connector-cli', prepare: cli.env.DB_PREPARE });
-  const deps = createNodeDeps({ env: cli.env, database, digestKey: rt.digestKey, sealer: rt.sealer, logger: cli.logger });
+export async function withRuntime<T>(cli: Cli, fn: (rt: Runtime) => Promise<T>): Promise<T> {
+  let rt: Runtime | undefined;
+  let interrupted = false;
+  const stopAndExit = async (): Promise<never> => {
+    try {
+      await rt?.embedded?.stop();
+    } catch (err) {
+      cli.logger.error({ errorCode: safeErrorCode(err) }, 'stopping embedded PostgreSQL failed');
+    }
+    process.exit(130);
+  };
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    cli.logger.warn({ signal }, 'interrupted: stopping what this command started');
+    if (rt) void stopAndExit();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
   try {
-    return await fn(deps, rt);
+    try {
+      rt = await openRuntime(cli.env, cli.logger);
+    } catch (err) {
+      // openRuntime released what it had started.
+      if (interrupted) process.exit(130);
+      throw err;
+    }
+    if (interrupted) return await stopAndExit();
+    return await fn(rt);
   } finally {
-    await deps.http.close();
-    await database.close();
-    await rt.embedded?.stop();
+    // Interrupted: the command failed because the server went away; stopAndExit ends the process, quietly.
+    if (interrupted) await new Promise<never>(() => {});
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await rt?.embedded?.stop();
   }
+}
+
+/** withRuntime with a small pool and the service's dependencies; every command that touches the database uses it. */
+export async function withDeps<T>(cli: Cli, fn: (deps: AppDeps, rt: Runtime) => Promise<T>): Promise<T> {
+  return withRuntime(cli, async (rt) => {
+    const database = createDatabase(rt.databaseUrl, { max: 2, applicationName: 'dsr-connector-cli', prepare: cli.env.DB_PREPARE });
+    const deps = createNodeDeps({ env: cli.env, database, digestKey: rt.digestKey, sealer: rt.sealer, logger: cli.logger });
+    try {
+      return await fn(deps, rt);
+    } finally {
+      await deps.http.close();
+      await database.close();
+    }
+  });
 }
 
 /** --workspace must name an existing workspace: an empty listing of a mistyped id would look like a real answer. */

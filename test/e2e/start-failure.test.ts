@@ -51,8 +51,8 @@ async function embeddedEnv(prefix: string, extra: NodeJS.ProcessEnv = {}) {
   return { dataDir, env: childEnv({ DATA_DIR: dataDir, PORT: '0', EMBEDDED_PG_PORT: String(await freePort()), ...extra }) };
 }
 
-function start(env: NodeJS.ProcessEnv, opts: { group?: boolean } = {}): Service {
-  const s = startService(env, [], NPM_START_ARGS, opts);
+function start(env: NodeJS.ProcessEnv, opts: { group?: boolean; entry?: string[] } = {}): Service {
+  const s = startService(env, [], opts.entry ?? NPM_START_ARGS, opts);
   running.push(s);
   return s;
 }
@@ -131,5 +131,19 @@ describe('a shutdown step that fails', () => {
     const out = svc.output();
     expect(out).toContain('shutdown: stopping embedded PostgreSQL failed');
     expect(out).not.toMatch(/unhandled|triggerUncaughtException/i);
+  }, 120_000);
+});
+
+describe('an admin CLI command interrupted by Ctrl-C', () => {
+  it('stops the embedded PostgreSQL it started (else the next npm start reuses it and never stops it), exit 130', async () => {
+    for (const args of [['workspaces', 'create', '--name', 'Interrupted'], ['migrate']]) {
+      const { dataDir, env } = await embeddedEnv('dsr-cliint-');
+      const cli = start(env, { group: true, entry: ['bin/dsr-connector.mjs', ...args] });
+      await pgStarting(dataDir);
+      process.kill(-cli.proc.pid!, 'SIGINT');
+      expect(await cli.exited, cli.output()).toBe(130);
+      expect(cli.output()).toContain('interrupted');
+      expect(pgRunning(dataDir)).toBe(false);
+    }
   }, 120_000);
 });
