@@ -2,6 +2,7 @@ import { execFile, spawn, type SpawnOptions } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -155,6 +156,11 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
         execOpts,
       );
     } catch (err) {
+      if (await portTaken(opts.port)) {
+        throw new EmbeddedPostgresError(
+          `embedded PostgreSQL failed to start: port ${opts.port} on 127.0.0.1 is in use by another process; set EMBEDDED_PG_PORT to a free port (or DATABASE_URL to a server of yours)`,
+        );
+      }
       // The log's tail is not quoted: earlier runs may have logged row values there (a constraint error's DETAIL).
       throw new EmbeddedPostgresError(
         `embedded PostgreSQL failed to start on port ${opts.port}: ${(err as Error).message}\nsee ${path.join(pgdata, 'server.log')}`,
@@ -177,6 +183,15 @@ export async function startEmbeddedPostgres(opts: EmbeddedOptions): Promise<Embe
       await runPg(bin.pg_ctl, ['stop', '-D', pgdata, '-m', 'fast', '-w', '-t', '60'], execOpts);
     },
   };
+}
+
+/** Whether something else listens on the loopback port (the usual reason the embedded server cannot start). */
+function portTaken(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'EADDRINUSE'));
+    probe.listen(port, '127.0.0.1', () => probe.close(() => resolve(false)));
+  });
 }
 
 /** The port a running server actually listens on (line 4 of postmaster.pid), in case it was started elsewhere. */

@@ -93,6 +93,23 @@ describe('npm start that cannot finish starting', () => {
     expect(pgRunning(dataDir)).toBe(false);
   }, 120_000);
 
+  it('EMBEDDED_PG_PORT in use: exits 1 saying so and naming the variable, not only "pg_ctl: could not start server"', async () => {
+    const blocker = net.createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', () => resolve()));
+    const port = (blocker.address() as net.AddressInfo).port;
+    const { dataDir, env } = await embeddedEnv('dsr-pgportfail-', { EMBEDDED_PG_PORT: String(port) });
+    try {
+      const failed = start(env);
+      expect(await failed.exited).toBe(1);
+      expect(failed.output()).toContain(
+        `embedded PostgreSQL failed to start: port ${port} on 127.0.0.1 is in use by another process; set EMBEDDED_PG_PORT to a free port`,
+      );
+      expect(pgRunning(dataDir)).toBe(false);
+    } finally {
+      blocker.close();
+    }
+  }, 120_000);
+
   it('Ctrl-C during start-up: the step in flight finishes, then everything stops and the exit is that of a Ctrl-C', async () => {
     const { dataDir, env } = await embeddedEnv('dsr-sigstart-');
     // Its own process group, signalled as a whole: a terminal's Ctrl-C reaches pg_ctl and the migrations' children too.
