@@ -42,7 +42,8 @@ export async function openRuntime(env: Env, logger: Logger, opts: { migrate?: bo
     if (opts.migrate !== false) await migrateDatabase(databaseUrl, logger);
   } catch (err) {
     await embedded?.stop();
-    throw connectionFailure(err, embedded ? databaseLabel : `${databaseLabel} (DATABASE_URL)`) ?? err;
+    const where = embedded ? databaseLabel : `${databaseLabel} (DATABASE_URL)`;
+    throw connectionFailure(err, where) ?? migrationFailure(err, where) ?? err;
   }
   return { databaseUrl, digestKey, sealer, embedded, databaseLabel };
 }
@@ -76,6 +77,27 @@ function connectionFailure(err: unknown, where: string): StartupError | undefine
   return isTransient(err)
     ? new StartupError('service_unavailable', `cannot connect to the database at ${where}: ${reason}; retry`, { cause: err })
     : new StartupError('config_error', `cannot connect to the database at ${where}: ${reason}`, { cause: err });
+}
+
+/**
+ * A migration refused for the role's rights or the schema's state (SQLSTATE class 42: "permission denied for schema
+ * public", "must be owner of table …"): the server's message, which names objects only. drizzle wraps it in "Failed
+ * query: <SQL>", which says nothing of why. Messages of other classes (a data exception) can quote row values and are
+ * left to the caller's handling (a code only).
+ */
+function migrationFailure(err: unknown, where: string): StartupError | undefined {
+  const sqlState = pgCode(err);
+  if (!sqlState?.startsWith('42')) return undefined;
+  let reason = sqlState;
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if ((e as { code?: unknown }).code === sqlState) reason = e.message;
+  }
+  return new StartupError(
+    'config_error',
+    `applying the migrations to the database at ${where} failed: ${reason} (SQLSTATE ${sqlState}); the role in ` +
+      'DATABASE_URL must own the database: the migrations create schemas and tables',
+    { cause: err },
+  );
 }
 
 /**

@@ -578,6 +578,25 @@ describe('service commands', () => {
     expect(out).toEqual({ migrated: true, database: `postgres://${u.hostname}:${u.port}${u.pathname}` });
   });
 
+  it('a DATABASE_URL role that may not run the migrations: exit 1 with the reason, not a bare code or "Failed query"', async () => {
+    const role = `dsr_cli_noowner_${randomBytes(4).toString('hex')}`;
+    await env.sql.unsafe(`create role ${role} login password 'not-an-owner-pw'`);
+    try {
+      const asRole = new URL(env.url);
+      asRole.username = role;
+      asRole.password = 'not-an-owner-pw';
+      const r = await fails(['migrate'], 1, 'config_error', { env: { DATABASE_URL: asRole.toString() } });
+      expect(r.message).toMatch(
+        /^applying the migrations to the database at postgres:\/\/[^@]+ \(DATABASE_URL\) failed: permission denied for \w+ \S+ \(SQLSTATE 42501\); /,
+      );
+      expect(r.message).toContain('the role in DATABASE_URL must own');
+      expect(r.stdout + r.stderr).not.toContain('not-an-owner-pw');
+    } finally {
+      await env.sql.unsafe(`drop owned by ${role}`);
+      await env.sql.unsafe(`drop role ${role}`);
+    }
+  });
+
   it('serve on a port already in use exits 1 saying so, as npm start does, not as an unexpected error', async () => {
     const blocker = net.createServer();
     await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', () => resolve()));
