@@ -478,9 +478,11 @@ async function eraseWorkspace(tx: Tx, workspaceId: string): Promise<Applied> {
 }
 
 /**
- * A suppress or unsuppress of the same subject made after this one (ids are in creation order) and already applied:
- * the subject's flag says what the newest request asked, whatever order the jobs ran in. Both hold the subject's
- * exclusive locks while they run, so the other's outcome is committed before this one looks.
+ * A suppress or unsuppress of the same subject made after this one and already applied: the subject's flag says what
+ * the newest request asked, whatever order the jobs ran in. "After" is by the database's clock (created_at, then id
+ * for requests made in one transaction): an id carries the clock of the process that made it, which may be behind
+ * another web process's. Both hold the subject's exclusive locks while they run, so the other's outcome is committed
+ * before this one looks.
  */
 const newerSuppressionApplied = prebuiltSql<{ newer: boolean }>(
   () => sql`
@@ -488,7 +490,9 @@ const newerSuppressionApplied = prebuiltSql<{ newer: boolean }>(
       select 1 from ${dsrRequests}
        where ${dsrRequests.workspaceId} = ${p('workspaceId')} and ${dsrRequests.scope} = ${p('scope')}
          and ${dsrRequests.subjectDigest} = ${p('subjectDigest')} and ${dsrRequests.status} = 'complete'
-         and ${dsrRequests.action} in ('suppress', 'unsuppress') and ${dsrRequests.id} > ${p('id')}) as newer`,
+         and ${dsrRequests.action} in ('suppress', 'unsuppress')
+         and (${dsrRequests.createdAt}, ${dsrRequests.id}) >
+             (select r.created_at, r.id from ${dsrRequests} r where r.id = ${p('id')})) as newer`,
 );
 
 async function setSuppression(

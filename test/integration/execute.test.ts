@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { intake } from '../../src/privacy/intake.ts';
 import { executeRequest, failAbandonedRequests } from '../../src/privacy/execute.ts';
 import { userLockKey } from '../../src/lib/digest.ts';
@@ -200,6 +200,30 @@ describe('suppress and unsuppress', () => {
     expect((await run(u3)).kind).toBe('complete');
     expect(await flagged()).toBe(false);
     expect((await auditRows(env, u3))[0]).toMatchObject({ counts: { suppressions: 1 } });
+  });
+
+  it('the newest request wins even when its id sorts first (made on a host whose clock is behind)', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const subject = { kind: 'user_id' as const, value: u.userId };
+    const run = (id: string) => executeRequest(env.deps, id, { attempt: 1, maxAttempts: 3 });
+    const older = await request(ws.workspaceId, 'suppress', subject);
+    // Ids carry the creating process's clock: a web process 5 s behind gives the newer request the smaller id.
+    const realNow = Date.now.bind(Date);
+    const skewed = vi.spyOn(Date, 'now').mockImplementation(() => realNow() - 5_000);
+    let newer: string;
+    try {
+      newer = await request(ws.workspaceId, 'unsuppress', subject);
+    } finally {
+      skewed.mockRestore();
+    }
+    expect(newer < older).toBe(true);
+    expect((await run(newer)).kind).toBe('complete');
+    expect((await run(older)).kind).toBe('complete');
+    const flags = await env.sql`select 1 from suppressions s join end_users e on e.id = s.user_id
+                                where e.workspace_id = ${ws.workspaceId} and e.external_id = ${u.userId}`;
+    expect(flags).toHaveLength(0);
+    expect((await auditRows(env, older))[0]).toMatchObject({ outcome: 'suppressed', counts: { suppressions: 0 } });
   });
 
   it('suppressing an unknown user is not_found', async () => {
