@@ -101,6 +101,14 @@ export async function createTestEnv(
       await deps.http.close();
       await database.close();
       const a = postgres(adminUrl, { max: 1, onnotice: () => {} });
+      // graphile-worker's runOnce ends its own pool without waiting for it: a forced drop while one of those
+      // connections is still closing terminates it, and the client reports that as an unhandled error in the test
+      // file. Let them go first (a few seconds at most; the drop forces whatever is left).
+      for (let i = 0; i < 100; i++) {
+        const [row] = await a<{ n: number }[]>`select count(*)::int as n from pg_stat_activity where datname = ${name}`;
+        if (row!.n === 0) break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
       await a.unsafe(`drop database if exists ${quoteIdent(name)} with (force)`);
       await a.end();
     },
