@@ -111,6 +111,31 @@ export type ReportResult =
   /** Will never succeed as is (400/401/403/404…): stop and show the error. */
   | { kind: 'permanent'; error: string };
 
+/**
+ * A listed job the adapter could not read as a ticket (a field missing or invalid) but can still answer, since it
+ * carries its capability: the core tells the vendor why it is refused.
+ */
+export interface UnreadableJob {
+  /** Stable key of the job, no personal data (e.g. a digest of its nonce). */
+  jobKey: string;
+  /** The capability report() would send (e.g. the nonce). */
+  secret: string;
+  /** Names of the fields that were missing or invalid, never their values. */
+  invalid: string[];
+}
+
+/** What a poll found: the jobs read as tickets, and those that could not be read but can be answered. */
+export interface PollResult {
+  tickets: DsrTicket[];
+  unreadable: UnreadableJob[];
+}
+
+/** Why a listed job is refused, as the vendor is told: a stable code and a message, never personal data. */
+export interface Refusal {
+  code: string;
+  message: string;
+}
+
 export interface TestCheck {
   name: string;
   ok: boolean;
@@ -150,7 +175,17 @@ export interface Connector<C = unknown, S = unknown> {
    * Pull mode, for connectors configured to poll instead of receiving webhooks: the pending tickets now waiting
    * upstream. Absent when the vendor has no pull mode.
    */
-  poll?(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<DsrTicket[]>;
+  poll?(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<PollResult>;
+  /**
+   * Pull mode: tells the vendor that a listed job is refused and why (so its admin sees it instead of a job that never
+   * progresses). `secret` is the job's capability. Must not throw for HTTP outcomes.
+   */
+  reportRefused?(
+    secret: string,
+    refusal: Refusal,
+    conn: ConnectorInstance<C, S>,
+    ctx: AdapterContext,
+  ): Promise<ReportResult>;
   /** Whether this connector's config asks for polling (and how often, in minutes). */
   pollIntervalMinutes?(config: C): number | null;
 }

@@ -10,7 +10,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { base64url, exportSPKI, generateKeyPair, SignJWT, type JWTPayload } from 'jose';
 import type { z } from 'zod';
-import { FakeVendor, type RecordedCall } from '../../test/helpers/fake-vendor.ts';
+import { FakeVendor, type FakeReply, type RecordedCall } from '../../test/helpers/fake-vendor.ts';
 import type { configSchema } from './config.ts';
 
 export const FAKE_API_KEY = 'transcend-fake-api-key';
@@ -98,7 +98,24 @@ export interface FakeTranscend {
   setPending(action: string, items: PendingItem[], dataSiloId?: string): void;
   /** A valid pending item; `n` makes ids distinct. */
   pendingItem(n: number, overrides?: Partial<PendingItem>): PendingItem;
+  /**
+   * Every authorised `PUT /v1/data-silo` with a nonce, in order, with the fake's answer: completions and ERROR reports
+   * (a refused job) alike. `errors()` is the ERROR ones.
+   */
+  readonly reports: SombraReport[];
+  errors(): SombraReport[];
+  /** The next `n` reports are answered `reply` (default 503) and change nothing, as a Sombra that is down for a while. */
+  failReports(n: number, reply?: FakeReply): void;
   stop(): Promise<void>;
+}
+
+/** A report the fake received: its nonce, body fields, and what the fake answered. */
+export interface SombraReport {
+  nonce: string;
+  status?: string;
+  profileStatus?: string;
+  message?: string;
+  answered: number;
 }
 
 export interface FakeTranscendOptions {
@@ -142,6 +159,8 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
   let keys = await newKeys();
   const stranger = await newKeys();
   const completed = new Set<string>();
+  const reports: SombraReport[] = [];
+  let failing: { left: number; reply: FakeReply } | undefined;
   const fake = await new FakeVendor().start();
 
   const authorized = (call: RecordedCall) =>
@@ -156,14 +175,24 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
     if (!authorized(call)) return unauthorized;
     const nonce = call.headers['x-transcend-nonce'];
     if (!nonce) return { status: 400, body: { error: 'x-transcend-nonce is required' } };
+    const json = (call.json ?? {}) as { status?: unknown; profileStatus?: unknown; message?: unknown };
+    const text = (v: unknown) => (typeof v === 'string' ? v : undefined);
+    const answer = (reply: FakeReply): FakeReply => {
+      reports.push({ nonce, status: text(json.status), profileStatus: text(json.profileStatus), message: text(json.message), answered: reply.status });
+      return reply;
+    };
+    if (failing && failing.left > 0) {
+      failing.left--;
+      return answer(failing.reply);
+    }
     const problem = badReport(call);
-    if (problem) return { status: 400, body: { error: problem } };
-    if (completed.has(nonce)) return { status: 409, body: { error: 'job is no longer modifiable' } };
+    if (problem) return answer({ status: 400, body: { error: problem } });
+    if (completed.has(nonce)) return answer({ status: 409, body: { error: 'job is no longer modifiable' } });
     // An ERROR, WAITING or READY report leaves the job open (it stays listed); {} or a resolved/skipped one ends it.
     const body = call.json as { status?: string; profileStatus?: string };
     const status = body.profileStatus ?? body.status;
     if (status === undefined || FINAL_STATUSES.has(status)) completed.add(nonce);
-    return { status: 200, body: {} };
+    return answer({ status: 200, body: {} });
   });
 
   async function signToken(t: TokenOptions = {}): Promise<string> {
@@ -277,6 +306,12 @@ export async function startFakeTranscend(opts: FakeTranscendOptions = {}): Promi
       attributes: [],
       ...overrides,
     }),
+
+    reports,
+    errors: () => reports.filter((r) => r.profileStatus === 'ERROR'),
+    failReports(n, reply = { status: 503, body: { error: 'unavailable' } }) {
+      failing = { left: n, reply };
+    },
 
     stop: () => fake.stop(),
   };

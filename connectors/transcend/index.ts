@@ -13,10 +13,13 @@ import {
   type DsrTicket,
   type JsonValue,
   type ParseResult,
+  type PollResult,
   type RawWebhook,
+  type Refusal,
   type ReportResult,
   type StoredTicket,
   type TicketOutcome,
+  type UnreadableJob,
   type Verified,
 } from '../types.ts';
 import {
@@ -55,17 +58,22 @@ const webhookBody = z.looseObject({
 
 const pendingPage = z.looseObject({ items: z.array(z.unknown()) });
 
+// Sent back as the x-transcend-nonce header: a control character could never be, and every report would fail.
+const nonceString = z
+  .string()
+  .min(1)
+  .refine((v) => ![...v].some((ch) => ch < ' ' || ch === '\u007f'), 'must not contain control characters');
+
 const pendingItem = z.looseObject({
   identifier: subjectString,
   type: idString,
   requestId: idString,
-  // Sent back as the x-transcend-nonce header: a control character could never be, and every report would fail.
-  nonce: z
-    .string()
-    .min(1)
-    .refine((v) => ![...v].some((ch) => ch < ' ' || ch === '\u007f'), 'must not contain control characters'),
+  nonce: nonceString,
   dataSiloId: idString.optional(),
 });
+
+/** What is left of an item we cannot read: its nonce, if it could still carry a report. */
+const itemNonce = z.looseObject({ nonce: nonceString });
 
 interface JobRef {
   requestId: string | undefined;
@@ -157,14 +165,46 @@ export function reportBody(outcome: TicketOutcome): {
   };
 }
 
+const PUT_WHAT = 'Transcend PUT /v1/data-silo';
+
 async function report(
   ticket: StoredTicket,
   outcome: TicketOutcome,
   conn: TranscendConnector,
   ctx: AdapterContext,
 ): Promise<ReportResult> {
-  const what = 'Transcend PUT /v1/data-silo';
-  if (!ticket.secret) return { kind: 'permanent', error: `${what}: the job's x-transcend-nonce is not stored` };
+  if (!ticket.secret) return { kind: 'permanent', error: `${PUT_WHAT}: the job's x-transcend-nonce is not stored` };
+  return putDataSilo(ticket.secret, reportBody(outcome), conn, ctx);
+}
+
+/** Longest message sent with a refusal (ours are far shorter; the dashboard shows it as is). */
+const REFUSAL_MESSAGE_MAX = 500;
+
+/**
+ * A listed job we refuse: ERROR with the reason, so the Transcend admin sees why the job does not progress (the job
+ * stays open upstream; a corrected job can still be taken).
+ */
+function refusalBody(refusal: Refusal): { profileStatus: 'ERROR'; message: string } {
+  const message = `Refused by dsr-connector (${refusal.code}): ${refusal.message}`;
+  return { profileStatus: 'ERROR', message: message.slice(0, REFUSAL_MESSAGE_MAX) };
+}
+
+async function reportRefused(
+  secret: string,
+  refusal: Refusal,
+  conn: TranscendConnector,
+  ctx: AdapterContext,
+): Promise<ReportResult> {
+  return putDataSilo(secret, refusalBody(refusal), conn, ctx);
+}
+
+async function putDataSilo(
+  nonce: string,
+  body: Record<string, string>,
+  conn: TranscendConnector,
+  ctx: AdapterContext,
+): Promise<ReportResult> {
+  const what = PUT_WHAT;
   let headers: Record<string, string>;
   try {
     headers = authHeaders(conn);
@@ -175,8 +215,8 @@ async function report(
   try {
     const res = await ctx.http.request(sombraUrl(conn.config, '/v1/data-silo'), {
       method: 'PUT',
-      headers: { ...headers, 'x-transcend-nonce': ticket.secret, 'content-type': 'application/json' },
-      json: reportBody(outcome),
+      headers: { ...headers, 'x-transcend-nonce': nonce, 'content-type': 'application/json' },
+      json: body,
     });
     // 409: the job was already completed or revoked upstream; there is nothing left to tell it.
     if (res.status === 409) return { kind: 'delivered' };
@@ -210,9 +250,10 @@ async function pendingRequests(
   return page.data.items;
 }
 
-async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrTicket[]> {
+async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<PollResult> {
   // Keyed by job and subject: offset paging over a list that changes between pages may show a job twice.
   const tickets = new Map<string, DsrTicket>();
+  const unreadable = new Map<string, UnreadableJob>();
   for (const transcendAction of new Set(conn.config.pull.actions)) {
     const action = actionFor(transcendAction);
     for (let page = 0; ; page++) {
@@ -227,15 +268,19 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrT
       items.forEach((raw, i) => {
         const item = pendingItem.safeParse(raw);
         if (!item.success) {
+          const invalid = [...new Set(item.error.issues.map((issue) => issue.path.join('.') || '(item)'))];
+          // With a nonce it can still be answered: the core tells Transcend it is refused. Keyed by a digest of the
+          // nonce, the only handle such an item surely has.
+          const usable = itemNonce.safeParse(raw);
           ctx.logger.warn(
-            {
-              connectorId: conn.id,
-              action: transcendAction,
-              position: page * PAGE_SIZE + i,
-              invalid: item.error.issues.map((issue) => issue.path.join('.')),
-            },
+            { connectorId: conn.id, action: transcendAction, position: page * PAGE_SIZE + i, invalid, answerable: usable.success },
             'transcend: skipped an invalid pending request',
           );
+          if (usable.success) {
+            const nonce = usable.data.nonce;
+            const jobKey = `unreadable:${createHash('sha256').update(nonce).digest('hex').slice(0, 32)}`;
+            unreadable.set(jobKey, { jobKey, secret: nonce, invalid });
+          }
           return;
         }
         const { identifier, type, requestId, nonce, dataSiloId } = item.data;
@@ -251,7 +296,7 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<DsrT
       if (items.length < PAGE_SIZE) break;
     }
   }
-  return [...tickets.values()];
+  return { tickets: [...tickets.values()], unreadable: [...unreadable.values()] };
 }
 
 async function test(conn: TranscendConnector, ctx: AdapterContext) {
@@ -284,5 +329,6 @@ export const transcend: Connector<Config, Secrets> = {
   report,
   test,
   poll,
+  reportRefused,
   pollIntervalMinutes: (config) => (config.pull.enabled ? config.pull.intervalMinutes : null),
 };

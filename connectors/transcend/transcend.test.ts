@@ -546,10 +546,30 @@ describe('report', () => {
     t.setPending('ERASURE', [item]);
     const c = conn({ pull: { enabled: true, dataSiloId: FAKE_DATA_SILO_ID } });
     expect((await put(item.nonce, { profileStatus: 'ERROR', message: 'x' })).status).toBe(200);
-    expect(await transcend.poll!(c, ctx)).toHaveLength(1);
+    expect((await transcend.poll!(c, ctx)).tickets).toHaveLength(1);
     expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(200);
-    expect(await transcend.poll!(c, ctx)).toHaveLength(0);
+    expect((await transcend.poll!(c, ctx)).tickets).toHaveLength(0);
     expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(409);
+  });
+
+  it('reportRefused: ERROR with the reason on the job\'s nonce; a job no longer open (409) counts as told', async () => {
+    const refusal = { code: 'validation_failed', message: "the ticket's subject is not a valid email address" };
+    expect(await transcend.reportRefused!('nonce-refused', refusal, conn(), ctx)).toEqual({ kind: 'delivered' });
+    const [put] = t.fake.callsTo(PUT_ROUTE);
+    expect(put!.headers['x-transcend-nonce']).toBe('nonce-refused');
+    expect(put!.headers.authorization).toBe(`Bearer ${FAKE_API_KEY}`);
+    expect(put!.json).toEqual({
+      profileStatus: 'ERROR',
+      message: "Refused by dsr-connector (validation_failed): the ticket's subject is not a valid email address",
+    });
+    expect(t.errors()).toEqual([{ nonce: 'nonce-refused', profileStatus: 'ERROR', message: (put!.json as { message: string }).message, answered: 200 }]);
+    t.fake.on(PUT_ROUTE, { status: 409 });
+    expect(await transcend.reportRefused!('nonce-refused', refusal, conn(), ctx)).toEqual({ kind: 'delivered' });
+    t.fake.on(PUT_ROUTE, { status: 503 });
+    expect(await transcend.reportRefused!('nonce-refused', refusal, conn(), ctx)).toEqual({
+      kind: 'retry',
+      error: 'Transcend PUT /v1/data-silo: HTTP 503',
+    });
   });
 
   it('network down is retry', async () => {
@@ -628,7 +648,7 @@ describe('poll', () => {
   it('pages through 120 pending erasures in 3 pages', async () => {
     const items = Array.from({ length: 120 }, (_, i) => t.pendingItem(i));
     t.setPending('ERASURE', items);
-    const tickets = await transcend.poll!(conn(pullConfig()), ctx);
+    const tickets = (await transcend.poll!(conn(pullConfig()), ctx)).tickets;
     expect(tickets).toHaveLength(120);
     expect(ctx.urls).toEqual(
       [0, 50, 100].map((o) => `${t.url}/v1/data-silo/${FAKE_DATA_SILO_ID}/pending-requests/ERASURE?limit=50&offset=${o}`),
@@ -666,25 +686,26 @@ describe('poll', () => {
     expect(await page('')).toHaveLength(50);
     // The admin test lists one job; a poll after it still sees every job.
     expect((await transcend.test(conn(pullConfig()), ctx)).ok).toBe(true);
-    expect(await transcend.poll!(conn(pullConfig()), ctx)).toHaveLength(60);
+    expect((await transcend.poll!(conn(pullConfig()), ctx)).tickets).toHaveLength(60);
   });
 
   it('polls every configured action and maps it', async () => {
     t.setPending('ERASURE', [t.pendingItem(1)]);
     t.setPending('SALE_OPT_OUT', [t.pendingItem(2, { type: 'userId' })]);
     const c = conn(pullConfig({ actions: ['ERASURE', 'SALE_OPT_OUT'] }));
-    const tickets = await transcend.poll!(c, ctx);
+    const tickets = (await transcend.poll!(c, ctx)).tickets;
     expect(tickets.map((x) => [x.action, x.subject.kind])).toEqual([
       ['erase', 'email'],
       ['suppress', 'user_id'],
     ]);
   });
 
-  it('skips an invalid item with a warning that carries no identifier', async () => {
+  it('skips an invalid item with a warning that carries no identifier, and returns it to be answered by its nonce', async () => {
     const broken = { ...t.pendingItem(2), requestId: undefined };
     t.setPending('ERASURE', [t.pendingItem(1), broken as never, t.pendingItem(3)]);
-    const tickets = await transcend.poll!(conn(pullConfig()), ctx);
+    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx);
     expect(tickets.map((x) => x.subject.value)).toEqual(['user1@example.com', 'user3@example.com']);
+    expect(unreadable).toEqual([{ jobKey: expect.stringMatching(/^unreadable:[0-9a-f]{32}$/), secret: broken.nonce, invalid: ['requestId'] }]);
     const warnings = ctx.logs.filter((l) => l.includes('skipped an invalid pending request'));
     expect(warnings).toHaveLength(1);
     expect(JSON.parse(warnings[0]!)).toMatchObject({
@@ -692,6 +713,7 @@ describe('poll', () => {
       action: 'ERASURE',
       position: 1,
       invalid: ['requestId'],
+      answerable: true,
     });
     expect(warnings[0]).not.toContain('user2@');
     expect(warnings[0]).not.toContain(broken.nonce);
@@ -700,17 +722,18 @@ describe('poll', () => {
   it('skips an item whose nonce could not be sent back as a header (CR/LF), naming the field only', async () => {
     const broken = { ...t.pendingItem(2), nonce: 'nonce-2\r\nx-injected: 1' };
     t.setPending('ERASURE', [t.pendingItem(1), broken, t.pendingItem(3)]);
-    const tickets = await transcend.poll!(conn(pullConfig()), ctx);
+    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx);
     expect(tickets.map((x) => x.subject.value)).toEqual(['user1@example.com', 'user3@example.com']);
+    expect(unreadable).toEqual([]); // nothing could carry a report for it
     const warnings = ctx.logs.filter((l) => l.includes('skipped an invalid pending request'));
-    expect(JSON.parse(warnings[0]!)).toMatchObject({ position: 1, invalid: ['nonce'] });
+    expect(JSON.parse(warnings[0]!)).toMatchObject({ position: 1, invalid: ['nonce'], answerable: false });
     expect(warnings[0]).not.toContain('injected');
   });
 
   it('stops after 20 pages, and a job seen twice is one ticket', async () => {
     const page = Array.from({ length: 50 }, (_, i) => t.pendingItem(i));
     t.fake.on(PENDING_ROUTE, { status: 200, body: { items: page } });
-    const tickets = await transcend.poll!(conn(pullConfig()), ctx);
+    const tickets = (await transcend.poll!(conn(pullConfig()), ctx)).tickets;
     expect(t.fake.callsTo(PENDING_ROUTE)).toHaveLength(20);
     expect(ctx.urls.at(-1)).toMatch(/\?limit=50&offset=950$/);
     expect(tickets).toHaveLength(50);
@@ -733,7 +756,7 @@ describe('poll', () => {
     const item = t.pendingItem(1);
     t.setPending('ERASURE', [item]);
     const c = conn(pullConfig());
-    const [ticket] = await transcend.poll!(c, ctx);
+    const [ticket] = (await transcend.poll!(c, ctx)).tickets;
     const stored: StoredTicket = { id: 'tkt_1', ...ticket!, secret: ticket!.secret ?? null, attempt: 1 };
     const done: TicketOutcome = {
       requestId: 'req_1',
@@ -745,6 +768,6 @@ describe('poll', () => {
     };
     expect(await transcend.report(stored, done, c, ctx)).toEqual({ kind: 'delivered' });
     expect(t.fake.callsTo(PUT_ROUTE)[0]!.headers['x-transcend-nonce']).toBe(item.nonce);
-    expect(await transcend.poll!(c, ctx)).toEqual([]);
+    expect((await transcend.poll!(c, ctx)).tickets).toEqual([]);
   });
 });

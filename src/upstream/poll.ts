@@ -1,11 +1,12 @@
 import { and, eq, getTableColumns, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { connectors, webhookTokens } from '../db/schema/index.ts';
+import type { Refusal } from '../../connectors/types.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
-import { ApiError } from '../lib/errors.ts';
 import type { UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector, rowVersion, StaleConnectorError } from './store.ts';
-import { receiveTickets, requeueStalledReports } from './tickets.ts';
+import { refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
+import { receiveTickets, requeueStalledReports, storedTicketKey } from './tickets.ts';
 
 /** A pending report this long past due has lost its job; the tick adds it again. */
 const STALLED_REPORT_MINUTES = 15;
@@ -74,40 +75,78 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
   if (!adapter.poll || !adapter.pollIntervalMinutes || adapter.pollIntervalMinutes(instance.config) === null) {
     return { received: 0, new: 0 };
   }
-  const tickets = await adapter.poll(instance, adapterContext(deps));
+  const { tickets, unreadable } = await adapter.poll(instance, adapterContext(deps));
   // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
   // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
   const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version };
+  const opened = { adapter, instance };
   let fresh = 0;
-  for (const ticket of tickets) {
-    try {
-      const [result] = await receiveTickets(deps, connector, [ticket], {}, '');
-      if (result && !result.replayed) fresh++;
-    } catch (err) {
-      if (err instanceof StaleConnectorError) {
-        // Disabled or deleted: stop here. Edited: fail the job, so its retry polls again with the new settings.
-        if ((await current()).length === 0) {
-          deps.logger.info({ connectorId, received: tickets.length, new: fresh }, 'connector disabled during the poll; the rest of it dropped');
-          return { received: tickets.length, new: fresh };
-        }
-        deps.logger.info({ connectorId }, 'connector changed during the poll; it will be polled again');
-        throw new Error('connector changed during the poll; polling again');
-      }
-      // A ticket we refuse (e.g. reused id with another subject) or one holding a value the database cannot store
-      // (a NUL character: a webhook gets a 400 for it) must not hold back the others; transient errors still fail
-      // the job so it is retried.
-      if (err instanceof ApiError) deps.logger.warn({ connectorId, code: err.code }, 'polled ticket refused');
-      else if (isUnstorableValue(err)) deps.logger.warn({ connectorId, code: 'validation_failed', errorCode: pgCode(err) }, 'polled ticket refused');
-      else {
-        // graphile-worker logs and stores the thrown message: a failed query's carries its parameters, the subject's
-        // identifier among them. Give it a code only.
-        const errorCode = safeErrorCode(err);
-        deps.logger.warn({ connectorId, errorCode }, 'polled ticket not stored; the poll will be retried');
-        throw new Error(`polled ticket not stored (${errorCode})`);
-      }
+  // Disabled or deleted: stop here. Edited: fail the job, so its retry polls again with the new settings.
+  const stale = async () => {
+    if ((await current()).length === 0) {
+      deps.logger.info({ connectorId, received: tickets.length, new: fresh }, 'connector disabled during the poll; the rest of it dropped');
+      return { received: tickets.length, new: fresh };
     }
+    deps.logger.info({ connectorId }, 'connector changed during the poll; it will be polled again');
+    throw new Error('connector changed during the poll; polling again');
+  };
+  let refused = 0;
+  // Once a refusal could not be told for now (Sombra down, 429), the others wait for the next poll too: a poll is not
+  // held up by one timing-out call per refused job.
+  let reportsDeferred = false;
+  // A job we refuse is told so upstream once (the vendor's admin sees why it does not progress), never by identifier.
+  const refuse = async (job: { key: string; secret: string | undefined }, refusal: Refusal, extra: Record<string, unknown>) => {
+    refused++;
+    let upstream: RefusalReport | 'deferred' = 'deferred';
+    if (!reportsDeferred) {
+      try {
+        upstream = await reportRefusal(deps, connector, opened, job, refusal);
+      } catch (err) {
+        if (err instanceof StaleConnectorError) throw err;
+        const errorCode = safeErrorCode(err);
+        deps.logger.warn({ connectorId, code: refusal.code, errorCode }, 'polled ticket refused; recording it failed, the poll will be retried');
+        throw new Error(`refused ticket not recorded (${errorCode})`);
+      }
+      reportsDeferred = upstream === 'retry_later';
+    }
+    const known = upstream === 'already_reported' || upstream === 'report_refused';
+    deps.logger[known ? 'info' : 'warn']({ connectorId, code: refusal.code, ...extra, upstream }, 'polled ticket refused');
+  };
+  try {
+    for (const ticket of tickets) {
+      let refusal: Refusal | undefined;
+      let errorCode: string | undefined;
+      try {
+        const [result] = await receiveTickets(deps, connector, [ticket], {}, '');
+        if (result && !result.replayed) fresh++;
+        continue;
+      } catch (err) {
+        if (err instanceof StaleConnectorError) throw err;
+        // A ticket we refuse (e.g. reused id with another subject) or one holding a value the database cannot store
+        // (a NUL character: a webhook gets a 400 for it) must not hold back the others; transient errors still fail
+        // the job so it is retried.
+        refusal = refusalOf(err);
+        if (!refusal) {
+          // graphile-worker logs and stores the thrown message: a failed query's carries its parameters, the
+          // subject's identifier among them. Give it a code only.
+          const code = safeErrorCode(err);
+          deps.logger.warn({ connectorId, errorCode: code }, 'polled ticket not stored; the poll will be retried');
+          throw new Error(`polled ticket not stored (${code})`);
+        }
+        if (isUnstorableValue(err)) errorCode = pgCode(err);
+      }
+      await refuse({ key: storedTicketKey(deps, connector, ticket), secret: ticket.secret }, refusal, errorCode ? { errorCode } : {});
+    }
+    for (const job of unreadable) {
+      const fields = job.invalid.length === 1 ? `field ${job.invalid[0]} is` : `fields ${job.invalid.join(', ')} are`;
+      const refusal = { code: 'validation_failed', message: `the pending request's ${fields} missing or invalid` };
+      await refuse({ key: job.jobKey, secret: job.secret }, refusal, { invalid: job.invalid });
+    }
+  } catch (err) {
+    if (err instanceof StaleConnectorError) return await stale();
+    throw err;
   }
   await deps.db.update(connectors).set({ lastPolledAt: sql`now()` }).where(eq(connectors.id, connectorId));
-  deps.logger.info({ connectorId, vendor: row.vendor, received: tickets.length, new: fresh }, 'connector polled');
+  deps.logger.info({ connectorId, vendor: row.vendor, received: tickets.length, new: fresh, refused }, 'connector polled');
   return { received: tickets.length, new: fresh };
 }

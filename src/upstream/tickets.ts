@@ -172,6 +172,11 @@ function storedKey(deps: UpstreamDeps, connector: { workspaceId: string }, t: Ds
   return { ...t, ticketKey: `${t.ticketKey}${PER_SUBJECT_SEPARATOR}${digest.slice(0, PER_SUBJECT_DIGEST_CHARS)}` };
 }
 
+/** The key a ticket is stored under (the vendor's, with a keyed digest of the subject when per subject). */
+export function storedTicketKey(deps: UpstreamDeps, connector: { workspaceId: string }, t: DsrTicket): string {
+  return storedKey(deps, connector, t).ticketKey;
+}
+
 /** Shared with migration 0012, which gave the tickets stored before per-subject keys theirs. */
 const PER_SUBJECT_SEPARATOR = '#';
 const PER_SUBJECT_DIGEST_CHARS = 32;

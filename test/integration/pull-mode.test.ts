@@ -83,7 +83,7 @@ describe('Transcend pull mode', () => {
     expect((await connectorsTick(env.deps, later)).scheduled).toEqual([connectorId]);
 
     const item = transcend.pendingItem(3, { identifier: 'again@example.test', type: 'email' });
-    transcend.fake.on('PUT /v1/data-silo', { status: 503 }); // not completed upstream: Sombra keeps listing it
+    transcend.failReports(Infinity); // not completed upstream: Sombra keeps listing it
     transcend.setPending('ERASURE', [item]);
     await env.runJobs();
     await env.sql`update connectors set last_polled_at = null where id = ${connectorId}`;
@@ -91,7 +91,7 @@ describe('Transcend pull mode', () => {
     await env.runJobs();
     const rows = await env.sql`select count(*)::int as n from upstream_tickets where upstream->>'requestId' = ${item.requestId}`;
     expect(rows[0]!.n).toBe(1);
-    transcend.fake.on('PUT /v1/data-silo', { status: 200, body: {} });
+    transcend.failReports(0);
   });
 
   it('the tick requeues a report whose job was lost, and never touches delivered tickets', async () => {
@@ -173,13 +173,13 @@ describe('Transcend pull mode', () => {
   });
 
   /** Another pull connector of the workspace, reading its own data silo's pending list. */
-  async function pullConnector(dataSiloId: string, intervalMinutes = 5): Promise<string> {
+  async function pullConnector(dataSiloId: string, intervalMinutes = 5, actions: ('ERASURE' | 'SALE_OPT_OUT')[] = ['ERASURE']): Promise<string> {
     const res = await call(env, 'POST', '/v1/admin/connectors', {
       key: ws.adminKey,
       body: {
         vendor: 'transcend',
         name: `Transcend (pull ${dataSiloId})`,
-        config: transcend.config({ pull: { enabled: true, dataSiloId, actions: ['ERASURE'], intervalMinutes } }),
+        config: transcend.config({ pull: { enabled: true, dataSiloId, actions, intervalMinutes } }),
         secrets: transcend.secrets,
       },
     });
@@ -311,5 +311,157 @@ describe('Transcend pull mode', () => {
     expect(transcend.fake.calls.filter((c) => c.path.startsWith(`/v1/data-silo/${silo}/`))).toHaveLength(0);
     expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(0);
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+  /** One run of the real poll job for a connector (and whatever jobs it queues). */
+  async function runPoll(id: string): Promise<void> {
+    await env.sql`select graphile_worker.add_job('poll_connector', json_build_object('connectorId', ${id}::text),
+                    job_key => ${`poll:${id}`}::text, max_attempts => 3)`;
+    await env.runJobs();
+    const [job] = await env.sql`select last_error from graphile_worker._private_jobs where key = ${`poll:${id}`}`;
+    expect(job?.last_error ?? null).toBeNull(); // the poll itself succeeded
+  }
+
+  const errorsFor = (nonces: string[]) => transcend.errors().filter((r) => nonces.includes(r.nonce));
+
+  it('listed jobs we refuse are reported to Transcend once as ERROR with the reason, and not again on later polls', async () => {
+    const silo = 'silo-refused';
+    const id = await pullConnector(silo, 5, ['ERASURE', 'SALE_OPT_OUT']);
+    const notAnEmail = transcend.pendingItem(60, { identifier: 'refused-canary-60 at example.test', type: 'email', dataSiloId: silo });
+    const nul = transcend.pendingItem(61, { identifier: 'refused-canary-61@example.test', requestId: 'req\u0000nul-61', dataSiloId: silo });
+    const { requestId: _dropped, ...unreadable } = transcend.pendingItem(62, { identifier: 'refused-canary-62@example.test', dataSiloId: silo });
+    const noNonce = transcend.pendingItem(63, { identifier: 'refused-canary-63@example.test', nonce: 'bad\r\nnonce-63', dataSiloId: silo });
+    const good = transcend.pendingItem(64, { identifier: 'taken-64@example.test', dataSiloId: silo });
+    transcend.setPending('ERASURE', [notAnEmail, nul, unreadable as never, noNonce, good], silo);
+    transcend.setPending('SALE_OPT_OUT', [], silo);
+    await runPoll(id);
+    // The acceptable job beside them was taken as usual.
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(1);
+    // Later the same job (request, identifier type and identifier) is listed as an opt-out: its id is an erasure's.
+    const reused = { ...good, nonce: `${good.nonce}-optout` };
+    transcend.setPending('SALE_OPT_OUT', [reused], silo);
+    await runPoll(id);
+    const refused = [notAnEmail, nul, unreadable, reused].map((i) => i.nonce);
+    const errors = errorsFor([...refused, noNonce.nonce]);
+    expect(errors.map((e) => e.answered)).toEqual([200, 200, 200, 200]);
+    expect(Object.fromEntries(errors.map((e) => [e.nonce, e.message]))).toEqual({
+      [notAnEmail.nonce]: "Refused by dsr-connector (validation_failed): the ticket's subject is not a valid email address",
+      [nul.nonce]:
+        'Refused by dsr-connector (validation_failed): a value of the job cannot be stored (for example a NUL character or an out-of-range number)',
+      [reused.nonce]: 'Refused by dsr-connector (conflict): this ticket was already received with a different action or subject',
+      [unreadable.nonce]: "Refused by dsr-connector (validation_failed): the pending request's field requestId is missing or invalid",
+    });
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(1);
+
+    // Remembered with codes only: no identifier, no nonce.
+    const memory = await env.sql`select row_to_json(r)::text as j, r.status, r.code from upstream_refusals r where connector_id = ${id}`;
+    expect(memory.map((m) => [m.status, m.code]).sort()).toEqual([
+      ['reported', 'conflict'],
+      ['reported', 'validation_failed'],
+      ['reported', 'validation_failed'],
+      ['reported', 'validation_failed'],
+    ]);
+    const secrets = [notAnEmail, nul, unreadable, noNonce, good].flatMap((i) => [i.identifier, i.nonce]);
+    for (const m of memory) for (const secret of secrets) expect(m.j).not.toContain(secret);
+
+    // Sombra keeps listing a job that reported ERROR: later polls do not tell it again.
+    await runPoll(id);
+    await runPoll(id);
+    expect(errorsFor([...refused, noNonce.nonce])).toHaveLength(4);
+
+    const refusedLogs = env.logs.lines.filter((l) => l.includes('polled ticket refused') && l.includes(id));
+    expect(refusedLogs.length).toBeGreaterThanOrEqual(12);
+    for (const secret of secrets) expect(env.logs.text()).not.toContain(secret);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+
+  it('a refusal whose report fails for now is reported on a later poll; one Transcend refuses is not sent again', async () => {
+    const silo = 'silo-refused-retry';
+    const id = await pullConnector(silo);
+    const item = transcend.pendingItem(70, { identifier: 'retry-canary-70', type: 'email', dataSiloId: silo });
+    const second = transcend.pendingItem(72, { identifier: 'retry-canary-72', type: 'email', dataSiloId: silo });
+    transcend.setPending('ERASURE', [item, second], silo);
+
+    // Sombra down for one call: the other refusal of that poll waits for the next poll as well.
+    transcend.failReports(1, { status: 503, body: { error: 'down' } });
+    await runPoll(id);
+    expect(errorsFor([item.nonce, second.nonce]).map((e) => [e.nonce, e.answered])).toEqual([[item.nonce, 503]]);
+    const [pending] = await env.sql`select status, attempts, last_error from upstream_refusals where connector_id = ${id}`;
+    expect(pending).toMatchObject({ status: 'pending', attempts: 1, last_error: 'Transcend PUT /v1/data-silo: HTTP 503' });
+
+    await runPoll(id);
+    expect(errorsFor([item.nonce, second.nonce]).map((e) => [e.nonce, e.answered])).toEqual([
+      [item.nonce, 503],
+      [item.nonce, 200],
+      [second.nonce, 200],
+    ]);
+    const reported = await env.sql`select status, attempts, last_error, reported_at from upstream_refusals
+                                   where connector_id = ${id} order by attempts`;
+    expect(reported).toMatchObject([
+      { status: 'reported', attempts: 1, last_error: null },
+      { status: 'reported', attempts: 2, last_error: null },
+    ]);
+    expect(reported[1]!.reported_at).not.toBeNull();
+    await runPoll(id);
+    expect(errorsFor([item.nonce, second.nonce])).toHaveLength(3);
+
+    // A report Sombra refuses outright (400) would be refused again: it is recorded, not re-sent every poll.
+    const other = transcend.pendingItem(71, { identifier: 'retry-canary-71', type: 'email', dataSiloId: silo });
+    transcend.setPending('ERASURE', [item, other], silo);
+    transcend.failReports(1, { status: 400, body: { error: 'bad request' } });
+    await runPoll(id);
+    await runPoll(id);
+    expect(errorsFor([other.nonce]).map((e) => e.answered)).toEqual([400]);
+    const rows = await env.sql`select status, last_error from upstream_refusals where connector_id = ${id} order by status`;
+    expect(rows).toEqual([
+      { status: 'failed', last_error: 'Transcend PUT /v1/data-silo: HTTP 400' },
+      { status: 'reported', last_error: null },
+      { status: 'reported', last_error: null },
+    ]);
+    expect(env.logs.text()).not.toContain('retry-canary');
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+
+  it('a refused job that comes back with an identifier we accept is taken, erased and completed as usual', async () => {
+    const silo = 'silo-refused-then-fixed';
+    const id = await pullConnector(silo);
+    const user = await seedUser(env, ws.ingestKey);
+    const broken = transcend.pendingItem(80, { identifier: user.email.replace('@', ' at '), type: 'email', dataSiloId: silo });
+    transcend.setPending('ERASURE', [broken], silo);
+    await runPoll(id);
+    expect(errorsFor([broken.nonce])).toHaveLength(1);
+    expect(await env.sql`select id from upstream_tickets where connector_id = ${id}`).toHaveLength(0);
+
+    // Corrected in Transcend: the same job (request id, nonce) now lists a valid email.
+    transcend.setPending('ERASURE', [{ ...broken, identifier: user.email }], silo);
+    await runPoll(id);
+    await env.runJobs(); // the erasure and its report
+    await env.runJobs();
+    const done = await env.sql`select t.status, r.outcome from upstream_tickets t join dsr_requests r on r.id = t.request_id
+                               where t.connector_id = ${id}`;
+    expect(done.map((d) => [d.status, d.outcome])).toEqual([['delivered', 'erased']]);
+    const reports = transcend.reports.filter((r) => r.nonce === broken.nonce);
+    expect(reports.map((r) => [r.profileStatus, r.answered])).toEqual([
+      ['ERROR', 200],
+      ['RESOLVED', 200],
+    ]);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+  it('a connector disabled while its poll reports refusals reports nothing more from that poll', async () => {
+    const silo = 'silo-refused-disabled';
+    const id = await pullConnector(silo);
+    const items = [1, 2].map((n) => transcend.pendingItem(90 + n, { identifier: `disabled-canary-${n}`, type: 'email', dataSiloId: silo }));
+    transcend.setPending('ERASURE', items, silo);
+    await env.sql.unsafe(`
+      create function refusal_disables() returns trigger language plpgsql as $$
+      begin update connectors set enabled = false where id = '${id}'; return new; end $$;
+      create trigger refusal_disables after insert on upstream_refusals
+        for each row when (new.connector_id = '${id}') execute function refusal_disables();`);
+    try {
+      await runPoll(id);
+    } finally {
+      await env.sql.unsafe('drop trigger refusal_disables on upstream_refusals; drop function refusal_disables();');
+    }
+    expect(errorsFor(items.map((i) => i.nonce)).map((e) => e.nonce)).toEqual([items[0]!.nonce]);
+    expect(await env.sql`select job_key from upstream_refusals where connector_id = ${id}`).toHaveLength(1);
   });
 });

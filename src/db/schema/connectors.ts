@@ -120,3 +120,33 @@ export const webhookTokens = pgTable(
   },
   (t) => [primaryKey({ columns: [t.connectorId, t.tokenId] }), index('webhook_tokens_expires_idx').on(t.expiresAt)],
 );
+
+export const REFUSAL_STATUSES = ['pending', 'reported', 'failed'] as const;
+export type RefusalStatus = (typeof REFUSAL_STATUSES)[number];
+
+/**
+ * Jobs a poll found that we refuse (an identifier that is no email or user id, a ticket id reused for another
+ * subject, a value the database cannot store, an item we cannot read), remembered so the vendor is told why once,
+ * not on every poll: `reported` once told, `pending` while telling it failed for now (tried again on a later poll),
+ * `failed` when the vendor refused the report itself. Holds no personal data: the job key is the vendor's request id
+ * with a keyed digest of the subject (or a digest of the job's nonce), the reason a code.
+ */
+export const upstreamRefusals = pgTable(
+  'upstream_refusals',
+  {
+    connectorId: text('connector_id').notNull().references(() => connectors.id),
+    jobKey: text('job_key').notNull(),
+    /** Why it was refused (validation_failed, conflict…), as it was told. */
+    code: text('code').notNull(),
+    status: text('status', { enum: REFUSAL_STATUSES }).notNull().default('pending'),
+    attempts: integer('attempts').notNull().default(0),
+    lastError: text('last_error'),
+    reportedAt: ts('reported_at'),
+    createdAt: ts('created_at').notNull().defaultNow(),
+    updatedAt: ts('updated_at').notNull().defaultNow(),
+  },
+  (t) => [
+    primaryKey({ columns: [t.connectorId, t.jobKey] }),
+    check('upstream_refusals_status_ck', sql`${t.status} in ('pending', 'reported', 'failed')`),
+  ],
+);
