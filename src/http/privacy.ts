@@ -1,5 +1,5 @@
 import { createRoute, z } from '@hono/zod-openapi';
-import { and, eq, exists, inArray, not, sql, type SQL } from 'drizzle-orm';
+import { and, eq, exists, inArray, not, or, sql, type SQL } from 'drizzle-orm';
 import {
   auditRecords,
   dsrRequests,
@@ -366,6 +366,24 @@ function needsRecentAuth(parsed: { success: boolean; data?: { action: string; sc
 }
 
 /**
+ * A vendor's ticket reference names the request it created, or the request it joined (a ticket for a subject whose
+ * request of the same action was already pending, e.g. one sent through this API, is added to that request and keeps
+ * its own reference on the ticket): both are found by it.
+ */
+function upstreamRefIs(deps: AppDeps, workspaceId: string, ref: string): SQL {
+  return or(
+    eq(dsrRequests.upstreamRef, ref),
+    inArray(
+      dsrRequests.id,
+      deps.db
+        .select({ requestId: upstreamTickets.requestId })
+        .from(upstreamTickets)
+        .where(and(eq(upstreamTickets.workspaceId, workspaceId), eq(upstreamTickets.upstreamRef, ref))),
+    ),
+  )!;
+}
+
+/**
  * Requests whose `upstreamStatus` (the aggregate the view shows) is this one: failed if any ticket failed, else
  * pending if any is pending, else delivered.
  */
@@ -466,7 +484,7 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
       q.externalRequestId ? eq(dsrRequests.externalRequestId, q.externalRequestId) : undefined,
       q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
       q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
-      q.upstreamRef ? eq(dsrRequests.upstreamRef, q.upstreamRef) : undefined,
+      q.upstreamRef ? upstreamRefIs(deps, ws, q.upstreamRef) : undefined,
       q.upstreamStatus ? upstreamStatusIs(deps, q.upstreamStatus) : undefined,
       cursorCondition(q.cursor, dsrRequests.id, 'req'),
     ];

@@ -272,6 +272,28 @@ describe('Transcend webhooks', () => {
     expect((put!.json as { message: string }).message).toContain(req.auditRecordId);
   });
 
+  it("a ticket that joined a pending request is found by its own upstreamRef in the requests listing", async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const api = await call(env, 'POST', '/v1/privacy/requests', {
+      key: a.privacyKey,
+      body: { action: 'erase', email: user.email },
+    });
+    const pendingId = api.json.results[0].requestId as string;
+    const transcendRequestId = randomUUID();
+    const w = await transcend.webhook({ profile: { identifier: user.email, type: 'email' }, requestId: transcendRequestId });
+    const res = await deliver('transcend', ids.transcendA, w.headers, w.body);
+    expect(res.json.received[0].requestId).toBe(pendingId);
+    // The admin looks the vendor's ticket up by the reference the vendor shows: the request it joined is listed.
+    const list = await call(env, 'GET', `/v1/privacy/requests?upstreamRef=${transcendRequestId}`, { key: a.privacyKey });
+    expect(list.status).toBe(200);
+    expect(list.json.data.map((r: { id: string }) => r.id)).toEqual([pendingId]);
+    expect(list.json.data[0].upstream.map((t: { upstreamRef: string }) => t.upstreamRef)).toEqual([transcendRequestId]);
+    // Another workspace never finds it by that reference.
+    const other = await call(env, 'GET', `/v1/privacy/requests?upstreamRef=${transcendRequestId}`, { key: b.privacyKey });
+    expect(other.json.data).toEqual([]);
+    await settle(pendingId);
+  });
+
   it('a ticket joining a request that already finished is reported at once', async () => {
     const email = `${uniq('done')}@example.test`;
     const first = await transcend.webhook({ profile: { identifier: email, type: 'email' } });

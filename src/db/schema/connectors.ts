@@ -98,6 +98,8 @@ export const upstreamTickets = pgTable(
     uniqueIndex('upstream_tickets_key_uq').on(t.connectorId, t.ticketKey),
     index('upstream_tickets_request_idx').on(t.requestId),
     index('upstream_tickets_workspace_idx').on(t.workspaceId, t.id),
+    // GET /v1/privacy/requests?upstreamRef= finds a request by any of its tickets' references.
+    index('upstream_tickets_workspace_ref_idx').on(t.workspaceId, t.upstreamRef),
     index('upstream_tickets_pending_idx')
       .on(t.nextAttemptAt)
       .where(sql`${t.status} = 'pending'`),

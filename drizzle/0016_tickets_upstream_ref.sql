@@ -1,0 +1,1 @@
+CREATE INDEX "upstream_tickets_workspace_ref_idx" ON "upstream_tickets" USING btree ("workspace_id","upstream_ref");
