@@ -140,6 +140,8 @@ export interface TestCheck {
   name: string;
   ok: boolean;
   detail: string;
+  /** Nothing this server can call proves it (e.g. a secret only the vendor's signed call confirms): a note, never a failure. */
+  skipped?: true;
 }
 
 export interface TestResult {

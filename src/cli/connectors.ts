@@ -132,7 +132,7 @@ const test: Command = async (cli, args) => {
     const result = await testConnector(deps, row);
     output(cli, result, () => [
       `${row.id} (${row.vendor}): ${result.ok ? 'ok' : 'NOT OK'}`,
-      ...result.checks.map((c) => `  ${c.ok ? 'ok  ' : 'FAIL'}  ${c.name}: ${c.detail}`),
+      ...result.checks.map((c) => `  ${c.ok ? 'ok  ' : c.skipped ? '--  ' : 'FAIL'}  ${c.name}: ${c.detail}`),
     ]);
     return result.ok ? 0 : 1;
   });

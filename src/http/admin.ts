@@ -61,7 +61,17 @@ const SecretsInput = z
 const TestResultView = z
   .object({
     ok: z.boolean(),
-    checks: z.array(z.object({ name: z.string(), ok: z.boolean(), detail: z.string() })),
+    checks: z.array(
+      z.object({
+        name: z.string(),
+        ok: z.boolean(),
+        detail: z.string(),
+        skipped: z
+          .literal(true)
+          .optional()
+          .openapi({ description: 'Not checked: nothing this server can call proves it (a note, never a failure)' }),
+      }),
+    ),
   })
   .openapi('ConnectorTestResult');
 

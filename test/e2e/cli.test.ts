@@ -430,6 +430,23 @@ describe('connectors', () => {
     expect(onetrust.tokensIssued()).toBe(tokens + 1);
   });
 
+  it('connectors test of a DataGrail connector shows what it cannot check as not checked, never as FAIL', async () => {
+    const r = await run(['connectors', 'test', dgId]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`${dgId} (datagrail): ok`);
+    expect(r.stdout).not.toContain('FAIL');
+    expect(r.stdout).toMatch(/^ {2}ok {4}secrets present: /m);
+    expect(r.stdout).toMatch(/^ {2}-- {4}webhook secret: Not checked: /m);
+    expect(r.stdout).toMatch(/^ {2}-- {4}API key: Not checked: /m);
+    const json = onlyDocument((await run(['connectors', 'test', dgId, '--json'])).stdout);
+    expect(json.checks.map((c: Json) => [c.name, c.ok, c.skipped ?? false])).toEqual([
+      ['secrets present', true, false],
+      ['callback hosts', true, false],
+      ['webhook secret', false, true],
+      ['API key', false, true],
+    ]);
+  });
+
   it('connectors disable: the webhook that answered now 404s', async () => {
     const body = datagrailBody({ callback_url: 'http://127.0.0.1:9/cb' });
     const forged = datagrailWebhook({ secret: 'not-the-secret', body });
