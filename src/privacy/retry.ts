@@ -14,7 +14,8 @@ import type { UpstreamDeps } from '../upstream/context.ts';
  * record stays in the chain; the retry writes its own, naming `actor` (who asked for the retry) when given.
  *
  * Vendor tickets still waiting (pending) or whose delivery failed report the new outcome once it is known; a
- * ticket already told about the failure is left alone (the vendor has closed it; a new upstream request starts over).
+ * ticket already told about the failure is left alone (the vendor has closed it; a new upstream request starts over),
+ * unless the vendor kept the job open and sends or lists it again with a fresh capability (receiveTickets).
  * A report of the failure still in flight records nothing when it ends, and the new outcome goes out after it
  * (resetForNewOutcome).
  */

@@ -124,6 +124,7 @@ const markDelivered = prebuilt((b) =>
       status: 'delivered',
       attempts: p('attempt') as never,
       deliveredAt: sql`now()`,
+      reportedAuditRecordId: p('auditRecordId') as never,
       lastError: null,
       nextAttemptAt: null,
       secretSealed: null,
@@ -217,7 +218,7 @@ async function deliverLoaded(
   const found = asAttemptFound({ ticketId, generation, attempt });
   let recorded: boolean;
   if (result.kind === 'delivered') {
-    recorded = (await markDelivered.run(deps.db, { ticketId, generation, attempt })).count > 0;
+    recorded = (await markDelivered.run(deps.db, { ticketId, generation, attempt, auditRecordId: request.auditRecordId })).count > 0;
   } else if (result.kind === 'permanent' || outOfAttempts) {
     const rows = await deps.db
       .update(upstreamTickets)

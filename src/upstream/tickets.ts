@@ -101,6 +101,17 @@ export async function receiveTickets(
         }
         // A redelivery (or the next poll) may carry a fresh capability; the newest one is the one to report with.
         const context = ticketSecretContext(existing.id);
+        if (t.secret && existing.status === 'delivered' && (await toldAnOlderOutcome(tx, existing))) {
+          // The vendor kept the job open after our report (a failure, for Transcend an ERROR) and the request has
+          // finished again since (retried): tell it the new outcome with the capability it just sent.
+          await tx
+            .update(upstreamTickets)
+            .set({ ...resetForNewOutcome(deps.reportPolicy), lastError: null, secretSealed: deps.sealer.seal(t.secret, context) })
+            .where(eq(upstreamTickets.id, existing.id));
+          await enqueueReports(tx, { ticketId: existing.id });
+          out.push({ ticketId: existing.id, requestId: existing.requestId, replayed: true });
+          continue;
+        }
         if (
           t.secret &&
           existing.status !== 'delivered' &&
@@ -476,6 +487,25 @@ async function rememberToken(tx: Tx, connectorId: string, verified: Verified, ra
   if (seen && seen.bodyDigest !== bodyDigest) {
     throw new ApiError('token_replayed', 'this signed token was already used for a different request');
   }
+}
+
+/**
+ * Whether a delivered ticket's report carried an audit record other than its request's current one: the request
+ * finished again after the report (a retry of a failure). Locking the request row keeps a retry from finishing it
+ * unseen meanwhile; one still running is left to the next listing or redelivery.
+ */
+async function toldAnOlderOutcome(tx: Tx, ticket: TicketRow): Promise<boolean> {
+  if (!ticket.reportedAuditRecordId) return false;
+  const [row] = await tx
+    .select({ status: dsrRequests.status, auditRecordId: dsrRequests.auditRecordId })
+    .from(dsrRequests)
+    .where(eq(dsrRequests.id, ticket.requestId))
+    .for('share');
+  return (
+    !!row?.auditRecordId &&
+    (row.status === 'complete' || row.status === 'failed') &&
+    row.auditRecordId !== ticket.reportedAuditRecordId
+  );
 }
 
 /**

@@ -297,6 +297,55 @@ describe('Transcend pull mode', () => {
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
   });
 
+  it('a job told of a failure (ERROR keeps it listed) is told the new outcome once a retry of its request succeeds', async () => {
+    const silo = 'silo-error-then-retry';
+    const id = await pullConnector(silo);
+    const user = await seedUser(env, ws.ingestKey);
+    const item = transcend.pendingItem(60, { identifier: user.email, type: 'email', dataSiloId: silo });
+    transcend.setPending('ERASURE', [item], silo);
+    const putsWith = () =>
+      transcend.fake
+        .callsTo('PUT /v1/data-silo')
+        .filter((c) => c.headers['x-transcend-nonce'] === item.nonce)
+        .map((c) => c.json as { profileStatus: string; message: string });
+    // Every erasure in the workspace fails while the trigger is there.
+    const fn = `fail_${ws.workspaceId.replace(/\W/g, '_')}`;
+    await env.sql.unsafe(`
+      create function ${fn}() returns trigger language plpgsql as $$ begin raise exception 'injected failure'; end $$;
+      create trigger ${fn} before delete on topic_questions
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function ${fn}();`);
+    try {
+      await pollConnector(env.deps, id);
+      await env.runJobs();
+      await env.runJobs();
+    } finally {
+      await env.sql.unsafe(`drop trigger if exists ${fn} on topic_questions; drop function if exists ${fn}();`);
+    }
+    const [ticket] = await env.sql`select * from upstream_tickets where connector_id = ${id}`;
+    expect(ticket).toMatchObject({ status: 'delivered' });
+    expect(putsWith().map((p) => p.profileStatus)).toEqual(['ERROR']);
+
+    const retried = await call(env, 'POST', `/v1/privacy/requests/${ticket!.request_id}/retry`, { key: ws.privacyKey });
+    expect(retried.status, retried.text).toBe(202);
+    await env.runJobs();
+    const [request] = await env.sql`select status, outcome, audit_record_id from dsr_requests where id = ${ticket!.request_id}`;
+    expect(request).toMatchObject({ status: 'complete', outcome: 'erased' });
+
+    // Sombra still lists the job (an ERROR does not close it): the next poll tells it the erasure, with its nonce.
+    await pollConnector(env.deps, id);
+    await env.runJobs();
+    await env.runJobs();
+    expect(putsWith().map((p) => p.profileStatus)).toEqual(['ERROR', 'RESOLVED']);
+    expect(putsWith()[1]!.message).toContain(request!.audit_record_id);
+    const [after] = await env.sql`select status, secret_sealed from upstream_tickets where id = ${ticket!.id}`;
+    expect(after).toMatchObject({ status: 'delivered', secret_sealed: null });
+    // Completed upstream, the job is no longer listed; polling again tells nothing more.
+    await pollConnector(env.deps, id);
+    await env.runJobs();
+    expect(putsWith()).toHaveLength(2);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+
   it('a poll job still queued when its connector is switched back to webhooks does not poll', async () => {
     const silo = 'silo-switched-off';
     const id = await pullConnector(silo);

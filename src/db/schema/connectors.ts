@@ -84,6 +84,11 @@ export const upstreamTickets = pgTable(
     lastError: text('last_error'),
     nextAttemptAt: ts('next_attempt_at'),
     deliveredAt: ts('delivered_at'),
+    /**
+     * The audit record the delivered report carried. A vendor that keeps a job open after a failure report
+     * (Transcend's ERROR) and lists or sends it again with a fresh capability is told a newer outcome of its request.
+     */
+    reportedAuditRecordId: text('reported_audit_record_id'),
     createdAt: ts('created_at').notNull().defaultNow(),
     updatedAt: ts('updated_at').notNull().defaultNow(),
   },

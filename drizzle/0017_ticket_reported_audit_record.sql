@@ -1,0 +1,1 @@
+ALTER TABLE "upstream_tickets" ADD COLUMN "reported_audit_record_id" text;
