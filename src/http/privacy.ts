@@ -400,6 +400,22 @@ function upstreamStatusIs(deps: AppDeps, status: UpstreamStatus): SQL {
   return and(ticketIn(['delivered']), not(ticketIn(['pending', 'failed'])))!;
 }
 
+export type RequestListQuery = Omit<z.infer<typeof listRequests.request.query>, 'limit'>;
+
+/** The rows GET /v1/privacy/requests lists (newest first, from the cursor on). */
+export function requestListFilter(deps: AppDeps, ws: string, q: RequestListQuery): SQL | undefined {
+  return and(
+    eq(dsrRequests.workspaceId, ws),
+    q.status ? eq(dsrRequests.status, q.status) : undefined,
+    q.externalRequestId ? eq(dsrRequests.externalRequestId, q.externalRequestId) : undefined,
+    q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
+    q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
+    q.upstreamRef ? upstreamRefIs(deps, ws, q.upstreamRef) : undefined,
+    q.upstreamStatus ? upstreamStatusIs(deps, q.upstreamStatus) : undefined,
+    cursorCondition(q.cursor, dsrRequests.id, 'req'),
+  );
+}
+
 export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
   app.use('/v1/privacy/*', requireActor(deps, 'privacy'));
 
@@ -477,22 +493,12 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
 
   app.openapi(listRequests, async (c) => {
     const q = c.req.valid('query');
-    const ws = c.get('auth').workspaceId;
-    const conds: (SQL | undefined)[] = [
-      eq(dsrRequests.workspaceId, ws),
-      q.status ? eq(dsrRequests.status, q.status) : undefined,
-      q.externalRequestId ? eq(dsrRequests.externalRequestId, q.externalRequestId) : undefined,
-      q.userId ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
-      q.email ? eq(dsrRequests.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
-      q.upstreamRef ? upstreamRefIs(deps, ws, q.upstreamRef) : undefined,
-      q.upstreamStatus ? upstreamStatusIs(deps, q.upstreamStatus) : undefined,
-      cursorCondition(q.cursor, dsrRequests.id, 'req'),
-    ];
+    const where = requestListFilter(deps, c.get('auth').workspaceId, q);
     const views = await readRequestViews(deps.db, (tx) =>
       tx
         .select()
         .from(dsrRequests)
-        .where(and(...conds))
+        .where(where)
         .orderBy(newestFirst(dsrRequests.id))
         .limit(q.limit + 1),
     );

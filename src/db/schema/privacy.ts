@@ -82,6 +82,8 @@ export const dsrRequests = pgTable(
       .on(t.workspaceId, t.action, t.scope, t.subjectDigest)
       .where(sql`${t.status} in ('queued', 'running')`),
     index('dsr_requests_workspace_id_idx').on(t.workspaceId, t.id),
+    // Listing by status, newest first: a rare status (failed) is found without reading the workspace's whole history.
+    index('dsr_requests_workspace_status_idx').on(t.workspaceId, t.status, t.id),
     index('dsr_requests_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
     index('dsr_requests_workspace_external_idx').on(t.workspaceId, t.externalRequestId),
     index('dsr_requests_workspace_upstream_idx').on(t.workspaceId, t.upstreamRef),

@@ -1,0 +1,1 @@
+CREATE INDEX "dsr_requests_workspace_status_idx" ON "dsr_requests" USING btree ("workspace_id","status","id");
