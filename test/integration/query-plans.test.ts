@@ -85,3 +85,11 @@ it('lists requests by status without reading the whole history', async () => {
     expect(read, status).toBeLessThan(100);
   }
 });
+
+it("lists requests by their vendor tickets' status without reading every ticket", async () => {
+  for (const upstreamStatus of ['failed', 'pending'] as const) {
+    const { rows, read } = await listingPlan({ upstreamStatus });
+    expect(rows, upstreamStatus).toBe(1);
+    expect(read, upstreamStatus).toBeLessThan(100);
+  }
+});

@@ -108,6 +108,10 @@ export const upstreamTickets = pgTable(
     index('upstream_tickets_pending_idx')
       .on(t.nextAttemptAt)
       .where(sql`${t.status} = 'pending'`),
+    // Requests whose delivery failed (GET /v1/privacy/requests?upstreamStatus=failed): few among all the tickets.
+    index('upstream_tickets_failed_idx')
+      .on(t.requestId)
+      .where(sql`${t.status} = 'failed'`),
     check('upstream_tickets_status_ck', sql`${t.status} in ('pending', 'delivered', 'failed')`),
   ],
 );

@@ -1,0 +1,1 @@
+CREATE INDEX "upstream_tickets_failed_idx" ON "upstream_tickets" USING btree ("request_id") WHERE "upstream_tickets"."status" = 'failed';
