@@ -416,6 +416,22 @@ export function requestListFilter(deps: AppDeps, ws: string, q: RequestListQuery
   );
 }
 
+export type AuditListQuery = Omit<z.infer<typeof listAudit.request.query>, 'limit'>;
+
+/** The records GET /v1/privacy/audit lists (newest first, from the cursor on). */
+export function auditListFilter(deps: AppDeps, ws: string, q: AuditListQuery): SQL | undefined {
+  return and(
+    eq(auditRecords.workspaceId, ws),
+    q.requestId ? eq(auditRecords.requestId, q.requestId) : undefined,
+    q.action ? eq(auditRecords.action, q.action) : undefined,
+    q.status ? eq(auditRecords.status, q.status) : undefined,
+    q.outcome ? eq(auditRecords.outcome, q.outcome) : undefined,
+    q.userId ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
+    q.email ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
+    cursorCondition(q.cursor, auditRecords.id, 'aud'),
+  );
+}
+
 export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
   app.use('/v1/privacy/*', requireActor(deps, 'privacy'));
 
@@ -528,21 +544,10 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
 
   app.openapi(listAudit, async (c) => {
     const q = c.req.valid('query');
-    const ws = c.get('auth').workspaceId;
-    const conds: (SQL | undefined)[] = [
-      eq(auditRecords.workspaceId, ws),
-      q.requestId ? eq(auditRecords.requestId, q.requestId) : undefined,
-      q.action ? eq(auditRecords.action, q.action) : undefined,
-      q.status ? eq(auditRecords.status, q.status) : undefined,
-      q.outcome ? eq(auditRecords.outcome, q.outcome) : undefined,
-      q.userId ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'user_id', q.userId)) : undefined,
-      q.email ? eq(auditRecords.subjectDigest, subjectDigest(deps.digestKey, ws, 'email', q.email)) : undefined,
-      cursorCondition(q.cursor, auditRecords.id, 'aud'),
-    ];
     const rows = await deps.db
       .select()
       .from(auditRecords)
-      .where(and(...conds))
+      .where(auditListFilter(deps, c.get('auth').workspaceId, q))
       .orderBy(newestFirst(auditRecords.id))
       .limit(q.limit + 1);
     const p = page(rows, q.limit);

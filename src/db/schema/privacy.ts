@@ -135,6 +135,10 @@ export const auditRecords = pgTable(
   (t) => [
     uniqueIndex('audit_records_chain_uq').on(t.workspaceId, t.chainSeq),
     index('audit_records_workspace_id_idx').on(t.workspaceId, t.id),
+    // The listing's filters, newest first: a rare action, status or outcome without reading the whole chain.
+    index('audit_records_workspace_action_idx').on(t.workspaceId, t.action, t.id),
+    index('audit_records_workspace_status_idx').on(t.workspaceId, t.status, t.id),
+    index('audit_records_workspace_outcome_idx').on(t.workspaceId, t.outcome, t.id),
     index('audit_records_request_idx').on(t.requestId),
     index('audit_records_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
     check('audit_records_status_ck', sql`${t.status} in ('complete', 'failed')`),
