@@ -1,5 +1,6 @@
 import { and, eq, inArray, sql } from 'drizzle-orm';
 import { dsrRequests, upstreamTickets } from '../db/schema/index.ts';
+import type { Db } from '../db/client.ts';
 import { isUniqueViolation } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
@@ -78,7 +79,13 @@ export async function retryRequest(
 
 /** Wipes the sealed identifiers of requests that failed longer ago than the retention period (periodic tick). */
 export async function pruneSealedSubjects(ctx: Pick<PrivacyDeps, 'db'>, retentionDays: number): Promise<number> {
-  const rows = await ctx.db
+  const rows = await sealedSubjectsPrune(ctx.db, retentionDays).returning({ id: dsrRequests.id });
+  return rows.length;
+}
+
+/** The prune's statement (its plan is checked in test/integration/query-plans.test.ts). */
+export function sealedSubjectsPrune(db: Db, retentionDays: number) {
+  return db
     .update(dsrRequests)
     .set({ subjectSealed: null })
     .where(
@@ -87,7 +94,5 @@ export async function pruneSealedSubjects(ctx: Pick<PrivacyDeps, 'db'>, retentio
         sql`${dsrRequests.subjectSealed} is not null`,
         sql`${dsrRequests.finishedAt} < now() - make_interval(days => ${retentionDays}::int)`,
       ),
-    )
-    .returning({ id: dsrRequests.id });
-  return rows.length;
+    );
 }

@@ -6,6 +6,7 @@ import { desc } from 'drizzle-orm';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
+import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 
@@ -44,6 +45,17 @@ beforeAll(async () => {
            case when r.status = 'failed' then 'failed' when r.id = ${suppression} then 'not_found' else 'erased' end,
            r.finished_at, r.finished_at
     from dsr_requests r where r.workspace_id = ${w} and r.status <> 'queued'`;
+  // The failed request still keeps its identifier sealed (for a retry), past the retention period.
+  await env.sql`update dsr_requests set subject_sealed = 'sealed', finished_at = now() - interval '60 days'
+                 where workspace_id = ${w} and status = 'failed'`;
+  // Another workspace's long record of failures whose identifiers were wiped already.
+  const other = await env.newWorkspace('Query plans: old failures');
+  await env.sql`
+    insert into dsr_requests (id, workspace_id, source, actor_type, action, scope, subject_kind, subject_digest,
+                              dedupe_key, status, outcome, finished_at)
+    select 'req_' || lpad(to_hex(${HISTORY} + i), 25, '0'), ${other.workspaceId}, 'api', 'api_key', 'erase', 'user',
+           'user_id', md5(i::text), 'k' || i, 'failed', 'failed', now() - interval '90 days'
+    from generate_series(1, 2000) i`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -84,13 +96,24 @@ async function listingPlan(q: RequestListQuery): Promise<{ rows: number; read: n
   return explain(query);
 }
 
+/** EXPLAIN ANALYZE of a statement, in a transaction rolled back afterwards (so a write changes nothing). */
 async function explain(query: { sql: string; params: unknown[] }): Promise<{ rows: number; read: number }> {
-  const [row] = await env.sql.unsafe<{ 'QUERY PLAN': [{ Plan: PlanNode }] }[]>(
-    `explain (analyze, format json) ${query.sql}`,
-    query.params as never[],
-  );
-  const plan = row!['QUERY PLAN'][0].Plan;
-  return { rows: plan['Actual Rows'] ?? 0, read: rowsRead(plan) };
+  let plan: PlanNode | undefined;
+  await env.sql
+    .begin(async (tx) => {
+      const [row] = await tx.unsafe<{ 'QUERY PLAN': [{ Plan: PlanNode }] }[]>(
+        `explain (analyze, format json) ${query.sql}`,
+        query.params as never[],
+      );
+      plan = row!['QUERY PLAN'][0].Plan;
+      throw new Error('rollback');
+    })
+    .catch((err: Error) => {
+      if (err.message !== 'rollback') throw err;
+    });
+  // An UPDATE's own node returns nothing: count what its scan found.
+  const top = plan!['Node Type'] === 'ModifyTable' ? plan!.Plans![0]! : plan!;
+  return { rows: top['Actual Rows'] ?? 0, read: rowsRead(plan!) };
 }
 
 it('lists requests by status without reading the whole history', async () => {
@@ -127,4 +150,10 @@ it('lists audit records by action, status or outcome without reading the whole c
     expect(rows, JSON.stringify(q)).toBe(1);
     expect(read, JSON.stringify(q)).toBeLessThan(100);
   }
+});
+
+it("finds failed requests past the retention period without reading every request (maintenance tick)", async () => {
+  const { rows, read } = await explain(sealedSubjectsPrune(env.database.db, 30).toSQL());
+  expect(rows).toBe(1);
+  expect(read).toBeLessThan(100);
 });

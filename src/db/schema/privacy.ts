@@ -85,6 +85,10 @@ export const dsrRequests = pgTable(
     // Listing by status, newest first: a rare status (failed) is found without reading the workspace's whole history.
     index('dsr_requests_workspace_status_idx').on(t.workspaceId, t.status, t.id),
     index('dsr_requests_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
+    // The maintenance tick's prune of sealed identifiers past retention: only the few rows still holding one.
+    index('dsr_requests_sealed_idx')
+      .on(t.finishedAt)
+      .where(sql`${t.subjectSealed} is not null`),
     index('dsr_requests_workspace_external_idx').on(t.workspaceId, t.externalRequestId),
     index('dsr_requests_workspace_upstream_idx').on(t.workspaceId, t.upstreamRef),
     check('dsr_requests_status_ck', sql`${t.status} in ('queued', 'running', 'complete', 'failed')`),

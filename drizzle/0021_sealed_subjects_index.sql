@@ -1,0 +1,1 @@
+CREATE INDEX "dsr_requests_sealed_idx" ON "dsr_requests" USING btree ("finished_at") WHERE "dsr_requests"."subject_sealed" is not null;
