@@ -543,8 +543,15 @@ async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promi
 
 describe('proof that nothing remains', () => {
   // A BEFORE DELETE trigger returning NULL makes PostgreSQL skip the row silently: the erasure's DELETE "succeeds"
-  // with a row left behind. The request must fail and roll back rather than report a partial erasure.
-  for (const table of ['events', 'messages', 'topic_questions'] as const) {
+  // with a row left behind. The request must fail and roll back rather than report a partial erasure. A row that
+  // references the profile makes the profile's delete fail on its foreign key; the profile itself left behind is
+  // caught only by the re-query after the deletes.
+  for (const [table, errorCode] of [
+    ['events', 'db_23503'],
+    ['messages', 'db_23503'],
+    ['topic_questions', 'db_23503'],
+    ['end_users', 'erasure_verification_failed'],
+  ] as const) {
     it(`a ${table} row silently left behind fails the request and undoes the erasure`, async () => {
       const ws = await env.newWorkspace();
       const u = await seedUser(env, ws.ingestKey);
@@ -557,9 +564,7 @@ describe('proof that nothing remains', () => {
         const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
         await env.runJobs();
         const req = await requestRow(env, id);
-        expect(req.status).toBe('failed');
-        // events: the foreign key stops the profile delete; the others: the re-query catches it.
-        expect(['db_23503', 'erasure_verification_failed']).toContain(req.error_code);
+        expect({ status: req.status, errorCode: req.error_code }).toEqual({ status: 'failed', errorCode });
         expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
         expect((await auditRows(env, id))[0]).toMatchObject({ status: 'failed', error_code: req.error_code });
       } finally {
