@@ -573,6 +573,29 @@ describe('proof that nothing remains', () => {
     });
   }
 
+  it('a workspace erasure that silently leaves a profile behind fails and undoes the erasure', async () => {
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const before = await userFootprint(env, ws.workspaceId, u.userId);
+    await env.sql.unsafe(`
+      create function keep_one_row() returns trigger language plpgsql as $$ begin return null; end $$;
+      create trigger keep_one_row before delete on end_users
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function keep_one_row();`);
+    try {
+      const id = await request(ws.workspaceId, 'erase', null);
+      await env.runJobs();
+      const req = await requestRow(env, id);
+      // Nothing references a profile that stayed, so only the re-query after the deletes can notice it.
+      expect({ status: req.status, errorCode: req.error_code }).toEqual({ status: 'failed', errorCode: 'erasure_verification_failed' });
+      expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
+      const [tomb] = await env.sql`select erased_at from workspaces where id = ${ws.workspaceId}`;
+      expect(tomb!.erased_at).toBeNull();
+      expect((await auditRows(env, id))[0]).toMatchObject({ status: 'failed', error_code: 'erasure_verification_failed' });
+    } finally {
+      await env.sql.unsafe(`drop trigger keep_one_row on end_users; drop function keep_one_row();`);
+    }
+  });
+
   it('every table holding user data references end_users through a non-deferrable foreign key', async () => {
     const rows = await env.sql<{ table: string; deferrable: boolean }[]>`
       select conrelid::regclass::text as table, condeferrable as deferrable
