@@ -220,3 +220,35 @@ it('a second retry while the first one holds the report keeps the hold: the fail
   expect(await runUntilReported(requestId)).toMatchObject({ status: 'delivered', attempts: 1, generation: 2 });
   expect(events).toEqual(['ERROR received', 'ERROR answered', 'RESOLVED received', 'RESOLVED answered']);
 });
+
+it('a vendor call still running when the attempt timeout is up is cut off as a timeout, however long the call timeout is', async () => {
+  // The attempt's deadline, not the (longer) per-call timeout, is what bounds a report attempt: the hold after a retry
+  // counts on every call of an attempt being over REPORT_ATTEMPT_TIMEOUT_MS after it started.
+  const own = await createTestEnv({ env: { REPORT_ATTEMPT_TIMEOUT_MS: '500', OUTBOUND_TIMEOUT_MS: '10000' } });
+  try {
+    const ws = await own.newWorkspace();
+    transcend.fake.on('PUT /v1/data-silo', async (c: RecordedCall) => {
+      events.push(`${(c.json as { profileStatus: string }).profileStatus} received`);
+      await new Promise((r) => setTimeout(r, 3_000));
+      return { status: 200, body: {} };
+    });
+    const res = await call(own, 'POST', '/v1/admin/connectors', {
+      key: ws.adminKey,
+      body: { vendor: 'transcend', name: 'T', config: transcend.config({ identifierTypes: { email: 'email' } }), secrets: transcend.secrets },
+    });
+    expect(res.status, res.text).toBe(201);
+    const w = await transcend.webhook({ profile: { identifier: `${uniq('slow')}@example.test`, type: 'email' }, nonce: uniq('n') });
+    const hook = await call(own, 'POST', `/webhooks/transcend/${res.json.id as string}`, { body: w.body, headers: w.headers });
+    expect(hook.status, hook.text).toBe(200);
+    const requestId = hook.json.received[0].requestId as string;
+    await own.runJobs(); // executes the request and reports it: attempts whose retry is due at once run too
+    // Every attempt was cut off long before the vendor would have answered: none was delivered.
+    const [ticket] = await own.sql`select status, attempts, last_error from upstream_tickets where request_id = ${requestId}`;
+    expect(ticket).toMatchObject({ status: 'pending' });
+    expect(ticket!.last_error).toMatch(/timed out/);
+    expect(ticket!.attempts).toBeGreaterThanOrEqual(1);
+    expect(events).toHaveLength(ticket!.attempts as number);
+  } finally {
+    await own.close();
+  }
+});
