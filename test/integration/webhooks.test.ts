@@ -400,6 +400,40 @@ describe('report delivery', () => {
     expect(calls).toHaveLength(3);
   });
 
+  it('a report job run again for an attempt already made (say its first run died after recording) never calls the vendor again', async () => {
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 503 });
+    const wrid = randomUUID();
+    const w = datagrailWebhook({
+      secret: DG_SECRET,
+      body: datagrailBody({ webhook_request_id: wrid, identifiers: { email: `${uniq('st')}@example.test` }, callback_url: datagrail.callbackUrl() }),
+    });
+    const requestId = (await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody)).json.received[0].requestId as string;
+    const callsFor = () =>
+      datagrail.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE).filter((c) => (c.json as { webhook_request_id: string }).webhook_request_id === wrid).length;
+    await env.runJobs();
+    const { id: ticketId } = await ticketOf(requestId);
+    try {
+      // Only the stale job is left: the next attempt's job waits, and the vendor would now accept the report.
+      await env.sql`update graphile_worker._private_jobs set run_at = now() + interval '1 hour' where key like ${`report:${ticketId}:%`}`;
+      datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
+      const before = await ticketOf(requestId);
+      expect(before).toMatchObject({ status: 'pending' });
+      expect(before.attempts).toBeGreaterThanOrEqual(1);
+      const calls = callsFor();
+      expect(calls).toBe(before.attempts);
+      await env.sql`select graphile_worker.add_job('report_upstream',
+                      json_build_object('ticketId', ${ticketId}::text, 'attempt', ${before.attempts}::int))`;
+      await env.runJobs();
+      expect(callsFor()).toBe(calls);
+      expect(await ticketOf(requestId)).toMatchObject({ status: 'pending', attempts: before.attempts });
+    } finally {
+      datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 200, body: {} });
+      await env.sql`update graphile_worker._private_jobs set run_at = now() where key like ${`report:${ticketId}:%`}`;
+    }
+    // The next attempt's own job still delivers it.
+    expect(await settle(requestId)).toMatchObject({ status: 'delivered' });
+  });
+
   it('a permanent refusal (401) stops at once; retryable failures stop after the attempt limit; both stay visible', async () => {
     datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 401 });
     const send = async () => {
