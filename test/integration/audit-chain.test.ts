@@ -458,6 +458,41 @@ describe('audit chain', () => {
     expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({ ok: true, records: 30, firstBreak: null });
   });
 
+  it('verify reads a chain longer than one batch to its head: an edit past the first 1,000 records is found', async () => {
+    const ws = await env.newWorkspace(uniq('long'));
+    const N = 1_005;
+    await env.database.db.transaction(async (tx) => {
+      for (let i = 0; i < N; i++) {
+        await appendAudit(tx, {
+          workspaceId: ws.workspaceId,
+          requestId: `req_long${String(i).padStart(17, '0')}`,
+          action: 'suppress',
+          scope: 'user',
+          subjectKind: 'user_id',
+          subjectDigest: sha256(`long-${i}`),
+          actorType: 'system',
+          actorId: null,
+          upstreamRef: null,
+          status: 'complete',
+          outcome: 'not_found',
+          counts: {},
+          errorCode: null,
+          startedAt: new Date(),
+        });
+      }
+    });
+    const intact = await verifyWorkspaceChain(env.database.db, ws.workspaceId);
+    expect(intact).toMatchObject({ ok: true, records: N, head: { position: N }, firstBreak: null });
+
+    const [target] = await env.sql`select id from audit_records where workspace_id = ${ws.workspaceId} and chain_seq = 1003`;
+    await tamper((tx) => tx`update audit_records set outcome = 'suppressed' where id = ${target!.id}`);
+    expect(await verifyWorkspaceChain(env.database.db, ws.workspaceId)).toMatchObject({
+      ok: false,
+      records: 1_002,
+      firstBreak: { problem: 'hash_mismatch', position: 1_003, recordId: target!.id },
+    });
+  });
+
   it('the hash the database computes on append is the documented one, whatever the fields hold', async () => {
     // Fields that JSON escapes, non-ASCII text, and text that looks like the chain's own fields.
     const awkward = [
