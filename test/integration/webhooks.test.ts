@@ -636,6 +636,24 @@ describe('DataGrail webhooks', () => {
     expect(await counts()).toEqual(before);
   });
 
+  it('a webhook_request_id already received for another subject or action is 409 conflict; nothing stored or joined', async () => {
+    const wrid = randomUUID();
+    const first = signed({ webhook_request_id: wrid, identifiers: { email: `${uniq('first')}@example.test` } });
+    const res = await deliver('datagrail', ids.datagrailA, first.headers, first.rawBody);
+    expect(res.status, res.text).toBe(200);
+    const before = await counts();
+    const otherSubject = signed({ webhook_request_id: wrid, identifiers: { email: `${uniq('second')}@example.test` } });
+    expectError(await deliver('datagrail', ids.datagrailA, otherSubject.headers, otherSubject.rawBody), 409, 'conflict');
+    const sameSubjectOtherAction = JSON.parse(first.rawBody) as Record<string, unknown>;
+    expect(sameSubjectOtherAction.request_type).not.toBe('opt_out');
+    sameSubjectOtherAction.request_type = 'opt_out';
+    const reworded = signed(sameSubjectOtherAction);
+    expectError(await deliver('datagrail', ids.datagrailA, reworded.headers, reworded.rawBody), 409, 'conflict');
+    expect(await counts()).toEqual(before);
+    // The first delivery is still answered as it was.
+    expect((await deliver('datagrail', ids.datagrailA, first.headers, first.rawBody)).json).toEqual(res.json);
+  });
+
   it('10 copies of an unsigned-token ticket at once (no jti to serialise on): one request, one ticket, one job', async () => {
     const w = signed({ webhook_request_id: randomUUID(), identifiers: { email: `${uniq('dup')}@example.test` } });
     const before = await counts();
