@@ -198,6 +198,26 @@ describe('Transcend webhooks', () => {
     expect(again.json).toEqual(first.json);
   });
 
+  it('a redelivered job carrying a new nonce is reported with the newest one', async () => {
+    const user = await seedUser(env, a.ingestKey);
+    const requestId = randomUUID();
+    const profile = { identifier: user.email, type: 'email' };
+    const [older, newer] = [`nonce-${randomUUID()}`, `nonce-${randomUUID()}`];
+    const first = await transcend.webhook({ requestId, profile, nonce: older });
+    const one = await deliver('transcend', ids.transcendA, first.headers, first.body);
+    expect(one.status, one.text).toBe(200);
+    const again = await transcend.webhook({ requestId, profile, nonce: newer });
+    const two = await deliver('transcend', ids.transcendA, again.headers, again.body);
+    expect(two.status, two.text).toBe(200);
+    expect(two.json).toEqual(one.json);
+    expect((await settle(one.json.received[0].requestId)).status).toBe('delivered');
+    const nonces = transcend.fake
+      .callsTo('PUT /v1/data-silo')
+      .map((c) => c.headers['x-transcend-nonce'])
+      .filter((n) => n === older || n === newer);
+    expect(nonces).toEqual([newer]);
+  });
+
   it('ACCESS is 400 action_not_implemented; malformed JSON 400; missing coreIdentifier 400; oversized 413', async () => {
     const access = await transcend.webhook({ type: 'ACCESS' });
     const err = expectError(await deliver('transcend', ids.transcendA, access.headers, access.body), 400, 'action_not_implemented');
