@@ -5,6 +5,7 @@ import { throttleKeys } from '../../src/accounts/throttle.ts';
 import { hashPassword, verifyPassword } from '../../src/lib/passwords.ts';
 import { call, createTestEnv, expectError, request, type Res, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq } from '../helpers/factories.ts';
+import { maintenanceTick } from '../../src/jobs/maintenance.ts';
 import { adminSession, login, makeAuthStale, newAdmin, type TestAdmin, type TestSession } from '../helpers/sessions.ts';
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex');
@@ -831,5 +832,27 @@ describe('a session acts as its admin', () => {
     expect(audit.json.actor).toEqual({ type: 'admin', id: s.adminId });
     const [row] = await env.sql`select actor_type, actor_id from audit_records where id = ${done.json.auditRecordId}`;
     expect(row).toEqual({ actor_type: 'admin', actor_id: s.adminId });
+  });
+});
+
+describe('maintenance', () => {
+  it('prunes sessions that ended over a day ago, never a live one or one that ended within the day', async () => {
+    const live = await adminSession(env, ws.workspaceId);
+    const expiredLongAgo = await adminSession(env, ws.workspaceId);
+    const revokedLongAgo = await adminSession(env, ws.workspaceId);
+    const expiredRecently = await adminSession(env, ws.workspaceId);
+    const revokedRecently = await adminSession(env, ws.workspaceId);
+    await env.sql`update admin_sessions set expires_at = now() - interval '25 hours' where id = ${expiredLongAgo.sessionId}`;
+    await env.sql`update admin_sessions set revoked_at = now() - interval '25 hours' where id = ${revokedLongAgo.sessionId}`;
+    await env.sql`update admin_sessions set expires_at = now() - interval '23 hours' where id = ${expiredRecently.sessionId}`;
+    await env.sql`update admin_sessions set revoked_at = now() - interval '23 hours' where id = ${revokedRecently.sessionId}`;
+
+    const result = await maintenanceTick(env.deps);
+    expect(result.sessions).toBeGreaterThanOrEqual(2);
+    const ids = [live, expiredLongAgo, revokedLongAgo, expiredRecently, revokedRecently].map((s) => s.sessionId);
+    const left = await env.sql<{ id: string }[]>`select id from admin_sessions where id in ${env.sql(ids)} order by id`;
+    expect(left.map((r) => r.id)).toEqual([live.sessionId, expiredRecently.sessionId, revokedRecently.sessionId].sort());
+    // The live session still works.
+    expect((await live.call('GET', '/v1/auth/session')).status).toBe(200);
   });
 });
