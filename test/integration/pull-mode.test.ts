@@ -138,6 +138,21 @@ describe('Transcend pull mode', () => {
     expect(polled!.last_polled_at).not.toBeNull();
   });
 
+  it('a listed job we refuse (a subject intake cannot take) is skipped: the jobs after it are still received', async () => {
+    const bad = transcend.pendingItem(12, { identifier: 'refused-user@localhost', type: 'email' });
+    const good = transcend.pendingItem(13, { identifier: 'after-refused@example.test', type: 'email' });
+    transcend.setPending('ERASURE', [bad, good]);
+    await env.sql`update connectors set last_polled_at = null where id = ${connectorId}`;
+    const result = await pollConnector(env.deps, connectorId);
+    expect(result).toEqual({ received: 2, new: 1 });
+    const stored = async (requestId: string) =>
+      (await env.sql`select count(*)::int as n from upstream_tickets where upstream->>'requestId' = ${requestId}`)[0]!.n;
+    expect(await stored(bad.requestId)).toBe(0);
+    expect(await stored(good.requestId)).toBe(1);
+    expect(env.logs.lines.some((l) => l.includes('polled ticket refused') && l.includes('validation_failed'))).toBe(true);
+    expect(env.logs.text()).not.toContain('refused-user@localhost');
+  });
+
   it('a poll that fails on the database tells graphile-worker (its log and stored last_error) a code, never the identifier', async () => {
     const email = `poll-canary-${Date.now()}@example.test`;
     // A pending erasure of the subject, held (its job removed), so the polled ticket joins it in a transaction.
