@@ -442,6 +442,11 @@ describe('POST /v1/privacy/requests', () => {
     expect(differentBody.json.results).toEqual([
       { index: 0, accepted: false, reason: 'conflict', existingRequestId: id, status: 'complete' },
     ]);
+    // Another action for the same subject is a different request too: never a replay of the suppression.
+    const otherAction = await submit(ws, { ...body, action: 'unsuppress' });
+    expect(otherAction.json.results).toEqual([
+      { index: 0, accepted: false, reason: 'conflict', existingRequestId: id, status: 'complete' },
+    ]);
     // Same subject spelled differently is still the same request.
     const sameEmailBody = { action: 'suppress', email: 'Replay@Example.com', externalRequestId: 'TICKET-2002' };
     const emailId = await submitOne(ws, sameEmailBody);
