@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { keyIdOf, SealError, Sealer } from '../../src/lib/sealing.ts';
+import { newId } from '../../src/lib/ids.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
 import { retryRequest } from '../../src/privacy/retry.ts';
 import { resealAll, resealComplete } from '../../src/upstream/rotate.ts';
@@ -246,5 +247,43 @@ describe('master key rotation (resealAll)', () => {
     const again = await resealAll(env.database.db, rotating);
     expect(resealComplete(again)).toBe(true);
     for (const s of await allSealed()) expect(s.sealed.startsWith(`v1.${keyIdOf(keyD)}.`), `${s.table}:${s.id}`).toBe(true);
+  });
+});
+
+describe('many sealed values', () => {
+  it('re-seals every value of a column holding more than one batch in a single run', async () => {
+    // Its own database: the counts above stay those of the flow they describe.
+    const own = await createTestEnv();
+    try {
+      const w = await own.newWorkspace('Many failed requests');
+      const N = 450;
+      const rows = Array.from({ length: N }, (_, i) => {
+        const id = newId('req');
+        return {
+          id,
+          workspace_id: w.workspaceId,
+          source: 'api',
+          actor_type: 'system',
+          action: 'erase',
+          scope: 'user',
+          subject_kind: 'user_id',
+          subject_digest: `digest-${i}`,
+          dedupe_key: `many-${i}`,
+          status: 'failed',
+          subject_sealed: own.deps.sealer.seal(`many-user-${i}`, subjectSealContext(id)),
+        };
+      });
+      await own.sql`insert into dsr_requests ${own.sql(rows)}`;
+      const rotating = new Sealer(keyB, [own.encryptionKey]);
+      const report = await resealAll(own.database.db, rotating);
+      expect(report.failedRequestSubjects).toEqual({ resealed: N, current: 0, remaining: 0, unreadable: [] });
+      expect(resealComplete(report)).toBe(true);
+      const left = await own.sql`select id, subject_sealed from dsr_requests where workspace_id = ${w.workspaceId} order by id`;
+      expect(left).toHaveLength(N);
+      const byId = new Map(rows.map((r, i) => [r.id, `many-user-${i}`]));
+      for (const r of left) expect(new Sealer(keyB).open(r.subject_sealed as string, subjectSealContext(r.id as string))).toBe(byId.get(r.id as string));
+    } finally {
+      await own.close();
+    }
   });
 });
