@@ -18,13 +18,10 @@ import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import { isDeepStrictEqual } from 'node:util';
 import { createWorkspace } from '../src/accounts/workspaces.ts';
-import { parseEnv } from '../src/config.ts';
 import { createDatabase, type Database } from '../src/db/client.ts';
 import { migrateDatabase } from '../src/db/migrate.ts';
-import { createNodeDeps } from '../src/deps-node.ts';
 import { runnerSettings } from '../src/jobs/worker.ts';
 import { createLogger } from '../src/lib/logger.ts';
-import { Sealer } from '../src/lib/sealing.ts';
 import { verifyWorkspaceChain } from '../src/privacy/audit-chain.ts';
 import { intake } from '../src/privacy/intake.ts';
 import {
@@ -46,6 +43,7 @@ import {
   cpuMs,
   stopAndCheck,
   VerificationError,
+  benchDeps,
   type Figure,
 } from './lib.ts';
 import type { BenchContext } from './run.ts';
@@ -88,13 +86,7 @@ export async function runDrainBench(ctx: BenchContext): Promise<Figure[]> {
   try {
     ({ workspaceId } = await createWorkspace(database.db, { name: 'Bench: drain' }));
     const users = await seedUsers(database.sql, workspaceId, 'drain-user-', jobs, eventsPerUser);
-    const deps = createNodeDeps({
-      env: parseEnv({}),
-      database,
-      digestKey,
-      sealer: new Sealer(encryptionKey),
-      logger: createLogger('silent'),
-    });
+    const deps = benchDeps(database, { digestKey, encryptionKey });
     try {
       // Eight at a time, each its own transaction, as eight API clients would.
       let next = 0;

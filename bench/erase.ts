@@ -28,9 +28,6 @@ import type { AuditCounts } from '../src/db/schema/index.ts';
 import { runDueJobs } from '../src/jobs/run-once.ts';
 import { taskList } from '../src/jobs/tasks.ts';
 import { createLogger } from '../src/lib/logger.ts';
-import { parseEnv } from '../src/config.ts';
-import { createNodeDeps } from '../src/deps-node.ts';
-import { Sealer } from '../src/lib/sealing.ts';
 import { intake, type IntakeInput } from '../src/privacy/intake.ts';
 import {
   Databases,
@@ -47,6 +44,7 @@ import {
   spawnChild,
   stopAndCheck,
   VerificationError,
+  benchDeps,
   type Figure,
 } from './lib.ts';
 import type { BenchContext } from './run.ts';
@@ -406,7 +404,7 @@ async function runJob(
   const { name, url } = await dbs.clone(template);
   const logger = createLogger('silent');
   const database = createDatabase(url, { max: 10 });
-  const deps = createNodeDeps({ env: parseEnv({}), database, digestKey, sealer: new Sealer(randomBytes(32)), logger });
+  const deps = benchDeps(database, { digestKey }, logger);
   try {
     const created = await intake({ ctx: deps, actor: SYSTEM_ACTOR, input: sc.input });
     if (created.result !== 'created') throw new VerificationError(`intake returned ${created.result}`);
@@ -457,13 +455,7 @@ async function runWorkerMemory(
   const digestKey = randomBytes(32);
   const encryptionKey = randomBytes(32);
   const database = createDatabase(url, { max: 2, applicationName: 'dsr-bench-erase-memory' });
-  const deps = createNodeDeps({
-    env: parseEnv({}),
-    database,
-    digestKey,
-    sealer: new Sealer(encryptionKey),
-    logger: createLogger('silent'),
-  });
+  const deps = benchDeps(database, { digestKey, encryptionKey });
   try {
     const worker = await spawnChild(
       ctx,

@@ -10,7 +10,12 @@ import os from 'node:os';
 import path from 'node:path';
 import postgres from 'postgres';
 import { request } from 'undici';
-import { withDatabase } from '../src/db/client.ts';
+import { parseEnv } from '../src/config.ts';
+import { withDatabase, type Database } from '../src/db/client.ts';
+import { createNodeDeps } from '../src/deps-node.ts';
+import type { AppDeps } from '../src/http/env.ts';
+import { createLogger, type Logger } from '../src/lib/logger.ts';
+import { Sealer } from '../src/lib/sealing.ts';
 import { quoteIdent, startEmbeddedPostgres } from '../src/db/embedded.ts';
 import { freePort } from '../src/lib/net.ts';
 import { childEnv, NPM_START_ARGS, startService, type Service } from '../test/helpers/process.ts';
@@ -587,4 +592,14 @@ export async function postText(
 ): Promise<{ status: number; text: string }> {
   const res = await request(url, { method: 'POST', headers, body });
   return { status: res.statusCode, text: await res.body.text() };
+}
+
+/** The service's dependencies over a bench database: default settings, the given keys, logging off unless given. */
+export function benchDeps(
+  database: Database,
+  keys: { digestKey: Buffer; encryptionKey?: Buffer },
+  logger: Logger = createLogger('silent'),
+): AppDeps {
+  const sealer = new Sealer(keys.encryptionKey ?? randomBytes(32));
+  return createNodeDeps({ env: parseEnv({}), database, digestKey: keys.digestKey, sealer, logger });
 }
