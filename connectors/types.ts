@@ -156,6 +156,12 @@ export interface Connector<C = unknown, S = unknown> {
   /** Secret settings (API keys, shared secrets), validated on every write; stored sealed, never shown. */
   secretsSchema: z.ZodType<S>;
   /**
+   * The secrets that verify inbound webhooks (a shared signing secret, a bearer token the vendor sends), if any. When
+   * an admin replaces one and asks to keep the old value for a while, the core calls verify() again with the old
+   * value in its place when the current one is refused; the adapter itself knows nothing of it.
+   */
+  inboundSecrets: readonly (keyof S & string)[];
+  /**
    * What the config and the secrets get wrong together (e.g. a secret the config makes required), checked on every
    * write of either: each problem names its field (`secrets.<name>` or `config.<name>`), never a value.
    */

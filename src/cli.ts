@@ -38,8 +38,10 @@ Vendor connectors
   connectors show <connectorId>                   Secrets appear only as set + fingerprint
   connectors test <connectorId>                   Checks the credentials against the vendor; exit 1 when not ok
   connectors disable <connectorId>                Its webhook answers 404 from then on
-  connectors rotate-secret <connectorId> (--secrets-file <file> | --secrets-stdin)
-                                                  Replaces every secret
+  connectors rotate-secret <connectorId> (--secrets-file <file> | --secrets-stdin) [--keep-previous-for-seconds N]
+                                                  Replaces every secret; with N (at most 604800, seven days) the
+                                                  inbound secret it changes still verifies webhooks for N seconds
+  connectors end-previous-secrets <connectorId>   Replaced inbound secrets stop verifying webhooks at once
   Config and secrets are JSON objects in the vendor's schema. Secrets are never taken on the command line.
 
 Privacy requests and the audit trail

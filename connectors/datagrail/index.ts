@@ -104,6 +104,7 @@ export const datagrail: Connector<Config, Secrets> = {
   vendor: 'datagrail',
   configSchema,
   secretsSchema,
+  inboundSecrets: ['webhookSecret'],
 
   async verify(req, conn, ctx) {
     const timestamp = req.header('x-webhook-timestamp')?.trim();

@@ -26,6 +26,7 @@ export const onetrust: Connector<OneTrustConfig, OneTrustSecrets> = {
   vendor: 'onetrust',
   configSchema,
   secretsSchema,
+  inboundSecrets: ['inboundSecret'],
 
   async verify(req, conn) {
     verifyInbound(req, conn.config.inboundAuth, conn.secrets.inboundSecret);

@@ -323,6 +323,8 @@ export const transcend: Connector<Config, Secrets> = {
   vendor: 'transcend',
   configSchema,
   secretsSchema,
+  // Webhooks are verified with Sombra's public signing key: no secret of ours verifies them.
+  inboundSecrets: [],
   settingsProblems,
   verify: verifyToken,
   parse,

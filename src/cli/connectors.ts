@@ -6,6 +6,7 @@ import type { AppDeps } from '../http/env.ts';
 import { ApiError } from '../lib/errors.ts';
 import {
   createConnector,
+  endPreviousSecrets,
   getConnector,
   listConnectors,
   replaceSecrets,
@@ -56,7 +57,11 @@ const SECRET_OPTIONS = { 'secrets-file': { type: 'string' }, 'secrets-stdin': { 
 
 function describe(deps: AppDeps, row: ConnectorRow): string[] {
   const v = connectorView(deps, row);
-  const secrets = Object.entries(v.secrets).map(([name, s]) => `${name} (${s.fingerprint})`);
+  const secrets = Object.entries(v.secrets).map(([name, s]) =>
+    s.previous
+      ? `${name} (${s.fingerprint}; previous ${s.previous.fingerprint} still accepted until ${s.previous.expiresAt})`
+      : `${name} (${s.fingerprint})`,
+  );
   return [
     `${v.id}  ${v.vendor}  "${v.name}"  ${v.enabled ? 'enabled' : 'DISABLED'}`,
     `  workspace   ${row.workspaceId}`,
@@ -149,11 +154,29 @@ const disable: Command = async (cli, args) => {
 
 const rotateSecret: Command = async (cli, args) => {
   refuseOnCommandLine(args, ['secrets', 'secret'], SECRETS_HINT);
-  const { values, ids } = parse('connectors rotate-secret', args, SECRET_OPTIONS, ['connectorId']);
+  const options = { ...SECRET_OPTIONS, 'keep-previous-for-seconds': { type: 'string' } } as const;
+  const { values, ids } = parse('connectors rotate-secret', args, options, ['connectorId']);
+  const keep = values['keep-previous-for-seconds'];
+  if (keep !== undefined && !/^\d{1,9}$/.test(keep)) {
+    throw new UsageError('--keep-previous-for-seconds must be a whole number of seconds (0 to 604800)');
+  }
   const secrets = await readSecrets(cli, 'connectors rotate-secret', values);
   await withDeps(cli, async (deps) => {
-    const row = await replaceSecrets(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, { secrets });
+    const input = keep === undefined ? { secrets } : { secrets, keepPreviousForSeconds: Number(keep) };
+    const row = await replaceSecrets(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, input);
     output(cli, connectorView(deps, row), () => ['Secrets replaced:', ...describe(deps, row)]);
+  });
+  return 0;
+};
+
+const endPrevious: Command = async (cli, args) => {
+  const { ids } = parse('connectors end-previous-secrets', args, {}, ['connectorId']);
+  await withDeps(cli, async (deps) => {
+    const row = await endPreviousSecrets(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!);
+    output(cli, connectorView(deps, row), () => [
+      `Connector ${row.id}: replaced inbound secrets no longer verify webhooks.`,
+      ...describe(deps, row),
+    ]);
   });
   return 0;
 };
@@ -165,4 +188,5 @@ export const connectorCommands: Record<string, Command> = {
   test,
   disable,
   'rotate-secret': rotateSecret,
+  'end-previous-secrets': endPrevious,
 };

@@ -61,6 +61,7 @@ const rotateMaster: Command = async (cli, args) => {
   const report = await withDeps(cli, (deps) => resealAll(deps.db, deps.sealer));
   const kinds = [
     ['connector secrets', report.connectorSecrets],
+    ['previous inbound secrets', report.previousInboundSecrets],
     ['ticket secrets', report.ticketSecrets],
     ['failed request identifiers', report.failedRequestSubjects],
   ] as const;

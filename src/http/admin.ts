@@ -3,11 +3,13 @@ import { VENDORS } from '../db/schema/index.ts';
 import {
   createConnector,
   deleteConnector,
+  endPreviousSecrets,
   getConnector,
   listConnectors,
   replaceSecrets,
   testConnector,
   updateConnector,
+  MAX_KEEP_PREVIOUS_SECONDS,
   type ConnectorRow,
 } from '../upstream/store.ts';
 import { bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
@@ -24,7 +26,21 @@ const ConnectorView = z
     enabled: z.boolean(),
     config: z.record(z.string(), z.unknown()),
     secrets: z
-      .record(z.string(), z.object({ set: z.literal(true), fingerprint: z.string() }))
+      .record(
+        z.string(),
+        z.object({
+          set: z.literal(true),
+          fingerprint: z.string(),
+          previous: z
+            .object({ fingerprint: z.string(), expiresAt: z.string() })
+            .optional()
+            .openapi({
+              description:
+                'An inbound secret replaced with keepPreviousForSeconds that still verifies webhooks until expiresAt ' +
+                '(its fingerprint; never the value). Absent once the window has ended',
+            }),
+        }),
+      )
       .openapi({ description: 'Which secrets are set, with a short keyed fingerprint; never the values' }),
     webhookPath: z.string().openapi({ example: '/webhooks/transcend/con_mf3k2x9a1b2c3d4e5f6g7h8i9j0k' }),
     webhookUrl: z.string().nullable().openapi({ description: 'Full URL when PUBLIC_BASE_URL is configured' }),
@@ -54,7 +70,22 @@ const ConnectorPatch = z
   .openapi('ConnectorPatch');
 
 const SecretsInput = z
-  .object({ secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Replaces every secret' }) })
+  .object({
+    secrets: z.record(z.string(), z.unknown()).openapi({ description: 'Replaces every secret' }),
+    keepPreviousForSeconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(MAX_KEEP_PREVIOUS_SECONDS)
+      .optional()
+      .openapi({
+        description:
+          'Keep the inbound secrets this changes (OneTrust inboundSecret, DataGrail webhookSecret) valid beside the new ' +
+          'ones for this many seconds (at most 604800, seven days), so webhooks the vendor signs with the old one ' +
+          'meanwhile are accepted. Replaces any earlier window; 0, the default, ends the old ones at once',
+        example: 86400,
+      }),
+  })
   .strict()
   .openapi('ConnectorSecrets');
 
@@ -91,6 +122,9 @@ const route = <M extends 'get' | 'post' | 'patch' | 'put' | 'delete', P extends 
 
 export function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof ConnectorView> {
   const webhookPath = `/webhooks/${row.vendor}/${row.id}`;
+  // Previous inbound secrets are shown while they still verify webhooks: their window ends on the clock.
+  const until = row.previousSecretsExpireAt;
+  const previous = until && until.getTime() > Date.now() ? row.previousSecretFingerprints : {};
   return {
     id: row.id,
     vendor: row.vendor,
@@ -98,7 +132,15 @@ export function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof 
     enabled: row.enabled,
     config: row.config,
     secrets: Object.fromEntries(
-      Object.entries(row.secretFingerprints).map(([name, fingerprint]) => [name, { set: true as const, fingerprint }]),
+      Object.entries(row.secretFingerprints).map(([name, fingerprint]) => {
+        const old = Object.hasOwn(previous, name) ? previous[name] : undefined;
+        return [
+          name,
+          old === undefined
+            ? { set: true as const, fingerprint }
+            : { set: true as const, fingerprint, previous: { fingerprint: old, expiresAt: until!.toISOString() } },
+        ];
+      }),
     ),
     webhookPath,
     webhookUrl: deps.publicBaseUrl ? `${deps.publicBaseUrl.replace(/\/+$/, '')}${webhookPath}` : null,
@@ -165,6 +207,18 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
       recent(c);
       return c.json(connectorView(deps, await replaceSecrets(deps, ws(c), c.req.valid('param').id, c.req.valid('json'))), 200);
     },
+  );
+
+  app.openapi(
+    createRoute({
+      ...route('delete', '/v1/admin/connectors/{id}/secrets/previous', 'End the grace period of replaced inbound secrets now'),
+      description:
+        'The inbound secrets kept by a secrets PUT with keepPreviousForSeconds stop verifying webhooks at once (e.g. ' +
+        'the old secret leaked); the current secrets stay. Answers the connector, also when nothing was kept.',
+      request: idParam,
+      responses: one,
+    }),
+    async (c) => c.json(connectorView(deps, await endPreviousSecrets(deps, ws(c), c.req.valid('param').id)), 200),
   );
 
   for (const [action, enabled] of [

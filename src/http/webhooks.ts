@@ -7,7 +7,7 @@ import {
 } from '../../connectors/types.ts';
 import { VENDORS } from '../db/schema/index.ts';
 import { ApiError } from '../lib/errors.ts';
-import { adapterContext, StaleConnectorError, type WebhookConnector } from '../upstream/store.ts';
+import { adapterContext, StaleConnectorError, verifyWebhook, type WebhookConnector } from '../upstream/store.ts';
 import { receiveTickets } from '../upstream/tickets.ts';
 import type { App, AppDeps } from './env.ts';
 import { ErrorBody } from './schemas.ts';
@@ -71,8 +71,15 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
       deps.logger.child({ requestId: c.get('requestId'), connectorId: decider.row.id, vendor: decider.row.vendor });
     const handle = async (conn: WebhookConnector): Promise<Response> => {
       decider = conn;
-      const { adapter, instance, row, version } = conn;
-      const verified = await adapter.verify(req, instance, adapterContext(deps));
+      const { adapter, row, version } = conn;
+      const { verified, instance, previous } = await verifyWebhook(conn, req, adapterContext(deps));
+      if (previous) {
+        // The vendor still uses the secret the admin replaced: worth knowing before the window ends. Names only.
+        log().info(
+          { secretNames: previous, previousUntil: conn.previous?.expiresAt.toISOString() },
+          'webhook verified with a previous inbound secret',
+        );
+      }
       const parsed = adapter.parse(req, instance, verified);
       if (parsed.kind === 'health_check') {
         // Nothing is stored, so nothing else would notice a kept copy of a connector since deleted, disabled or

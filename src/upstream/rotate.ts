@@ -4,7 +4,7 @@ import type { Db } from '../db/client.ts';
 import { connectors, dsrRequests, upstreamTickets } from '../db/schema/index.ts';
 import { SealError, type Sealer } from '../lib/sealing.ts';
 import { subjectSealContext } from '../privacy/execute.ts';
-import { secretsContext } from './store.ts';
+import { previousSecretsContext, secretsContext } from './store.ts';
 import { ticketSecretContext } from './tickets.ts';
 
 /**
@@ -22,13 +22,15 @@ export interface ResealCounts {
 export interface ResealReport {
   keyId: string;
   connectorSecrets: ResealCounts;
+  /** Inbound secrets kept for a grace period after they were replaced. */
+  previousInboundSecrets: ResealCounts;
   ticketSecrets: ResealCounts;
   failedRequestSubjects: ResealCounts;
 }
 
 /** True when nothing is left under another key: only then may the old key be removed. */
 export const resealComplete = (r: ResealReport): boolean =>
-  [r.connectorSecrets, r.ticketSecrets, r.failedRequestSubjects].every((c) => c.remaining === 0);
+  [r.connectorSecrets, r.previousInboundSecrets, r.ticketSecrets, r.failedRequestSubjects].every((c) => c.remaining === 0);
 
 interface Target {
   table: PgTable;
@@ -44,7 +46,8 @@ const BATCH = 200;
 const PASSES = 3;
 
 /**
- * Re-seals every sealed value (connector secrets, ticket nonces, failed requests' identifiers) under the sealer's
+ * Re-seals every sealed value (connector secrets and previous inbound secrets, ticket nonces, failed requests'
+ * identifiers) under the sealer's
  * current master key. Each value is rewritten in its own statement guarded by its old ciphertext, so a secret
  * replaced concurrently by an admin is never overwritten with a stale one, and running servers keep working
  * throughout: they open both key ids (README, "Rotating the master key"). Safe to run again; a second run finds
@@ -55,6 +58,13 @@ export async function resealAll(db: Db, sealer: Sealer): Promise<ResealReport> {
   return {
     keyId: sealer.currentKeyId,
     connectorSecrets: await run({ table: connectors, id: connectors.id, sealed: connectors.secretsSealed, field: 'secretsSealed', context: secretsContext }),
+    previousInboundSecrets: await run({
+      table: connectors,
+      id: connectors.id,
+      sealed: connectors.previousSecretsSealed,
+      field: 'previousSecretsSealed',
+      context: previousSecretsContext,
+    }),
     ticketSecrets: await run({
       table: upstreamTickets,
       id: upstreamTickets.id,

@@ -1,7 +1,14 @@
 import { and, asc, eq, getTableColumns, isNotNull, isNull, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { connectorFor, type AnyConnector } from '../../connectors/index.ts';
-import type { AdapterContext, ConnectorInstance, TestResult } from '../../connectors/types.ts';
+import {
+  WebhookAuthError,
+  type AdapterContext,
+  type ConnectorInstance,
+  type RawWebhook,
+  type TestResult,
+  type Verified,
+} from '../../connectors/types.ts';
 import type { Db, DbOrTx } from '../db/client.ts';
 import { connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
@@ -27,6 +34,22 @@ export const connectorUpdateSchema = z
   .refine((v) => Object.keys(v).length > 0, 'give at least one of name, config, enabled');
 
 export const secretsContext = (connectorId: string) => `connector:${connectorId}:secrets`;
+/** Where a connector's previous inbound secrets are sealed (a grace period after they were replaced). */
+export const previousSecretsContext = (connectorId: string) => `connector:${connectorId}:previous-secrets`;
+
+/** The longest a replaced inbound secret may stay valid: seven days. */
+export const MAX_KEEP_PREVIOUS_SECONDS = 7 * 86_400;
+
+export const secretsReplaceSchema = z.strictObject({
+  secrets: z.record(z.string(), z.unknown()),
+  /** How long the inbound secrets this write replaces stay valid beside the new ones; 0 ends them at once. */
+  keepPreviousForSeconds: z
+    .number()
+    .int()
+    .min(0)
+    .max(MAX_KEEP_PREVIOUS_SECONDS, `must be at most ${MAX_KEEP_PREVIOUS_SECONDS} (seven days)`)
+    .default(0),
+});
 
 function adapterOf(vendor: string): AnyConnector {
   const adapter = connectorFor(vendor);
@@ -66,12 +89,36 @@ function storedSecrets(sealer: Sealer, adapter: AnyConnector, row: ConnectorRow)
   return parsed.success ? parsed.data : undefined;
 }
 
-function sealSecrets(deps: Pick<UpstreamDeps, 'sealer' | 'digestKey'>, connectorId: string, secrets: Record<string, unknown>) {
+function fingerprintsOf(digestKey: Buffer, secrets: Record<string, unknown>): Record<string, string> {
   const fingerprints: Record<string, string> = {};
   for (const [name, value] of Object.entries(secrets)) {
-    if (typeof value === 'string') fingerprints[name] = secretFingerprint(deps.digestKey, value);
+    if (typeof value === 'string') fingerprints[name] = secretFingerprint(digestKey, value);
   }
-  return { secretsSealed: deps.sealer.seal(JSON.stringify(secrets), secretsContext(connectorId)), secretFingerprints: fingerprints };
+  return fingerprints;
+}
+
+function sealSecrets(deps: Pick<UpstreamDeps, 'sealer' | 'digestKey'>, connectorId: string, secrets: Record<string, unknown>) {
+  return {
+    secretsSealed: deps.sealer.seal(JSON.stringify(secrets), secretsContext(connectorId)),
+    secretFingerprints: fingerprintsOf(deps.digestKey, secrets),
+  };
+}
+
+/** No previous inbound secrets: what a PUT with no window, ending the grace, a deletion or the maintenance leave. */
+const NO_PREVIOUS_SECRETS = { previousSecretsSealed: null, previousSecretFingerprints: {}, previousSecretsExpireAt: null };
+
+/**
+ * The inbound secrets a write replaces, with their old values: those the adapter names as verifying webhooks whose
+ * value changes. Nothing when the stored secrets do not open (then no old value is known).
+ */
+function replacedInboundSecrets(adapter: AnyConnector, before: unknown, after: Record<string, unknown>): Record<string, string> {
+  const replaced: Record<string, string> = {};
+  if (typeof before !== 'object' || before === null) return replaced;
+  for (const name of adapter.inboundSecrets) {
+    const old = (before as Record<string, unknown>)[name];
+    if (typeof old === 'string' && old !== after[name]) replaced[name] = old;
+  }
+  return replaced;
 }
 
 export async function createConnector(deps: UpstreamDeps, workspaceId: string, input: unknown): Promise<ConnectorRow> {
@@ -137,24 +184,71 @@ export async function updateConnector(deps: UpstreamDeps, workspaceId: string, i
   });
 }
 
-/** Replaces the whole secret set (validated as a set, so a vendor's required secrets cannot be dropped). */
+/**
+ * Replaces the whole secret set (validated as a set, so a vendor's required secrets cannot be dropped). With
+ * `keepPreviousForSeconds`, the inbound secrets it changes keep verifying webhooks beside the new ones until then
+ * (the vendor may still send with the old one until its admin changes it too); this replaces any earlier such set,
+ * and 0 (the default) keeps none.
+ */
 export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
-  const body = validate(z.strictObject({ secrets: z.record(z.string(), z.unknown()) }), input);
-  const row = await deps.db.transaction(async (tx) => {
+  const body = validate(secretsReplaceSchema, input);
+  const { row, kept } = await deps.db.transaction(async (tx) => {
     const current = await lockedConnector(tx, workspaceId, id);
     const adapter = adapterOf(current.vendor);
     const secrets = validate(adapter.secretsSchema, body.secrets, 'secrets') as Record<string, unknown>;
     const config = adapter.configSchema.safeParse(current.config);
     if (config.success) checkSettings(adapter, config.data, secrets);
+    const seconds = body.keepPreviousForSeconds;
+    const replaced = seconds > 0 ? replacedInboundSecrets(adapter, storedSecrets(deps.sealer, adapter, current), secrets) : {};
+    const previous =
+      Object.keys(replaced).length === 0
+        ? NO_PREVIOUS_SECRETS
+        : {
+            previousSecretsSealed: deps.sealer.seal(JSON.stringify(replaced), previousSecretsContext(id)),
+            previousSecretFingerprints: fingerprintsOf(deps.digestKey, replaced),
+            previousSecretsExpireAt: sql`now() + make_interval(secs => ${seconds})`,
+          };
     const [updated] = await tx
       .update(connectors)
-      .set({ ...sealSecrets(deps, id, secrets), secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
+      .set({ ...sealSecrets(deps, id, secrets), ...previous, secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
       .where(eq(connectors.id, id))
       .returning();
-    return updated!;
+    return { row: updated!, kept: Object.keys(replaced) };
   });
-  deps.logger.info({ connectorId: id }, 'connector secrets replaced');
+  deps.logger.info(
+    { connectorId: id, keptPrevious: kept, previousUntil: row.previousSecretsExpireAt?.toISOString() },
+    'connector secrets replaced',
+  );
   return row;
+}
+
+/**
+ * Ends the grace period of the previous inbound secrets at once (e.g. the old secret leaked); the current secrets
+ * stay. Nothing to end is no error: the connector is returned as it is.
+ */
+export async function endPreviousSecrets(deps: UpstreamDeps, workspaceId: string, id: string): Promise<ConnectorRow> {
+  const { row, ended } = await deps.db.transaction(async (tx) => {
+    const current = await lockedConnector(tx, workspaceId, id);
+    if (current.previousSecretsSealed === null) return { row: current, ended: false };
+    const [updated] = await tx
+      .update(connectors)
+      .set({ ...NO_PREVIOUS_SECRETS, updatedAt: sql`now()` })
+      .where(eq(connectors.id, id))
+      .returning();
+    return { row: updated!, ended: true };
+  });
+  if (ended) deps.logger.info({ connectorId: id }, 'connector previous inbound secrets ended');
+  return row;
+}
+
+/** Hourly: wipes previous inbound secrets whose window has ended (they verify nothing any more). */
+export async function prunePreviousSecrets(db: Db): Promise<number> {
+  const rows = await db
+    .update(connectors)
+    .set(NO_PREVIOUS_SECRETS)
+    .where(sql`${connectors.previousSecretsExpireAt} <= now()`)
+    .returning({ id: connectors.id });
+  return rows.length;
 }
 
 /**
@@ -165,7 +259,14 @@ export async function deleteConnector(deps: UpstreamDeps, workspaceId: string, i
   await deps.db.transaction(async (tx) => {
     const rows = await tx
       .update(connectors)
-      .set({ deletedAt: sql`now()`, enabled: false, secretsSealed: null, secretFingerprints: {}, updatedAt: sql`now()` })
+      .set({
+        deletedAt: sql`now()`,
+        enabled: false,
+        secretsSealed: null,
+        secretFingerprints: {},
+        ...NO_PREVIOUS_SECRETS,
+        updatedAt: sql`now()`,
+      })
       .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
       .returning({ id: connectors.id });
     if (rows.length === 0) throw new ApiError('not_found', 'no such connector in this workspace');
@@ -224,6 +325,59 @@ export interface WebhookConnector {
   version: string;
   adapter: AnyConnector;
   instance: ConnectorInstance;
+  /** Inbound secrets replaced with a grace period, unsealed, and the end of that period. */
+  previous?: PreviousSecrets;
+}
+
+export interface PreviousSecrets {
+  secrets: Record<string, string>;
+  expiresAt: Date;
+}
+
+/**
+ * The previous inbound secrets of a connector row, unsealed; undefined when there are none, or when no configured
+ * master key opens them (a webhook signed with the old secret is then refused, as it would be without a window).
+ */
+function openPreviousSecrets(sealer: Sealer, adapter: AnyConnector, row: ConnectorRow): PreviousSecrets | undefined {
+  if (!row.previousSecretsSealed || !row.previousSecretsExpireAt) return undefined;
+  let plain: string;
+  try {
+    plain = sealer.open(row.previousSecretsSealed, previousSecretsContext(row.id));
+  } catch (err) {
+    if (err instanceof SealError) return undefined;
+    throw err;
+  }
+  const stored = JSON.parse(plain) as Record<string, unknown>;
+  const secrets: Record<string, string> = {};
+  for (const name of adapter.inboundSecrets) {
+    if (typeof stored[name] === 'string') secrets[name] = stored[name];
+  }
+  return Object.keys(secrets).length > 0 ? { secrets, expiresAt: row.previousSecretsExpireAt } : undefined;
+}
+
+/**
+ * Verifies a webhook with the connector's secrets. When they refuse it and the connector has previous inbound
+ * secrets still within their window — judged on the clock now, since a copy kept opened is not told the window
+ * ended — it is verified again with those in place of the current ones. `previous` then names the secrets used.
+ */
+export async function verifyWebhook(
+  conn: WebhookConnector,
+  req: RawWebhook,
+  ctx: AdapterContext,
+): Promise<{ verified: Verified; instance: ConnectorInstance; previous?: string[] }> {
+  try {
+    return { verified: await conn.adapter.verify(req, conn.instance, ctx), instance: conn.instance };
+  } catch (err) {
+    const previous = conn.previous;
+    if (!(err instanceof WebhookAuthError) || !previous || previous.expiresAt.getTime() <= ctx.now().getTime()) throw err;
+    const instance = { ...conn.instance, secrets: { ...(conn.instance.secrets as object), ...previous.secrets } };
+    try {
+      return { verified: await conn.adapter.verify(req, instance, ctx), instance, previous: Object.keys(previous.secrets) };
+    } catch (again) {
+      // Refused with the old secret too: the answer is the current secret's.
+      throw again instanceof WebhookAuthError ? err : again;
+    }
+  }
 }
 
 /**
@@ -252,7 +406,8 @@ export class WebhookConnectors {
     const { version, ...row } = found;
     const known = this.opened.get(id);
     if (known?.version === version && known.row.vendor === row.vendor) return known;
-    const entry = { row, version, ...openConnector(this.deps.sealer, row) };
+    const opened = openConnector(this.deps.sealer, row);
+    const entry = { row, version, ...opened, previous: openPreviousSecrets(this.deps.sealer, opened.adapter, row) };
     this.opened.set(id, entry);
     return entry;
   }

@@ -447,6 +447,59 @@ describe('connectors', () => {
     ]);
   });
 
+  it('connectors rotate-secret --keep-previous-for-seconds keeps the old webhook secret; end-previous-secrets ends it', async () => {
+    // A workspace of its own: the requests its webhooks make stay out of the request and audit checks below.
+    const own = await env.newWorkspace('CLI rotation');
+    const created = await api('POST', '/v1/admin/connectors', own.adminKey, {
+      vendor: 'datagrail',
+      name: 'DataGrail rotating',
+      config: { callbackHosts: ['127.0.0.1'] },
+      secrets: { webhookSecret: 'dg-cli-old', apiKey: FAKE_DATAGRAIL_API_KEY },
+    });
+    expect(created.status, created.text).toBe(201);
+    const id = created.json.id as string;
+    const send = (secret: string) => {
+      const w = datagrailWebhook({
+        secret,
+        body: datagrailBody({
+          webhook_request_id: randomBytes(8).toString('hex'),
+          identifiers: { email: `rot-${randomBytes(4).toString('hex')}@example.test` },
+          callback_url: 'http://127.0.0.1:9/cb',
+        }),
+      });
+      return call(env, 'POST', `/webhooks/datagrail/${id}`, { headers: w.headers, body: w.rawBody });
+    };
+    const input = JSON.stringify({ webhookSecret: 'dg-cli-new', apiKey: FAKE_DATAGRAIL_API_KEY });
+    const [notNumber, tooLong] = await Promise.all([
+      fails(['connectors', 'rotate-secret', id, '--secrets-stdin', '--keep-previous-for-seconds', 'a day'], 2, 'usage_error', { input }),
+      fails(['connectors', 'rotate-secret', id, '--secrets-stdin', '--keep-previous-for-seconds', '604801'], 1, 'validation_failed', { input }),
+    ]);
+    expect(notNumber.message).toBe('--keep-previous-for-seconds must be a whole number of seconds (0 to 604800)');
+    expect(tooLong.details?.map((d) => d.path)).toEqual(['keepPreviousForSeconds']);
+    expect((await send('dg-cli-new')).status).toBe(401);
+
+    const rotated = await ok(['connectors', 'rotate-secret', id, '--secrets-stdin', '--keep-previous-for-seconds', '3600'], { input });
+    const fp = (v: string) => secretFingerprint(env.deps.digestKey, v);
+    expect(rotated.secrets.webhookSecret).toEqual({
+      set: true,
+      fingerprint: fp('dg-cli-new'),
+      previous: { fingerprint: fp('dg-cli-old'), expiresAt: expect.any(String) },
+    });
+    expect((await send('dg-cli-old')).status).toBe(200);
+    expect((await send('dg-cli-new')).status).toBe(200);
+    const shown = await run(['connectors', 'show', id]);
+    expect(shown.code, shown.stderr).toBe(0);
+    expect(shown.stdout).toContain(
+      `webhookSecret (${fp('dg-cli-new')}; previous ${fp('dg-cli-old')} still accepted until ${rotated.secrets.webhookSecret.previous.expiresAt})`,
+    );
+    expect(shown.stdout + shown.stderr).not.toContain('dg-cli-old');
+
+    const ended = await ok(['connectors', 'end-previous-secrets', id]);
+    expect(ended.secrets.webhookSecret).toEqual({ set: true, fingerprint: fp('dg-cli-new') });
+    expect((await send('dg-cli-old')).status).toBe(401);
+    expect((await send('dg-cli-new')).status).toBe(200);
+  });
+
   it('connectors disable: the webhook that answered now 404s', async () => {
     const body = datagrailBody({ callback_url: 'http://127.0.0.1:9/cb' });
     const forged = datagrailWebhook({ secret: 'not-the-secret', body });
@@ -730,6 +783,7 @@ describe('keys rotate-master', () => {
     expect(report).toEqual({
       keyId: keyIdOf(B),
       connectorSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
+      previousInboundSecrets: { resealed: 0, current: 0, remaining: 0, unreadable: [] },
       ticketSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
       failedRequestSubjects: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
     });
@@ -738,6 +792,7 @@ describe('keys rotate-master', () => {
     expect(await ok(['keys', 'rotate-master'], rotating)).toEqual({
       keyId: keyIdOf(B),
       connectorSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
+      previousInboundSecrets: { resealed: 0, current: 0, remaining: 0, unreadable: [] },
       ticketSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
       failedRequestSubjects: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
     });

@@ -1,14 +1,16 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import type postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { datagrailBody, datagrailWebhook } from '../../connectors/datagrail/fake.ts';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { newApp } from '../../src/app.ts';
 import { keyIdOf, SealError, Sealer } from '../../src/lib/sealing.ts';
 import { newId } from '../../src/lib/ids.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
 import { retryRequest } from '../../src/privacy/retry.ts';
 import { resealAll, resealComplete } from '../../src/upstream/rotate.ts';
-import { secretsContext } from '../../src/upstream/store.ts';
+import { previousSecretsContext, secretsContext, WebhookConnectors } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
 import { call, createConnectorVia, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { requestRow, seedUser, uniq } from '../helpers/factories.ts';
@@ -146,6 +148,7 @@ describe('master key rotation (resealAll)', () => {
     expect(report).toEqual({
       keyId: kidB,
       connectorSecrets: { resealed: 2, current: 0, remaining: 0, unreadable: [] },
+      previousInboundSecrets: { resealed: 0, current: 0, remaining: 0, unreadable: [] },
       ticketSecrets: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
       failedRequestSubjects: { resealed: 1, current: 0, remaining: 0, unreadable: [] },
     });
@@ -171,6 +174,7 @@ describe('master key rotation (resealAll)', () => {
     expect(again).toEqual({
       keyId: kidB,
       connectorSecrets: { resealed: 0, current: 2, remaining: 0, unreadable: [] },
+      previousInboundSecrets: { resealed: 0, current: 0, remaining: 0, unreadable: [] },
       ticketSecrets: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
       failedRequestSubjects: { resealed: 0, current: 1, remaining: 0, unreadable: [] },
     });
@@ -282,6 +286,75 @@ describe('many sealed values', () => {
       expect(left).toHaveLength(N);
       const byId = new Map(rows.map((r, i) => [r.id, `many-user-${i}`]));
       for (const r of left) expect(new Sealer(keyB).open(r.subject_sealed as string, subjectSealContext(r.id as string))).toBe(byId.get(r.id as string));
+    } finally {
+      await own.close();
+    }
+  });
+});
+
+describe('previous inbound secrets', () => {
+  it('are re-sealed with the rest; a server on the new key alone still accepts the old secret in its window', async () => {
+    // Its own database: the counts above stay those of the flow they describe.
+    const own = await createTestEnv();
+    try {
+      const w = await own.newWorkspace('Previous inbound secrets');
+      const secrets = (webhookSecret: string) => ({ webhookSecret, apiKey: 'dg-rotation-api-key' });
+      const id = await createConnectorVia(own, w.adminKey, {
+        vendor: 'datagrail',
+        name: 'DataGrail',
+        config: { callbackHosts: ['127.0.0.1'] },
+        secrets: secrets('dg-previous-inbound'),
+      });
+      const put = await call(own, 'PUT', `/v1/admin/connectors/${id}/secrets`, {
+        key: w.adminKey,
+        body: { secrets: secrets('dg-current-inbound'), keepPreviousForSeconds: 3600 },
+      });
+      expect(put.status, put.text).toBe(200);
+      const previous = async () =>
+        (await own.sql`select previous_secrets_sealed as s from connectors where id = ${id}`)[0]!.s as string | null;
+      expect(await previous()).toMatch(new RegExp(`^v1\\.${keyIdOf(own.encryptionKey)}\\.`));
+
+      const rotating = new Sealer(keyB, [own.encryptionKey]);
+      const report = await resealAll(own.database.db, rotating);
+      expect(report.connectorSecrets).toEqual({ resealed: 1, current: 0, remaining: 0, unreadable: [] });
+      expect(report.previousInboundSecrets).toEqual({ resealed: 1, current: 0, remaining: 0, unreadable: [] });
+      expect(resealComplete(report)).toBe(true);
+      const resealed = (await previous())!;
+      expect(resealed).toMatch(new RegExp(`^v1\\.${keyIdOf(keyB)}\\.`));
+      expect(JSON.parse(new Sealer(keyB).open(resealed, previousSecretsContext(id)))).toEqual({ webhookSecret: 'dg-previous-inbound' });
+      expect(() => new Sealer(own.encryptionKey).open(resealed, previousSecretsContext(id))).toThrow(SealError);
+      // Bound to its row and to its column: it does not open as the connector's current secrets.
+      expect(() => new Sealer(keyB).open(resealed, secretsContext(id))).toThrow(SealError);
+      expect((await resealAll(own.database.db, rotating)).previousInboundSecrets).toEqual({
+        resealed: 0,
+        current: 1,
+        remaining: 0,
+        unreadable: [],
+      });
+
+      // A web process with the new key alone: the old secret still verifies within its window, the new one too.
+      const onB = new Sealer(keyB);
+      const app = newApp({ ...own.deps, sealer: onB, webhookConnectors: new WebhookConnectors({ db: own.database.db, sealer: onB }) });
+      for (const secret of ['dg-previous-inbound', 'dg-current-inbound']) {
+        const hook = datagrailWebhook({
+          secret,
+          body: datagrailBody({
+            webhook_request_id: randomUUID(),
+            identifiers: { email: `${uniq('prev')}@example.test` },
+            callback_url: 'http://127.0.0.1:9/cb',
+          }),
+        });
+        const res = await app.request(`/webhooks/datagrail/${id}`, { method: 'POST', headers: hook.headers, body: hook.rawBody });
+        expect(res.status, `${secret}: ${await res.clone().text()}`).toBe(200);
+      }
+
+      // A previous set no configured key opens is reported by its row, not a stop.
+      await own.sql`update connectors set previous_secrets_sealed = ${onB.seal('{}', previousSecretsContext('con_elsewhere'))}
+                    where id = ${id}`;
+      const toC = await resealAll(own.database.db, new Sealer(keyC, [keyB]));
+      expect(toC.previousInboundSecrets).toEqual({ resealed: 0, current: 0, remaining: 1, unreadable: [id] });
+      expect(toC.connectorSecrets).toMatchObject({ resealed: 1, remaining: 0 });
+      expect(resealComplete(toC)).toBe(false);
     } finally {
       await own.close();
     }

@@ -12,7 +12,7 @@ import { FAKE_API_KEY, startFakeTranscend, type FakeTranscend } from '../../conn
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { keyIdOf } from '../../src/lib/sealing.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
-import { secretsContext } from '../../src/upstream/store.ts';
+import { previousSecretsContext, secretsContext } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { adminSession, newAdmin, type TestSession } from '../helpers/sessions.ts';
@@ -27,6 +27,7 @@ const SECRETS = {
   datagrailWebhookSecret: `dg-hmac-${R}`,
   datagrailApiKey: `dg-api-key-${R}`,
   replacedDatagrailApiKey: `dg-api-key-replaced-${R}`,
+  replacedDatagrailWebhookSecret: `dg-hmac-replaced-${R}`,
   nonce: `nonce-${R}-${randomUUID()}`,
   failedEmail: `failed-subject-${R}@example.test`,
   adminPassword: `admin-password-${R}`,
@@ -82,9 +83,11 @@ beforeAll(async () => {
     webhookSecret: SECRETS.datagrailWebhookSecret,
     apiKey: SECRETS.datagrailApiKey,
   });
-  // Secrets replaced: the new set is sealed, the old one gone.
-  const replaced = { webhookSecret: SECRETS.datagrailWebhookSecret, apiKey: SECRETS.replacedDatagrailApiKey };
-  const put = await session.call('PUT', `/v1/admin/connectors/${ids.datagrail}/secrets`, { body: { secrets: replaced } });
+  // Secrets replaced: the new set is sealed, the old one gone but for the webhook secret, kept sealed for a day.
+  const replaced = { webhookSecret: SECRETS.replacedDatagrailWebhookSecret, apiKey: SECRETS.replacedDatagrailApiKey };
+  const put = await session.call('PUT', `/v1/admin/connectors/${ids.datagrail}/secrets`, {
+    body: { secrets: replaced, keepPreviousForSeconds: 86_400 },
+  });
   expect(put.status, put.text).toBe(200);
   given[ids.datagrail] = replaced;
 
@@ -178,6 +181,15 @@ describe('secrets at rest', () => {
       expect(() => sealer.open(c.secrets_sealed, secretsContext(other.id))).toThrow(/failed authentication/);
     }
 
+    const [previous] = await env.sql<{ previous_secrets_sealed: string }[]>`
+      select previous_secrets_sealed from connectors where id = ${ids.datagrail}`;
+    expect(previous!.previous_secrets_sealed).toMatch(sealed);
+    expect(JSON.parse(sealer.open(previous!.previous_secrets_sealed, previousSecretsContext(ids.datagrail)))).toEqual({
+      webhookSecret: SECRETS.datagrailWebhookSecret,
+    });
+    expect(() => sealer.open(previous!.previous_secrets_sealed, secretsContext(ids.datagrail))).toThrow(/failed authentication/);
+    expect(() => sealer.open(previous!.previous_secrets_sealed, previousSecretsContext(ids.onetrust))).toThrow(/failed authentication/);
+
     const [ticket] = await env.sql<{ secret_sealed: string }[]>`select secret_sealed from upstream_tickets where id = ${ids.ticket}`;
     expect(ticket!.secret_sealed).toMatch(sealed);
     expect(sealer.open(ticket!.secret_sealed, ticketSecretContext(ids.ticket))).toBe(SECRETS.nonce);
@@ -212,14 +224,16 @@ describe('secrets at rest', () => {
     expect(findIn(await everyStoredValue(env), { ...SECRETS, ...issued })).toEqual([]);
   });
 
-  it('deleting a connector wipes its sealed secrets', async () => {
+  it('deleting a connector wipes its sealed secrets, the previous webhook secret too', async () => {
     const w = datagrailWebhook({
       secret: SECRETS.datagrailWebhookSecret,
       body: datagrailBody({ webhook_request_id: randomUUID(), request_type: 'health_check', callback_url: datagrail.callbackUrl() }),
     });
     expect((await call(env, 'POST', `/webhooks/datagrail/${ids.datagrail}`, { headers: w.headers, body: w.rawBody })).status).toBe(200);
     expect((await session.call('DELETE', `/v1/admin/connectors/${ids.datagrail}`)).status).toBe(204);
-    const [row] = await env.sql`select secrets_sealed, secret_fingerprints from connectors where id = ${ids.datagrail}`;
-    expect(row).toEqual({ secrets_sealed: null, secret_fingerprints: {} });
+    const [row] = await env.sql`
+      select secrets_sealed, secret_fingerprints, previous_secrets_sealed, previous_secret_fingerprints
+      from connectors where id = ${ids.datagrail}`;
+    expect(row).toEqual({ secrets_sealed: null, secret_fingerprints: {}, previous_secrets_sealed: null, previous_secret_fingerprints: {} });
   });
 });

@@ -173,6 +173,7 @@ const ROUTES: Record<string, Case> = {
   'PATCH /v1/admin/connectors/{id}': connectorRoute('', { name: 'hijacked', enabled: false }),
   'DELETE /v1/admin/connectors/{id}': connectorRoute(''),
   'PUT /v1/admin/connectors/{id}/secrets': connectorRoute('/secrets', { secrets: { apiKey: 'hijacked-key' } }),
+  'DELETE /v1/admin/connectors/{id}/secrets/previous': connectorRoute('/secrets/previous'),
   'POST /v1/admin/connectors/{id}/disable': connectorRoute('/disable'),
   'POST /v1/admin/connectors/{id}/enable': connectorRoute('/enable'),
   'POST /v1/admin/connectors/{id}/test': connectorRoute('/test'),
@@ -317,6 +318,18 @@ beforeAll(async () => {
   aSide = await newSide('A', { onetrust: 'ot-inbound-secret-of-a', datagrail: 'dg-webhook-secret-of-a' });
   bSide = await newSide('B', { onetrust: 'ot-inbound-secret-of-b', datagrail: 'dg-webhook-secret-of-b' });
   const A = aSide.ws;
+
+  // A's OneTrust inbound secret was rotated with a grace period: the previous one is there for B to try to end.
+  const rotated = await call(env, 'PUT', `/v1/admin/connectors/${aSide.connectors.onetrust}/secrets`, {
+    key: A.adminKey,
+    body: {
+      secrets: { clientId: 'ot-client', clientSecret: 'ot-client-secret-A', inboundSecret: 'ot-inbound-secret-of-a-rotated' },
+      keepPreviousForSeconds: 86_400,
+    },
+  });
+  expect(rotated.status, rotated.text).toBe(200);
+  expect(rotated.json.secrets.inboundSecret.previous).toBeDefined();
+  aSide.onetrustInbound = 'ot-inbound-secret-of-a-rotated';
 
   // A: a completed erasure (and its audit record) found by an external id.
   const user = await seedUser(env, A.ingestKey);

@@ -38,6 +38,14 @@ export const connectors = pgTable(
     createdAt: ts('created_at').notNull().defaultNow(),
     updatedAt: ts('updated_at').notNull().defaultNow(),
     secretsRotatedAt: ts('secrets_rotated_at').notNull().defaultNow(),
+    /**
+     * Inbound secrets (those that verify the vendor's webhooks) replaced by the last secrets PUT that asked to keep
+     * them for a while: one sealed JSON object of name → value, bound to this row like the secrets. A webhook the
+     * current secrets refuse is verified again with these until `previousSecretsExpireAt` (checked on the clock).
+     */
+    previousSecretsSealed: text('previous_secrets_sealed'),
+    previousSecretFingerprints: jsonb('previous_secret_fingerprints').$type<Record<string, string>>().notNull().default({}),
+    previousSecretsExpireAt: ts('previous_secrets_expire_at'),
     lastPolledAt: ts('last_polled_at'),
     /** Soft delete: the row stays so requests and audit records that name the connector keep their meaning. */
     deletedAt: ts('deleted_at'),
@@ -47,6 +55,11 @@ export const connectors = pgTable(
     uniqueIndex('connectors_workspace_idx').on(t.workspaceId, t.id),
     check('connectors_vendor_ck', sql`${t.vendor} in ('transcend', 'onetrust', 'datagrail')`),
     check('connectors_deleted_wiped_ck', sql`${t.deletedAt} is null or ${t.secretsSealed} is null`),
+    check('connectors_deleted_previous_wiped_ck', sql`${t.deletedAt} is null or ${t.previousSecretsSealed} is null`),
+    check(
+      'connectors_previous_expiry_ck',
+      sql`(${t.previousSecretsSealed} is null) = (${t.previousSecretsExpireAt} is null)`,
+    ),
   ],
 );
 
