@@ -10,6 +10,7 @@ import { safeErrorCode } from './db/errors.ts';
 import { createNodeDeps } from './deps-node.ts';
 import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
+import { onStopSignals } from './lib/signals.ts';
 import { openRuntime, StartupError, type Runtime } from './runtime.ts';
 
 export const ROLES: Role[] = ['web', 'worker', 'all'];
@@ -115,21 +116,20 @@ export async function runService(role: Role): Promise<void> {
     else logger.error('stopped, but a shutdown step failed (see above)');
     process.exit(ok ? 0 : 1);
   };
-  // Registered before anything is acquired: Ctrl-C during start-up must not leave PostgreSQL running.
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.on(signal, () => {
-      if (phase === 'stopping' || interrupted) {
-        logger.warn('second signal: exiting now');
-        process.exit(1);
-      }
-      if (phase === 'starting') {
-        interrupted = signal;
-        logger.warn({ signal }, 'signal during start-up: stopping once the current step has finished');
-      } else {
-        void shutdown(signal);
-      }
-    });
-  }
+  // Registered before anything is acquired: Ctrl-C during start-up must not leave PostgreSQL running. The copy of a
+  // Ctrl-C that npm forwards is not a second one (onStopSignals).
+  onStopSignals((signal) => {
+    if (phase === 'stopping' || interrupted) {
+      logger.warn('second signal: exiting now');
+      process.exit(1);
+    }
+    if (phase === 'starting') {
+      interrupted = signal;
+      logger.warn({ signal }, 'signal during start-up: stopping once the current step has finished');
+    } else {
+      void shutdown(signal);
+    }
+  });
 
   try {
     rt = await openRuntime(env, logger);

@@ -14,6 +14,7 @@ import { ApiError, DomainError, issuesToDetails, type ErrorDetail } from '../lib
 import type { Logger } from '../lib/logger.ts';
 import { OutboundError } from '../lib/outbound.ts';
 import { SealError } from '../lib/sealing.ts';
+import { onStopSignals } from '../lib/signals.ts';
 import { openRuntime, type Runtime } from '../runtime.ts';
 
 /** Wrong or missing arguments: exit status 2 with the usage text. */
@@ -148,8 +149,8 @@ export async function withRuntime<T>(cli: Cli, fn: (rt: Runtime) => Promise<T>):
     cli.logger.warn({ signal }, 'interrupted: stopping what this command started');
     if (rt) void stopAndExit();
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  // The copy of a Ctrl-C that npx forwards is not a second one (onStopSignals).
+  const removeListeners = onStopSignals(onSignal);
   try {
     try {
       rt = await openRuntime(cli.env, cli.logger);
@@ -163,8 +164,7 @@ export async function withRuntime<T>(cli: Cli, fn: (rt: Runtime) => Promise<T>):
   } finally {
     // Interrupted: the command failed because the server went away; stopAndExit ends the process, quietly.
     if (interrupted) await new Promise<never>(() => {});
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    removeListeners();
     await rt?.embedded?.stop();
   }
 }

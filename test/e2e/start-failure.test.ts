@@ -1,11 +1,13 @@
-import { readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { REPEATED_SIGNAL_MS } from '../../src/lib/signals.ts';
 import { freePort } from '../helpers/global-setup.ts';
-import { childEnv, NPM_START_ARGS, poll, startService, type Service } from '../helpers/process.ts';
+import { childEnv, NPM_START_ARGS, poll, ROOT, startService, type Service } from '../helpers/process.ts';
 
 /** A start-up that fails or is interrupted must not leave the embedded PostgreSQL it started running. */
 
@@ -133,6 +135,8 @@ describe('npm start that cannot finish starting', () => {
     await pgStarting(dataDir);
     svc.proc.kill('SIGINT');
     await poll(async () => (svc.output().includes('signal during start-up') ? true : undefined));
+    // A person's second Ctrl-C, not the copy npm forwards at once (that one is not a second Ctrl-C: below).
+    await new Promise((resolve) => setTimeout(resolve, REPEATED_SIGNAL_MS + 50));
     svc.proc.kill('SIGINT');
     expect(await svc.exited).toBe(1);
     expect(svc.output()).toContain('second signal: exiting now');
@@ -167,5 +171,60 @@ describe('an admin CLI command interrupted by Ctrl-C', () => {
       expect(cli.output()).toContain('interrupted');
       expect(pgRunning(dataDir)).toBe(false);
     }
+  }, 120_000);
+});
+
+/**
+ * A terminal's Ctrl-C reaches every process of the foreground group, and `npm start` / `npx` forward the SIGINT they
+ * get to their child. When npm's script shell runs the command in place (bash does; it is macOS's /bin/sh), the
+ * service receives the one Ctrl-C twice within milliseconds: that must stop it as one Ctrl-C does, not as a second.
+ */
+describe('one Ctrl-C delivered twice at once (the terminal\'s and the copy npm forwards)', () => {
+  /** The terminal's SIGINT, then npm's copy a moment later (sent at once, the kernel would merge the two). */
+  const twice = async (s: Service, target = s.proc.pid!) => {
+    process.kill(target, 'SIGINT');
+    await new Promise((resolve) => setTimeout(resolve, 30));
+    s.proc.kill('SIGINT');
+  };
+
+  it('npm start with bash as its script shell stops cleanly and stops the embedded PostgreSQL', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-npmint-', { npm_config_script_shell: '/bin/bash' });
+    expect(existsSync('/bin/bash')).toBe(true);
+    const proc = spawn('npm', ['start'], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    let out = '';
+    proc.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    proc.stderr.on('data', (c: Buffer) => (out += c.toString()));
+    const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+    try {
+      await poll(async () => (out.includes('Ctrl-C to stop') ? true : undefined), 90_000);
+      process.kill(-proc.pid!, 'SIGINT'); // the whole group, as a terminal does
+      expect(await exited, out).toBe(0);
+      expect(out).not.toContain('second signal');
+      expect(pgRunning(dataDir)).toBe(false);
+    } finally {
+      if (proc.exitCode === null && proc.signalCode === null) process.kill(-proc.pid!, 'SIGKILL');
+    }
+  }, 120_000);
+
+  it('npm start, during start-up: finishes the step, then stops as for one Ctrl-C', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-sigdupstart-');
+    const svc = start(env, { group: true });
+    await pgStarting(dataDir);
+    await twice(svc, -svc.proc.pid!);
+    expect(await svc.exited, svc.output()).toBe(0);
+    expect(svc.output()).not.toContain('second signal');
+    expect(pgRunning(dataDir)).toBe(false);
+  }, 120_000);
+
+  it('an admin CLI command stops the embedded PostgreSQL it started, exit 130', async () => {
+    const { dataDir, env } = await embeddedEnv('dsr-clidup-');
+    const migrate = ['bin/dsr-connector.mjs', 'migrate'];
+    // Initialised beforehand, so the Ctrl-C lands while the command starts the server (not initdb, which it would kill).
+    expect(await start(env, { entry: migrate }).exited).toBe(0);
+    const cli = start(env, { entry: migrate });
+    await pgStarting(dataDir);
+    await twice(cli);
+    expect(await cli.exited, cli.output()).toBe(130);
+    expect(pgRunning(dataDir)).toBe(false);
   }, 120_000);
 });
