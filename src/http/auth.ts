@@ -19,9 +19,12 @@ async function keyPrincipal(deps: AppDeps, header: string, scope: ApiKeyScope): 
   if (!match) throw new ApiError('unauthorized', 'the Authorization header must be "Bearer <key>"');
   const auth = await authenticateKey(deps.db, match[1]!);
   if (!auth) throw new ApiError('unauthorized', 'invalid or revoked API key');
-  if (auth.scope !== scope) throw new ApiError('forbidden', `this route needs a ${scope} key, not a ${auth.scope} key`);
+  if (auth.scope !== scope) throw new ApiError('forbidden', `this route needs ${aKey(scope)}, not ${aKey(auth.scope)}`);
   return { kind: 'key', ...auth };
 }
+
+/** "an admin key", "an ingest key", "a privacy key". */
+const aKey = (scope: ApiKeyScope) => `${/^[aeiou]/.test(scope) ? 'an' : 'a'} ${scope} key`;
 
 /** Bearer API key of the given scope only (ingest: machines, never a dashboard session). */
 export function requireKey(deps: AppDeps, scope: ApiKeyScope): MiddlewareHandler<AppEnv> {

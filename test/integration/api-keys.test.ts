@@ -82,8 +82,10 @@ describe('API keys', () => {
   it('refuses an unknown scope and a non-admin key', async () => {
     const bad = expectError(await call(env, 'POST', '/v1/admin/keys', { key: ws.adminKey, body: { scope: 'root' } }), 400, 'validation_failed');
     expect(bad.details?.map((d) => d.path)).toEqual(['scope']);
-    expectError(await call(env, 'GET', '/v1/admin/keys', { key: ws.privacyKey }), 403, 'forbidden');
-    expectError(await call(env, 'POST', '/v1/admin/keys', { key: ws.ingestKey, body: { scope: 'admin' } }), 403, 'forbidden');
+    const privacy = expectError(await call(env, 'GET', '/v1/admin/keys', { key: ws.privacyKey }), 403, 'forbidden');
+    expect(privacy.message).toBe('this route needs an admin key, not a privacy key');
+    const ingest = expectError(await call(env, 'POST', '/v1/admin/keys', { key: ws.ingestKey, body: { scope: 'admin' } }), 403, 'forbidden');
+    expect(ingest.message).toBe('this route needs an admin key, not an ingest key');
     expect(await env.sql`select id from api_keys where workspace_id = ${ws.workspaceId}`).toHaveLength(4);
   });
 
