@@ -1,8 +1,10 @@
 /**
- * Tenant isolation across every route. Workspace A holds one of everything (requests, audit records, connectors of
- * each vendor, a failed upstream ticket, keys, an admin and a session); workspace B's credentials, given A's ids,
- * must find nothing and change nothing. The route list comes from the app itself, so a route added later without a
- * case in ROUTES fails the coverage test.
+ * Tenant isolation and authorization across every route. Workspace A holds one of everything (requests in every
+ * state, audit records, connectors of each vendor, tickets failed, delivered and pending, keys live and revoked,
+ * admins enabled and disabled, a session); workspace B's credentials, given A's ids, must find nothing, change
+ * nothing and answer exactly as for ids that exist nowhere. Then every route again with dead credentials (revoked and
+ * regenerated keys, sessions ended every way) and session mutations without their CSRF token. The route list comes
+ * from the app itself, so a route added later without a case in ROUTES fails the coverage test.
  */
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -17,9 +19,10 @@ import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../con
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { encodeCursor } from '../../src/http/pagination.ts';
+import { newId } from '../../src/lib/ids.ts';
 import { call, createTestEnv, expectError, type Res, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
-import { adminSession, login, type TestSession } from '../helpers/sessions.ts';
+import { adminSession, login, makeAuthStale, newAdmin, type TestSession } from '../helpers/sessions.ts';
 import { snapshot } from './db-state.ts';
 
 type Cred = 'ingest' | 'privacy' | 'admin' | 'session';
@@ -49,9 +52,21 @@ interface AIds {
   ticketId: string;
   ticketRequestId: string;
   upstreamRef: string;
+  /** A Transcend ticket whose report A's Sombra accepted, and its request. */
+  deliveredTicketId: string;
+  deliveredRequestId: string;
+  deliveredRef: string;
+  /** A OneTrust ticket whose request has not run yet (queued, ticket pending). */
+  pendingTicketId: string;
+  queuedRequestId: string;
+  pendingRef: string;
+  /** A request a worker is running. */
+  runningRequestId: string;
   extraKeyId: string;
+  revokedKeyId: string;
   keyIds: string[];
   adminId: string;
+  disabledAdminId: string;
   sessionId: string;
 }
 
@@ -111,19 +126,25 @@ const ROUTES: Record<string, Case> = {
       `userId=${encodeURIComponent(a.userId)}`,
       `email=${encodeURIComponent(a.email)}`,
       `upstreamRef=${encodeURIComponent(a.upstreamRef)}`,
+      `upstreamRef=${encodeURIComponent(a.deliveredRef)}`,
+      `upstreamRef=${encodeURIComponent(a.pendingRef)}`,
       'upstreamStatus=failed',
+      'upstreamStatus=pending',
+      'upstreamStatus=delivered',
       'status=failed',
+      'status=queued',
+      'status=running',
     ],
   },
   'GET /v1/privacy/requests/{id}': {
     kind: 'id',
     accepts: PRIVACY,
-    paths: (a) => [a.completeRequestId, a.failedRequestId, a.ticketRequestId].map((id) => `/v1/privacy/requests/${id}`),
+    paths: (a) => requestIdsOf(a).map((id) => `/v1/privacy/requests/${id}`),
   },
   'POST /v1/privacy/requests/{id}/retry': {
     kind: 'id',
     accepts: PRIVACY,
-    paths: (a) => [a.failedRequestId, a.completeRequestId].map((id) => `/v1/privacy/requests/${id}/retry`),
+    paths: (a) => requestIdsOf(a).map((id) => `/v1/privacy/requests/${id}/retry`),
   },
   'GET /v1/privacy/audit': {
     kind: 'list',
@@ -180,7 +201,7 @@ const ROUTES: Record<string, Case> = {
   'POST /v1/admin/tickets/{id}/redeliver': {
     kind: 'id',
     accepts: ADMIN,
-    paths: (a) => [`/v1/admin/tickets/${a.ticketId}/redeliver`],
+    paths: (a) => [a.ticketId, a.deliveredTicketId, a.pendingTicketId].map((id) => `/v1/admin/tickets/${id}/redeliver`),
   },
 
   'GET /v1/admin/keys': { kind: 'list', accepts: ADMIN, path: '/v1/admin/keys', mine: () => bIds.keyIds },
@@ -210,7 +231,7 @@ const ROUTES: Record<string, Case> = {
   'POST /v1/admin/admins/{id}/disable': {
     kind: 'id',
     accepts: ADMIN,
-    paths: (a) => [`/v1/admin/admins/${a.adminId}/disable`],
+    paths: (a) => [a.adminId, a.disabledAdminId].map((id) => `/v1/admin/admins/${id}/disable`),
   },
   'GET /v1/admin/audit/verify': {
     kind: 'list',
@@ -221,6 +242,16 @@ const ROUTES: Record<string, Case> = {
 
   'POST /webhooks/{vendor}/{connectorId}': { kind: 'webhook' },
 };
+
+/** A's requests in every state: complete, failed, from a ticket (failed, delivered, pending), queued, running. */
+const requestIdsOf = (a: AIds) => [
+  a.completeRequestId,
+  a.failedRequestId,
+  a.ticketRequestId,
+  a.deliveredRequestId,
+  a.queuedRequestId,
+  a.runningRequestId,
+];
 
 const HTTP_METHODS = new Set(['get', 'post', 'put', 'patch', 'delete', 'head', 'options']);
 
@@ -375,12 +406,45 @@ beforeAll(async () => {
   // A: an extra key and (through newSide) an admin with a live session.
   const extra = await call(env, 'POST', '/v1/admin/keys', { key: A.adminKey, body: { scope: 'privacy' } });
   expect(extra.status, extra.text).toBe(201);
+  // A: a revoked key and a disabled admin (B must not learn of them either: 404, not 409 or a 200 that changes nothing).
+  const revoked = await call(env, 'POST', '/v1/admin/keys', { key: A.adminKey, body: { scope: 'ingest' } });
+  expect((await call(env, 'POST', `/v1/admin/keys/${revoked.json.id}/revoke`, { key: A.adminKey })).status).toBe(200);
+  const disabledAdmin = await newAdmin(env, A.workspaceId);
+  expect((await call(env, 'POST', `/v1/admin/admins/${disabledAdmin.adminId}/disable`, { key: A.adminKey })).status).toBe(200);
+
+  // A: a Transcend ticket whose report A's Sombra accepted (delivered).
+  const reported = await seedUser(env, A.ingestKey);
+  const deliveredRef = randomUUID();
+  const tw = await aSide.transcend.webhook({ profile: { identifier: reported.email, type: 'email' }, requestId: deliveredRef });
+  const tr = await deliver('transcend', aSide.connectors.transcend, tw);
+  expect(tr.status, tr.text).toBe(200);
+  const { ticketId: deliveredTicketId, requestId: deliveredRequestId } = tr.json.received[0] as { ticketId: string; requestId: string };
+  await runJobsUntil(async () => {
+    const [t] = await env.sql`select status from upstream_tickets where id = ${deliveredTicketId}`;
+    return t!.status === 'delivered';
+  }, 'the Transcend report to be delivered');
 
   // B: a request of its own, so B's lists are not empty and "no A rows" is not trivially true.
   const bUser = await seedUser(env, bSide.ws.ingestKey);
   const bReq = await call(env, 'POST', '/v1/privacy/requests', { key: bSide.ws.privacyKey, body: { action: 'suppress', userId: bUser.userId } });
   bIds.requestId = bReq.json.results[0].requestId as string;
   await env.runJobs();
+
+  // A, after the last job run: a OneTrust ticket whose request is queued (ticket pending), and a request being run
+  // (its job taken by a worker, as the status a worker sets first).
+  const waiting = await seedUser(env, A.ingestKey);
+  const pendingRef = randomUUID();
+  const ow = onetrustWebhook({
+    auth: { type: 'bearer', secret: aSide.onetrustInbound },
+    body: { subTaskId: pendingRef, email: waiting.email, requestTypes: ['Delete Data'] },
+  });
+  const or = await deliver('onetrust', aSide.connectors.onetrust, { headers: ow.headers, body: ow.rawBody });
+  expect(or.status, or.text).toBe(200);
+  const { ticketId: pendingTicketId, requestId: queuedRequestId } = or.json.received[0] as { ticketId: string; requestId: string };
+  const busy = await seedUser(env, A.ingestKey);
+  const running = await call(env, 'POST', '/v1/privacy/requests', { key: A.privacyKey, body: { action: 'suppress', userId: busy.userId } });
+  const runningRequestId = running.json.results[0].requestId as string;
+  await env.sql`update dsr_requests set status = 'running', started_at = now(), attempts = 1 where id = ${runningRequestId}`;
 
   const rowsOf = async (table: 'api_keys' | 'audit_records', ws: string) =>
     (await env.sql<{ id: string }[]>`select id from ${env.sql(table)} where workspace_id = ${ws} order by id`).map((r) => r.id);
@@ -399,9 +463,18 @@ beforeAll(async () => {
     ticketId,
     ticketRequestId,
     upstreamRef,
+    deliveredTicketId,
+    deliveredRequestId,
+    deliveredRef,
+    pendingTicketId,
+    queuedRequestId,
+    pendingRef,
+    runningRequestId,
     extraKeyId: extra.json.id as string,
+    revokedKeyId: revoked.json.id as string,
     keyIds: await rowsOf('api_keys', A.workspaceId),
     adminId: aSide.session.adminId,
+    disabledAdminId: disabledAdmin.adminId,
     sessionId: aSide.session.sessionId,
   };
 
@@ -411,9 +484,27 @@ beforeAll(async () => {
            (select status from dsr_requests where id = ${a.failedRequestId}) as failed,
            (select subject_sealed is not null from dsr_requests where id = ${a.failedRequestId}) as sealed,
            (select status from upstream_tickets where id = ${a.ticketId}) as ticket,
+           (select status from upstream_tickets where id = ${a.deliveredTicketId}) as delivered,
+           (select status from upstream_tickets where id = ${a.pendingTicketId}) as pending,
+           (select status from dsr_requests where id = ${a.queuedRequestId}) as queued,
+           (select status from dsr_requests where id = ${a.runningRequestId}) as running,
+           (select revoked_at is not null from api_keys where id = ${a.revokedKeyId}) as revoked,
+           (select disabled_at is not null from admin_users where id = ${a.disabledAdminId}) as disabled,
            (select count(*)::int from api_keys where workspace_id = ${A.workspaceId}) as keys`;
-  expect(state).toEqual({ complete: 'complete', failed: 'failed', sealed: true, ticket: 'failed', keys: 4 });
-  expect(a.keyIds).toContain(a.extraKeyId);
+  expect(state).toEqual({
+    complete: 'complete',
+    failed: 'failed',
+    sealed: true,
+    ticket: 'failed',
+    delivered: 'delivered',
+    pending: 'pending',
+    queued: 'queued',
+    running: 'running',
+    revoked: true,
+    disabled: true,
+    keys: 5,
+  });
+  expect(a.keyIds).toEqual(expect.arrayContaining([a.extraKeyId, a.revokedKeyId]));
 
   aStrings = [
     A.workspaceId,
@@ -424,8 +515,16 @@ beforeAll(async () => {
     a.failedAuditId,
     a.ticketId,
     a.upstreamRef,
+    a.deliveredTicketId,
+    a.deliveredRequestId,
+    a.deliveredRef,
+    a.pendingTicketId,
+    a.queuedRequestId,
+    a.pendingRef,
+    a.runningRequestId,
     a.externalRequestId,
     a.adminId,
+    a.disabledAdminId,
     a.sessionId,
     aSide.session.email,
     ...a.keyIds,
@@ -492,15 +591,30 @@ describe("B's credentials against A's data", () => {
         }
       }
     }
-    // A cursor made from A's newest id pages through B's rows only.
-    for (const [path, id] of [
-      ['/v1/privacy/requests', a.ticketRequestId],
-      ['/v1/privacy/audit', a.failedAuditId],
+    // A cursor made from any of A's ids pages through B's rows only: exactly B's rows older than that id.
+    const bRowsBefore = async (table: 'dsr_requests' | 'audit_records', id: string) =>
+      (
+        await env.sql<{ id: string }[]>`select id from ${env.sql(table)}
+                                        where workspace_id = ${bSide.ws.workspaceId} and id < ${id} order by id desc`
+      ).map((r) => r.id);
+    const aAudits = (await env.sql<{ id: string }[]>`select id from audit_records where workspace_id = ${aSide.ws.workspaceId}`).map((r) => r.id);
+    let nonEmpty = 0;
+    for (const [path, table, ids] of [
+      ['/v1/privacy/requests', 'dsr_requests', requestIdsOf(a)],
+      ['/v1/privacy/audit', 'audit_records', aAudits],
     ] as const) {
-      const res = await as(bSide, 'privacy', 'GET', `${path}?cursor=${encodeCursor(id)}`);
-      expect(res.status, res.text).toBe(200);
-      expectNoneOfA(res, `${path} with a cursor from A`);
+      for (const id of ids) {
+        for (const cred of PRIVACY) {
+          const res = await as(bSide, cred, 'GET', `${path}?cursor=${encodeCursor(id)}`);
+          expect(res.status, res.text).toBe(200);
+          expectNoneOfA(res, `${cred} ${path} with a cursor from A`);
+          const expected = await bRowsBefore(table, id);
+          expect((res.json.data as { id: string }[]).map((r) => r.id), `${cred} ${path} after ${id}`).toEqual(expected);
+          if (expected.length > 0) nonEmpty++;
+        }
+      }
     }
+    expect(nonEmpty, 'some cursor of A lies after a row of B').toBeGreaterThan(0);
     // The audit chain check of B covers B's records only.
     const verify = await as(bSide, 'admin', 'GET', '/v1/admin/audit/verify');
     const [bAudits] = await env.sql<{ n: number }[]>`select count(*)::int as n from audit_records where workspace_id = ${bSide.ws.workspaceId}`;
@@ -540,6 +654,41 @@ describe("B's credentials against A's data", () => {
     expect((await aSide.session.call('GET', '/v1/auth/session')).json.sessionId).toBe(a.sessionId);
   });
 
+  it("A's ids answer every credential of B exactly as ids that exist nowhere (no existence oracle)", async () => {
+    // B's own session twice: fresh, and one whose password entry is past the recent-authentication window (the
+    // sensitive routes then answer reauth_required, which must not depend on whether the id exists either).
+    const stale = await adminSession(env, bSide.ws.workspaceId, bSide.session);
+    await makeAuthStale(env, stale.sessionId);
+    type Send = (method: string, path: string, body?: unknown) => Promise<Res>;
+    const callers: [string, Send][] = [
+      ...CREDS.map((cred): [string, Send] => [cred, (m, p, b) => as(bSide, cred, m, p, b)]),
+      ['stale session', (m, p, b) => stale.call(m, p, { body: b })],
+    ];
+    const before = await snapshot(env);
+    const answer = (res: Res) => ({ status: res.status, code: res.json?.error?.code, message: res.json?.error?.message });
+    // The same path with each of A's ids replaced by a fresh id of the same kind, which no workspace has.
+    const phantom = (path: string) =>
+      aStrings.reduce((p, id) => (p.includes(id) && /^[a-z]{2,4}_[0-9a-z]{25}$/.test(id) ? p.replaceAll(id, newId(id.split('_')[0]!)) : p), path);
+    let compared = 0;
+    for (const [route, c] of kinds('id')) {
+      if (c.kind !== 'id') continue;
+      const method = route.split(' ')[0]!;
+      for (const path of c.paths(a)) {
+        const ghost = phantom(path);
+        expect(ghost, `${route}: a phantom path`).not.toBe(path);
+        for (const [who, send] of callers) {
+          const real = await send(method, path, c.body);
+          const none = await send(method, ghost, c.body);
+          expect(answer(real), `${who} ${method} ${path}`).toEqual(answer(none));
+          expectNoneOfA(real, `${who} ${method} ${path}`);
+          compared++;
+        }
+      }
+    }
+    expect(compared).toBeGreaterThan(150);
+    expect(await snapshot(env)).toEqual(before);
+  });
+
   it("a body naming A's workspace never creates anything in A", async () => {
     const before = await snapshot(env, { workspaceId: aSide.ws.workspaceId });
     expect(Object.keys(before)).toEqual(expect.arrayContaining(['dsr_requests', 'connectors', 'api_keys', 'admin_users']));
@@ -564,6 +713,49 @@ describe("B's credentials against A's data", () => {
     });
     expect(batch.status, batch.text).toBe(202);
     expect(batch.json.results).toEqual([expect.objectContaining({ index: 0, accepted: false, reason: 'invalid' })]);
+    expect(await snapshot(env, { workspaceId: aSide.ws.workspaceId })).toEqual(before);
+  });
+
+  it("A's external request id and vendor ticket references, used again in B, make B's own requests and tickets", async () => {
+    const before = await snapshot(env, { workspaceId: aSide.ws.workspaceId });
+    const user = await seedUser(env, bSide.ws.ingestKey);
+    const body = { action: 'suppress', userId: user.userId, externalRequestId: a.externalRequestId };
+    const first = await as(bSide, 'privacy', 'POST', '/v1/privacy/requests', body);
+    expect(first.status, first.text).toBe(202);
+    expect(first.json.results[0]).toMatchObject({ accepted: true, status: 'queued' });
+    expect(first.json.results[0].replayed).toBeUndefined();
+    const mine = first.json.results[0].requestId as string;
+    // The dashboard shares the privacy key's namespace of B (and only B's): a replay of B's request.
+    const again = await as(bSide, 'session', 'POST', '/v1/privacy/requests', body);
+    expect(again.json.results[0]).toMatchObject({ accepted: true, requestId: mine, replayed: true });
+
+    const received: { ticketId: string; requestId: string }[] = [];
+    const tw = await bSide.transcend.webhook({ profile: { identifier: user.email, type: 'email' }, requestId: a.deliveredRef });
+    const ow = onetrustWebhook({
+      auth: { type: 'bearer', secret: bSide.onetrustInbound },
+      body: { subTaskId: a.pendingRef, email: user.email, requestTypes: ['Delete Data'] },
+    });
+    const dw = datagrailWebhook({
+      secret: bSide.datagrailSecret,
+      body: datagrailBody({ webhook_request_id: a.upstreamRef, identifiers: { email: user.email }, callback_url: datagrail.callbackUrl() }),
+    });
+    for (const [vendor, w] of [
+      ['transcend', tw],
+      ['onetrust', { headers: ow.headers, body: ow.rawBody }],
+      ['datagrail', { headers: dw.headers, body: dw.rawBody }],
+    ] as const) {
+      const res = await deliver(vendor, bSide.connectors[vendor], w);
+      expect(res.status, `${vendor}: ${res.text}`).toBe(200);
+      expectNoneOfA(res, vendor);
+      received.push(...(res.json.received as { ticketId: string; requestId: string }[]));
+    }
+    expect(received).toHaveLength(3);
+    const rows = await env.sql`
+      select t.workspace_id as ticket_ws, r.workspace_id as request_ws from upstream_tickets t join dsr_requests r on r.id = t.request_id
+      where t.id in ${env.sql(received.map((r) => r.ticketId))}`;
+    expect(rows).toEqual(received.map(() => ({ ticket_ws: bSide.ws.workspaceId, request_ws: bSide.ws.workspaceId })));
+    const [own] = await env.sql`select workspace_id from dsr_requests where id = ${mine}`;
+    expect(own!.workspace_id).toBe(bSide.ws.workspaceId);
     expect(await snapshot(env, { workspaceId: aSide.ws.workspaceId })).toEqual(before);
   });
 
@@ -676,5 +868,119 @@ describe('scopes', () => {
     expect(ids).not.toContain(bIds.requestId);
     const keys = await s.call('GET', '/v1/admin/keys');
     expect((keys.json.data as { id: string }[]).map((k) => k.id).sort()).toEqual([...a.keyIds].sort());
+  });
+});
+
+describe('dead credentials and missing CSRF tokens', () => {
+  /** Every call a route case makes, as A on A's own things, with a body a live credential would have acted on. */
+  function callsOf(route: string, c: Case): { method: string; path: string; body?: unknown }[] {
+    const method = route.split(' ')[0]!;
+    switch (c.kind) {
+      case 'id':
+        return c.paths(a).map((path) => ({ method, path, body: c.body }));
+      case 'list':
+        return [{ method, path: c.path }];
+      case 'create': {
+        // Without the smuggled workspaceId, so the body itself is valid.
+        const { workspaceId: _ignored, ...body } = c.body(aSide.ws.workspaceId) as Record<string, unknown>;
+        return [{ method, path: c.path, body }];
+      }
+      case 'ingest':
+        return [{ method, path: c.path, body: c.body(a.userId) }];
+      case 'auth':
+        return [
+          { method: 'GET', path: '/v1/auth/session' },
+          { method: 'POST', path: '/v1/auth/reauth', body: { password: aSide.session.password } },
+          { method: 'POST', path: '/v1/auth/logout' },
+          { method: 'POST', path: '/v1/auth/password', body: { newPassword: `never-set-${randomUUID()}` } },
+        ].filter((x) => `${x.method} ${x.path}` === route);
+      default:
+        return [];
+    }
+  }
+  const everyCall = () => Object.entries(ROUTES).flatMap(([route, c]) => callsOf(route, c));
+
+  it('no credential, revoked and regenerated keys of every scope, and sessions ended every way are 401 on every route; nothing written, not even their last use', async () => {
+    const A = aSide.ws;
+    const deadKeys: [string, string][] = [];
+    for (const scope of ['ingest', 'privacy', 'admin'] as const) {
+      for (const end of ['revoke', 'regenerate'] as const) {
+        const made = await call(env, 'POST', '/v1/admin/keys', { key: A.adminKey, body: { scope } });
+        expect(made.status, made.text).toBe(201);
+        const ended = await call(env, 'POST', `/v1/admin/keys/${made.json.id}/${end}`, { key: A.adminKey });
+        expect(ended.status, ended.text).toBe(end === 'revoke' ? 200 : 201);
+        deadKeys.push([`${end}d ${scope} key`, made.json.key as string]);
+      }
+    }
+
+    const deadSessions: [string, TestSession][] = [];
+    const loggedOut = await adminSession(env, A.workspaceId);
+    expect((await loggedOut.call('POST', '/v1/auth/logout')).status).toBe(204);
+    deadSessions.push(['logged-out session', loggedOut]);
+    const idle = await adminSession(env, A.workspaceId);
+    await env.sql`update admin_sessions set last_seen_at = now() - interval '32 minutes' where id = ${idle.sessionId}`;
+    deadSessions.push(['idle session', idle]);
+    const expired = await adminSession(env, A.workspaceId);
+    await env.sql`update admin_sessions set expires_at = now() - interval '1 second', last_seen_at = now() where id = ${expired.sessionId}`;
+    deadSessions.push(['session past its absolute expiry', expired]);
+    const disabled = await adminSession(env, A.workspaceId);
+    expect((await call(env, 'POST', `/v1/admin/admins/${disabled.adminId}/disable`, { key: A.adminKey })).status).toBe(200);
+    deadSessions.push(["disabled admin's session", disabled]);
+    // An admin disabled by hand in the database (its sessions not revoked): the session must still be refused.
+    const disabledByHand = await adminSession(env, A.workspaceId);
+    await env.sql`update admin_users set disabled_at = now() where id = ${disabledByHand.adminId}`;
+    deadSessions.push(["live session of an admin disabled in the database", disabledByHand]);
+    const superseded = await adminSession(env, A.workspaceId);
+    const changer = await adminSession(env, A.workspaceId, superseded);
+    expect((await changer.call('POST', '/v1/auth/password', { body: { newPassword: `changed-${randomUUID()}` } })).status).toBe(204);
+    deadSessions.push(['session ended by a password change elsewhere', superseded]);
+    for (const [what, s] of deadSessions) expect((await s.call('GET', '/v1/auth/session')).status, what).toBe(401);
+
+    const before = await snapshot(env);
+    const lastUse = async () => ({
+      keys: await env.sql`select id, last_used_at from api_keys where workspace_id = ${A.workspaceId} and revoked_at is not null order by id`,
+      sessions: await env.sql`select id, last_seen_at, revoked_at from admin_sessions
+                              where id in ${env.sql(deadSessions.map(([, s]) => s.sessionId))} order by id`,
+    });
+    const usedBefore = await lastUse();
+
+    let checked = 0;
+    for (const { method, path, body } of everyCall()) {
+      expectError(await call(env, method, path, { body }), 401, 'unauthorized');
+      for (const [what, key] of deadKeys) {
+        const res = await call(env, method, path, { key, body });
+        expect(res.status, `${what} ${method} ${path}: ${res.text}`).toBe(401);
+        expectError(res, 401, 'unauthorized');
+        checked++;
+      }
+      for (const [what, s] of deadSessions) {
+        const res = await s.call(method, path, { body });
+        expect(res.status, `${what} ${method} ${path}: ${res.text}`).toBe(401);
+        expectError(res, 401, 'unauthorized');
+        checked++;
+      }
+    }
+    expect(checked).toBeGreaterThan(600);
+    expect(await snapshot(env)).toEqual(before);
+    expect(await lastUse()).toEqual(usedBefore);
+  });
+
+  it('a live session without its CSRF token is 403 csrf_failed on every mutation, the auth routes included; nothing written', async () => {
+    const s = await adminSession(env, aSide.ws.workspaceId, aSide.session);
+    const before = await snapshot(env);
+    let checked = 0;
+    for (const [route, c] of Object.entries(ROUTES)) {
+      if (c.kind === 'ingest') continue; // never a session route (401 above)
+      for (const { method, path, body } of callsOf(route, c)) {
+        if (method === 'GET') continue;
+        expectError(await s.call(method, path, { body, csrf: false }), 403, 'csrf_failed');
+        // A token that is not this session's (an old one of the same admin) is no better.
+        expectError(await s.call(method, path, { body, headers: { 'x-csrf-token': aSide.session.csrf } }), 403, 'csrf_failed');
+        checked++;
+      }
+    }
+    expect(checked).toBeGreaterThan(40);
+    expect(await snapshot(env)).toEqual(before);
+    expect((await s.call('GET', '/v1/auth/session')).status).toBe(200);
   });
 });
