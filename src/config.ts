@@ -69,6 +69,8 @@ const envSchema = z.object({
   WORKER_SWEEP_INTERVAL_MS: envNumber(z.coerce.number().int().min(100).max(600_000)).default(10_000),
   /** A failed request keeps its identifier sealed this long so it can be retried; then only the digest remains. */
   FAILED_SUBJECT_RETENTION_DAYS: envNumber(z.coerce.number().int().min(0).max(3650)).default(30),
+  /** A graphile-worker job out of attempts is kept this long after its last attempt was due, for diagnosis. */
+  FAILED_JOB_RETENTION_DAYS: envNumber(z.coerce.number().int().min(1).max(3650)).default(30),
   /** Dashboard sessions end after this much inactivity, and in any case this long after login. */
   SESSION_IDLE_MINUTES: envNumber(z.coerce.number().int().min(1).max(24 * 60)).default(30),
   SESSION_MAX_HOURS: envNumber(z.coerce.number().int().min(1).max(24 * 30)).default(12),

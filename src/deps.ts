@@ -37,6 +37,7 @@ export function createDeps(opts: {
     auth: authSettings(env),
     executeMaxAttempts: env.EXECUTE_MAX_ATTEMPTS,
     failedSubjectRetentionDays: env.FAILED_SUBJECT_RETENTION_DAYS,
+    failedJobRetentionDays: env.FAILED_JOB_RETENTION_DAYS,
     outbox: new OutboxDispatcher(db, opts.logger),
     publicBaseUrl: env.PUBLIC_BASE_URL,
     docsAsset: opts.docsAsset,

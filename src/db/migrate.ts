@@ -11,13 +11,16 @@ export const MIGRATIONS_FOLDER = fileURLToPath(new URL('../../drizzle', import.m
 // Arbitrary constant: serialises migrations when several processes (web + worker) start at once.
 const MIGRATION_LOCK = 7_361_223_401;
 
-/** Applies the drizzle migrations and graphile-worker's schema, holding an advisory lock across both. */
+/**
+ * Applies graphile-worker's schema, then the drizzle migrations (one of which indexes graphile-worker's jobs table),
+ * holding an advisory lock across both.
+ */
 export async function migrateDatabase(url: string, logger: Logger): Promise<void> {
   const sql = postgres(url, { max: 1, onnotice: () => {} });
   try {
     await sql`select pg_advisory_lock(${MIGRATION_LOCK})`;
-    await migrate(drizzle(sql), { migrationsFolder: MIGRATIONS_FOLDER });
     await runMigrations({ connectionString: url, logger: graphileLogger(logger) });
+    await migrate(drizzle(sql), { migrationsFolder: MIGRATIONS_FOLDER });
     await sql`select pg_advisory_unlock(${MIGRATION_LOCK})`;
   } finally {
     await sql.end({ timeout: 5 });

@@ -18,4 +18,6 @@ export interface UpstreamDeps extends PrivacyDeps {
   http: HttpClient;
   cache: ConnectorCache;
   reportPolicy: ReportPolicy;
+  /** Days a graphile-worker job out of attempts is kept after its last attempt was due (the hourly tick prunes it). */
+  failedJobRetentionDays: number;
 }

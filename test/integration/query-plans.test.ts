@@ -3,9 +3,11 @@
  * rows as it returns, not every row the workspace ever had (EXPLAIN ANALYZE on tens of thousands of rows).
  */
 import { desc } from 'drizzle-orm';
+import { PgDialect } from 'drizzle-orm/pg-core';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
+import { failedJobsPrune } from '../../src/jobs/maintenance.ts';
 import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
@@ -56,6 +58,15 @@ beforeAll(async () => {
     select 'req_' || lpad(to_hex(${HISTORY} + i), 25, '0'), ${other.workspaceId}, 'api', 'api_key', 'erase', 'user',
            'user_id', md5(i::text), 'k' || i, 'failed', 'failed', now() - interval '90 days'
     from generate_series(1, 2000) i`;
+  // A busy job queue: jobs waiting to run, and a few that ran out of attempts (three of them long ago).
+  await env.sql`
+    select count(*) from graphile_worker.add_jobs(array(
+      select ('report_upstream', '{}'::json, null, now() + interval '1 day', 5, 'plan-job-' || i, null, null)::graphile_worker.job_spec
+      from generate_series(1, ${HISTORY}) i))`;
+  await env.sql`update graphile_worker._private_jobs
+                   set attempts = max_attempts, run_at = now() - make_interval(days => case when i <= 3 then 40 else 1 end)
+                  from generate_series(1, 6) i where key = 'plan-job-' || (i * 1000)`;
+  await env.sql`analyze graphile_worker._private_jobs`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -155,5 +166,11 @@ it('lists audit records by action, status or outcome without reading the whole c
 it("finds failed requests past the retention period without reading every request (maintenance tick)", async () => {
   const { rows, read } = await explain(sealedSubjectsPrune(env.database.db, 30).toSQL());
   expect(rows).toBe(1);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds jobs that ran out of attempts long ago without reading the queue (maintenance tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(failedJobsPrune(30, 1000)));
+  expect(rows).toBe(3);
   expect(read).toBeLessThan(100);
 });

@@ -22,7 +22,7 @@ describe('parseEnv', () => {
   });
 
   it('refuses a number variable set to nothing instead of reading it as 0 (PORT= would listen on a random port)', () => {
-    for (const name of ['PORT', 'FAILED_SUBJECT_RETENTION_DAYS', 'WORKER_CONCURRENCY', 'EMBEDDED_PG_PORT']) {
+    for (const name of ['PORT', 'FAILED_SUBJECT_RETENTION_DAYS', 'FAILED_JOB_RETENTION_DAYS', 'WORKER_CONCURRENCY', 'EMBEDDED_PG_PORT']) {
       for (const blank of ['', '  ']) {
         expect(() => parseEnv({ [name]: blank }), `${name}=${JSON.stringify(blank)}`).toThrow(
           new ConfigError(`Invalid configuration:\n  ${name}: must be a number (it is set but empty)`),
@@ -30,6 +30,14 @@ describe('parseEnv', () => {
       }
     }
     expect(parseEnv({ PORT: '0', FAILED_SUBJECT_RETENTION_DAYS: ' 7 ' })).toMatchObject({ PORT: 0, FAILED_SUBJECT_RETENTION_DAYS: 7 });
+  });
+
+  it('keeps jobs out of attempts 30 days by default, at least one day', () => {
+    expect(parseEnv({})).toMatchObject({ FAILED_JOB_RETENTION_DAYS: 30 });
+    expect(parseEnv({ FAILED_JOB_RETENTION_DAYS: '90' })).toMatchObject({ FAILED_JOB_RETENTION_DAYS: 90 });
+    for (const bad of ['0', '1.5', 'month']) {
+      expect(() => parseEnv({ FAILED_JOB_RETENTION_DAYS: bad }), bad).toThrow(/FAILED_JOB_RETENTION_DAYS/);
+    }
   });
 });
 
