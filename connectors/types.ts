@@ -128,6 +128,8 @@ export interface UnreadableJob {
 export interface PollResult {
   tickets: DsrTicket[];
   unreadable: UnreadableJob[];
+  /** The whole pending list was read (no page limit cut it short): a job it does not hold is not listed. */
+  complete: boolean;
 }
 
 /** Why a listed job is refused, as the vendor is told: a stable code and a message, never personal data. */

@@ -254,10 +254,12 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<Poll
   // Keyed by job and subject: offset paging over a list that changes between pages may show a job twice.
   const tickets = new Map<string, DsrTicket>();
   const unreadable = new Map<string, UnreadableJob>();
+  let complete = true;
   for (const transcendAction of new Set(conn.config.pull.actions)) {
     const action = actionFor(transcendAction);
     for (let page = 0; ; page++) {
       if (page === MAX_PAGES) {
+        complete = false;
         ctx.logger.warn(
           { connectorId: conn.id, action: transcendAction, read: MAX_PAGES * PAGE_SIZE },
           'transcend: more pending requests than one poll reads; the rest follow in later polls',
@@ -296,7 +298,7 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<Poll
       if (items.length < PAGE_SIZE) break;
     }
   }
-  return { tickets: [...tickets.values()], unreadable: [...unreadable.values()] };
+  return { tickets: [...tickets.values()], unreadable: [...unreadable.values()], complete };
 }
 
 async function test(conn: TranscendConnector, ctx: AdapterContext) {

@@ -686,7 +686,9 @@ describe('poll', () => {
     expect(await page('')).toHaveLength(50);
     // The admin test lists one job; a poll after it still sees every job.
     expect((await transcend.test(conn(pullConfig()), ctx)).ok).toBe(true);
-    expect((await transcend.poll!(conn(pullConfig()), ctx)).tickets).toHaveLength(60);
+    const all = await transcend.poll!(conn(pullConfig()), ctx);
+    expect(all.tickets).toHaveLength(60);
+    expect(all.complete).toBe(true);
   });
 
   it('polls every configured action and maps it', async () => {
@@ -733,7 +735,8 @@ describe('poll', () => {
   it('stops after 20 pages, and a job seen twice is one ticket', async () => {
     const page = Array.from({ length: 50 }, (_, i) => t.pendingItem(i));
     t.fake.on(PENDING_ROUTE, { status: 200, body: { items: page } });
-    const tickets = (await transcend.poll!(conn(pullConfig()), ctx)).tickets;
+    const { tickets, complete } = await transcend.poll!(conn(pullConfig()), ctx);
+    expect(complete).toBe(false);
     expect(t.fake.callsTo(PENDING_ROUTE)).toHaveLength(20);
     expect(ctx.urls.at(-1)).toMatch(/\?limit=50&offset=950$/);
     expect(tickets).toHaveLength(50);

@@ -5,6 +5,7 @@ import type { Db } from '../db/client.ts';
 import { dsrRequests } from '../db/schema/index.ts';
 import { pruneSealedSubjects } from '../privacy/retry.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
+import { forgottenRefusalsPrune } from '../upstream/refusals.ts';
 import { prunePreviousSecrets } from '../upstream/store.ts';
 
 const DAY_MS = 86_400_000;
@@ -17,7 +18,8 @@ const PRUNE_MAX_BATCHES = 100;
 /**
  * Hourly housekeeping: ended sessions, stale login counters, the sealed identifiers of requests that failed longer
  * ago than the retention period (after which they can no longer be retried, only resubmitted), replaced inbound
- * secrets whose grace period has ended, and graphile-worker jobs that ran out of attempts long ago.
+ * secrets whose grace period has ended, graphile-worker jobs that ran out of attempts long ago, and the Transcend
+ * refusals whose jobs are no longer listed.
  */
 export async function maintenanceTick(deps: UpstreamDeps) {
   const result = {
@@ -26,6 +28,7 @@ export async function maintenanceTick(deps: UpstreamDeps) {
     sealedSubjects: await pruneSealedSubjects(deps, deps.failedSubjectRetentionDays),
     previousSecrets: await prunePreviousSecrets(deps.db),
     failedJobs: await pruneFailedJobs(deps.db, deps.failedJobRetentionDays),
+    refusals: await inBatches(deps.db, forgottenRefusalsPrune, PRUNE_BATCH),
   };
   if (Object.values(result).some((n) => n > 0)) deps.logger.info(result, 'maintenance done');
   return result;

@@ -5,7 +5,7 @@ import type { Refusal } from '../../connectors/types.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
 import type { UpstreamDeps } from './context.ts';
 import { adapterContext, openConnector, rowVersion, StaleConnectorError } from './store.ts';
-import { refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
+import { recordPoll, refusalMemoryKey, refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
 import { receiveTickets, requeueStalledReports, storedTicketKey } from './tickets.ts';
 
 /** A pending report this long past due has lost its job; the tick adds it again. */
@@ -75,7 +75,7 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
   if (!adapter.poll || !adapter.pollIntervalMinutes || adapter.pollIntervalMinutes(instance.config) === null) {
     return { received: 0, new: 0 };
   }
-  const { tickets, unreadable } = await adapter.poll(instance, adapterContext(deps));
+  const { tickets, unreadable, complete } = await adapter.poll(instance, adapterContext(deps));
   // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
   // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
   const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version };
@@ -91,12 +91,15 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
     throw new Error('connector changed during the poll; polling again');
   };
   let refused = 0;
+  // The refused jobs this poll listed, whether told now, before, or not yet: remembered while Transcend lists them.
+  const seen: string[] = [];
   // Once a refusal could not be told for now (Sombra down, 429), the others wait for the next poll too: a poll is not
   // held up by one timing-out call per refused job.
   let reportsDeferred = false;
   // A job we refuse is told so upstream once (the vendor's admin sees why it does not progress), never by identifier.
   const refuse = async (job: { key: string; secret: string | undefined }, refusal: Refusal, extra: Record<string, unknown>) => {
     refused++;
+    seen.push(refusalMemoryKey(deps, connectorId, job.key));
     let upstream: RefusalReport | 'deferred' = 'deferred';
     if (!reportsDeferred) {
       try {
@@ -146,7 +149,7 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
     if (err instanceof StaleConnectorError) return await stale();
     throw err;
   }
-  await deps.db.update(connectors).set({ lastPolledAt: sql`now()` }).where(eq(connectors.id, connectorId));
+  await recordPoll(deps, connectorId, seen, complete);
   deps.logger.info({ connectorId, vendor: row.vendor, received: tickets.length, new: fresh, refused }, 'connector polled');
   return { received: tickets.length, new: fresh };
 }

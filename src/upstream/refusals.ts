@@ -1,8 +1,8 @@
 import { createHmac } from 'node:crypto';
-import { sql } from 'drizzle-orm';
+import { sql, type SQL } from 'drizzle-orm';
 import type { AnyConnector } from '../../connectors/index.ts';
 import type { ConnectorInstance, Refusal } from '../../connectors/types.ts';
-import { upstreamRefusals } from '../db/schema/index.ts';
+import { connectors, upstreamRefusals } from '../db/schema/index.ts';
 import { isUnstorableValue, UNSTORABLE_VALUE_MESSAGE } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { UpstreamDeps } from './context.ts';
@@ -68,9 +68,54 @@ export async function reportRefusal(
     reportedAt: result.kind === 'delivered' ? sql`now()` : null,
     updatedAt: sql`now()`,
   } as const;
+  // Seen by the connector's poll under way: it is not yet counted in complete_polls.
+  const lastSeenPoll = sql`(select ${connectors.completePolls} from ${connectors} where ${connectors.id} = ${connector.id})`;
   await deps.db
     .insert(r)
-    .values({ connectorId: connector.id, jobKey, attempts: 1, ...values })
+    .values({ connectorId: connector.id, jobKey, attempts: 1, lastSeenPoll, ...values })
     .onConflictDoUpdate({ target: [r.connectorId, r.jobKey], set: { ...values, attempts: sql`${r.attempts} + 1` } });
   return status === 'reported' ? 'reported' : status === 'pending' ? 'retry_later' : 'report_refused';
+}
+
+/** A refusal is forgotten once no poll listed its job for this long… */
+export const REFUSAL_FORGET_DAYS = 30;
+/** …and the connector has read its whole pending list this many times since without finding it. */
+export const REFUSAL_FORGET_POLLS = 3;
+
+/**
+ * Records that a poll listed these refused jobs (memory keys, see refusalMemoryKey), and counts the poll if it read the
+ * whole pending list. Run when a poll is over, with the poll's other bookkeeping on the connector.
+ */
+export async function recordPoll(deps: Pick<UpstreamDeps, 'db'>, connectorId: string, seen: string[], complete: boolean): Promise<void> {
+  await deps.db.execute(sql`
+    with polled as (
+      update ${connectors} set last_polled_at = now(), complete_polls = complete_polls + ${complete ? 1 : 0}::int
+       where id = ${connectorId}
+      returning complete_polls)
+    update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls
+      from polled
+     where r.connector_id = ${connectorId}
+       and r.job_key in (select json_array_elements_text(${JSON.stringify(seen)}::json))`);
+}
+
+/**
+ * One batch of the prune of refusals whose job Transcend no longer lists (solved or withdrawn upstream, or corrected
+ * and taken as a new job): not seen for REFUSAL_FORGET_DAYS, and missing from the last REFUSAL_FORGET_POLLS polls that
+ * read the whole list, so a connector that stopped polling (disabled, out of pull mode, failing) forgets nothing it
+ * may be told again. A deleted connector never polls again: its refusals go after REFUSAL_FORGET_DAYS. Forgetting
+ * a job that is listed again means telling Transcend once more. The plan is checked in query-plans.test.ts.
+ */
+export function forgottenRefusalsPrune(limit: number): SQL {
+  return sql`
+    with doomed as (
+      select r.connector_id, r.job_key
+        from ${upstreamRefusals} r join ${connectors} c on c.id = r.connector_id
+       where r.last_seen_at < now() - make_interval(days => ${REFUSAL_FORGET_DAYS}::int)
+         and (c.deleted_at is not null or c.complete_polls - r.last_seen_poll >= ${REFUSAL_FORGET_POLLS}::int)
+       order by r.last_seen_at
+       limit ${limit}::int
+       for update of r skip locked)
+    delete from ${upstreamRefusals} r using doomed
+     where r.connector_id = doomed.connector_id and r.job_key = doomed.job_key
+    returning 1`;
 }

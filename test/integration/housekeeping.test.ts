@@ -125,3 +125,87 @@ describe('jobs that ran out of attempts', () => {
     for (const key of keys) expect(await job(key)).toBeUndefined();
   });
 });
+
+describe('refusals Transcend no longer lists', () => {
+  /** One run of the real poll job for a connector (and whatever jobs it queues). */
+  async function runPoll(id: string): Promise<void> {
+    await env.sql`select graphile_worker.add_job('poll_connector', json_build_object('connectorId', ${id}::text),
+                    job_key => ${`poll:${id}`}::text, max_attempts => 3)`;
+    await env.runJobs();
+    const [row] = await env.sql`select last_error from graphile_worker._private_jobs where key = ${`poll:${id}`}`;
+    expect(row?.last_error ?? null).toBeNull(); // the poll itself succeeded
+  }
+  const told = (item: { nonce: string }) => transcend.errors().filter((e) => e.nonce === item.nonce && e.answered === 200).length;
+  const refusals = async (id: string) => (await env.sql`select job_key from upstream_refusals where connector_id = ${id}`).length;
+  /** As if every refusal of the connector had last been listed that many days ago. */
+  const ageRefusals = (id: string, days: number) =>
+    env.sql`update upstream_refusals
+               set last_seen_at = last_seen_at - make_interval(days => ${days}), created_at = created_at - make_interval(days => ${days}),
+                   updated_at = updated_at - make_interval(days => ${days}), reported_at = reported_at - make_interval(days => ${days})
+             where connector_id = ${id}`;
+  /** A job we refuse: its identifier is no email. */
+  const refusedItem = (n: number, silo: string) =>
+    transcend.pendingItem(n, { identifier: `housekeeping-${n} at example.test`, type: 'email', dataSiloId: silo });
+
+  it('are forgotten once no whole poll listed them for 30 days and 3 polls; a job still listed is never told twice', async () => {
+    const silo = 'refusals-listed';
+    const id = await pullConnector(silo);
+    const stays = refusedItem(101, silo);
+    const goes = refusedItem(102, silo);
+    transcend.setPending('ERASURE', [stays, goes], silo);
+    await runPoll(id);
+    expect([told(stays), told(goes)]).toEqual([1, 1]);
+
+    // Not listed for a long while, but nothing polled meanwhile (a connector disabled for a month): kept.
+    await ageRefusals(id, 40);
+    expect((await maintenanceTick(env.deps)).refusals).toBe(0);
+    expect(await refusals(id)).toBe(2);
+
+    // Transcend stops listing one of them (resolved upstream); the other is listed by every poll.
+    transcend.setPending('ERASURE', [stays], silo);
+    for (let poll = 1; poll <= 3; poll++) {
+      if (poll > 1) await ageRefusals(id, 40);
+      await runPoll(id);
+      expect((await maintenanceTick(env.deps)).refusals, `after poll ${poll}`).toBe(poll === 3 ? 1 : 0);
+    }
+    expect(await refusals(id)).toBe(1);
+    // The one still listed was remembered through it all: told once only.
+    await runPoll(id);
+    expect([told(stays), told(goes)]).toEqual([1, 1]);
+
+    // A forgotten job that is listed again is told again.
+    transcend.setPending('ERASURE', [stays, goes], silo);
+    await runPoll(id);
+    expect([told(stays), told(goes)]).toEqual([1, 2]);
+    expect(await refusals(id)).toBe(2);
+  });
+
+  it('a poll cut short by its page limit does not count: what it did not read may still be listed', async () => {
+    const silo = 'refusals-long-list';
+    const id = await pullConnector(silo);
+    const early = refusedItem(201, silo);
+    transcend.setPending('ERASURE', [early], silo);
+    await runPoll(id);
+    await ageRefusals(id, 40);
+    // Now every page is full (the same 50 jobs, as an endless list): each poll stops after 20 pages.
+    const page = Array.from({ length: 50 }, (_, i) => refusedItem(300 + i, silo));
+    transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, { status: 200, body: { items: page } });
+    for (let poll = 0; poll < 3; poll++) await runPoll(id);
+    expect((await maintenanceTick(env.deps)).refusals).toBe(0);
+    expect(await refusals(id)).toBe(51);
+    expect(told(early)).toBe(1);
+  });
+
+  it("a deleted connector's refusals are forgotten 30 days after they were last listed", async () => {
+    const silo = 'refusals-deleted';
+    const id = await pullConnector(silo);
+    transcend.setPending('ERASURE', [refusedItem(401, silo)], silo);
+    await runPoll(id);
+    expect((await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey })).status).toBe(204);
+    await ageRefusals(id, 29);
+    expect((await maintenanceTick(env.deps)).refusals).toBe(0);
+    await ageRefusals(id, 2);
+    expect((await maintenanceTick(env.deps)).refusals).toBe(1);
+    expect(await refusals(id)).toBe(0);
+  });
+});

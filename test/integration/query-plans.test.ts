@@ -9,6 +9,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
 import { failedJobsPrune } from '../../src/jobs/maintenance.ts';
 import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
+import { forgottenRefusalsPrune } from '../../src/upstream/refusals.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 
@@ -67,6 +68,14 @@ beforeAll(async () => {
                    set attempts = max_attempts, run_at = now() - make_interval(days => case when i <= 3 then 40 else 1 end)
                   from generate_series(1, 6) i where key = 'plan-job-' || (i * 1000)`;
   await env.sql`analyze graphile_worker._private_jobs`;
+  // A pull connector's long memory of refused jobs, all listed by its latest poll but three no poll listed for long.
+  await env.sql`update connectors set complete_polls = 10 where id = ${`con_${w}`}`;
+  await env.sql`
+    insert into upstream_refusals (connector_id, job_key, code, status, last_seen_at, last_seen_poll)
+    select ${`con_${w}`}, 'job-' || i, 'validation_failed', 'reported',
+           case when i <= 3 then now() - interval '40 days' else now() end, case when i <= 3 then 2 else 10 end
+    from generate_series(1, ${HISTORY}) i`;
+  await env.sql`analyze upstream_refusals`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -171,6 +180,12 @@ it("finds failed requests past the retention period without reading every reques
 
 it('finds jobs that ran out of attempts long ago without reading the queue (maintenance tick)', async () => {
   const { rows, read } = await explain(new PgDialect().sqlToQuery(failedJobsPrune(30, 1000)));
+  expect(rows).toBe(3);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds refusals no poll listed for long without reading every refusal (maintenance tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(forgottenRefusalsPrune(1000)));
   expect(rows).toBe(3);
   expect(read).toBeLessThan(100);
 });

@@ -1,5 +1,6 @@
 import { sql } from 'drizzle-orm';
 import {
+  bigint,
   boolean,
   check,
   foreignKey,
@@ -47,6 +48,11 @@ export const connectors = pgTable(
     previousSecretFingerprints: jsonb('previous_secret_fingerprints').$type<Record<string, string>>().notNull().default({}),
     previousSecretsExpireAt: ts('previous_secrets_expire_at'),
     lastPolledAt: ts('last_polled_at'),
+    /**
+     * Polls that read the vendor's whole pending list (none cut short by a page limit). A refusal not listed by the
+     * last few of them (and not for a month) is no longer listed upstream and is forgotten (upstream_refusals).
+     */
+    completePolls: bigint('complete_polls', { mode: 'number' }).notNull().default(0),
     /** Soft delete: the row stays so requests and audit records that name the connector keep their meaning. */
     deletedAt: ts('deleted_at'),
   },
@@ -168,9 +174,14 @@ export const upstreamRefusals = pgTable(
     reportedAt: ts('reported_at'),
     createdAt: ts('created_at').notNull().defaultNow(),
     updatedAt: ts('updated_at').notNull().defaultNow(),
+    /** When a poll last listed the job, and the connector's completePolls then. */
+    lastSeenAt: ts('last_seen_at').notNull().defaultNow(),
+    lastSeenPoll: bigint('last_seen_poll', { mode: 'number' }).notNull().default(0),
   },
   (t) => [
     primaryKey({ columns: [t.connectorId, t.jobKey] }),
+    // The maintenance tick's prune of refusals no longer listed: only the rows not seen for a long while.
+    index('upstream_refusals_last_seen_idx').on(t.lastSeenAt),
     check('upstream_refusals_status_ck', sql`${t.status} in ('pending', 'reported', 'failed')`),
   ],
 );
