@@ -3,6 +3,7 @@ import { pruneSessions } from '../accounts/sessions.ts';
 import { pruneThrottle } from '../accounts/throttle.ts';
 import type { Db } from '../db/client.ts';
 import { dsrRequests } from '../db/schema/index.ts';
+import { oldErasureMarkersPrune } from '../privacy/execute.ts';
 import { pruneSealedSubjects } from '../privacy/retry.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
 import { forgottenRefusalsPrune } from '../upstream/refusals.ts';
@@ -18,8 +19,8 @@ const PRUNE_MAX_BATCHES = 100;
 /**
  * Hourly housekeeping: ended sessions, stale login counters, the sealed identifiers of requests that failed longer
  * ago than the retention period (after which they can no longer be retried, only resubmitted), replaced inbound
- * secrets whose grace period has ended, graphile-worker jobs that ran out of attempts long ago, and the Transcend
- * refusals whose jobs are no longer listed.
+ * secrets whose grace period has ended, graphile-worker jobs that ran out of attempts long ago, the Transcend
+ * refusals whose jobs are no longer listed, and erasure markers a day old.
  */
 export async function maintenanceTick(deps: UpstreamDeps) {
   const result = {
@@ -29,6 +30,7 @@ export async function maintenanceTick(deps: UpstreamDeps) {
     previousSecrets: await prunePreviousSecrets(deps.db),
     failedJobs: await pruneFailedJobs(deps.db, deps.failedJobRetentionDays),
     refusals: await inBatches(deps.db, forgottenRefusalsPrune, PRUNE_BATCH),
+    erasureMarkers: await inBatches(deps.db, oldErasureMarkersPrune, PRUNE_BATCH),
   };
   if (Object.values(result).some((n) => n > 0)) deps.logger.info(result, 'maintenance done');
   return result;

@@ -1,4 +1,4 @@
-import { and, eq, inArray, isNull, sql } from 'drizzle-orm';
+import { and, eq, inArray, isNull, sql, type SQL } from 'drizzle-orm';
 import type { Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
 import {
@@ -132,6 +132,24 @@ const remainingAfterErase = prebuiltSql<{ remaining: number }>(
       + (select count(*) from ${suppressions} where ${suppressions.userId} = ${anyOfIds})
     )::int as remaining`,
 );
+
+/**
+ * One batch of the prune of erasure markers (maintenance tick): a marker only matters to an ingest that read the
+ * erasure state before the erasure committed and reads it again right after (src/product/ingest.ts), so one a day old
+ * is of no use; it goes. The plan is checked in query-plans.test.ts.
+ */
+export function oldErasureMarkersPrune(limit: number): SQL {
+  return sql`
+    with doomed as (
+      select m.workspace_id, m.user_digest from ${erasureMarkers} m
+       where m.erased_at < now() - interval '1 day'
+       order by m.erased_at
+       limit ${limit}::int
+       for update skip locked)
+    delete from ${erasureMarkers} m using doomed
+     where m.workspace_id = doomed.workspace_id and m.user_digest = doomed.user_digest
+    returning 1`;
+}
 
 const markErased = prebuiltSql(
   () => sql`

@@ -148,7 +148,9 @@ export async function ingest(deps: IngestDeps, workspaceId: string, items: Inges
     if (after.ws_suppressed) return items.map(() => ({ stored: false, suppressed: true, reason: 'suppressed' as const }));
 
     const suppressedUsers = new Set(after.suppressed_users);
-    const erasedMeanwhile = (d: string) => after.markers[d] !== before.markers[d];
+    // A marker that appeared or moved on: an erasure committed meanwhile. One that went is the maintenance tick
+    // removing a day-old marker, which says nothing about this write.
+    const erasedMeanwhile = (d: string) => after.markers[d] !== undefined && after.markers[d] !== before.markers[d];
     const erasedUsers = new Set([...digests.keys()].filter(erasedMeanwhile).map((d) => digests.get(d)!));
     // A user this write links to an email erased meanwhile is that subject's: none of its items are stored.
     const erasedEmails = new Set([...emailDigests.keys()].filter(erasedMeanwhile).map((d) => emailDigests.get(d)!));

@@ -5,8 +5,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { maintenanceTick, pruneFailedJobs } from '../../src/jobs/maintenance.ts';
+import { subjectDigest, userLockKey } from '../../src/lib/digest.ts';
 import { failAbandonedRequests } from '../../src/privacy/execute.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { seedUser } from '../helpers/factories.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
@@ -207,5 +209,67 @@ describe('refusals Transcend no longer lists', () => {
     await ageRefusals(id, 2);
     expect((await maintenanceTick(env.deps)).refusals).toBe(1);
     expect(await refusals(id)).toBe(0);
+  });
+});
+
+describe('erasure markers', () => {
+  /** Seeds a user and erases it for real; returns its external id and the digest its erasure marker is keyed by. */
+  async function erasedUser(): Promise<{ userId: string; digest: string }> {
+    const { userId } = await seedUser(env, ws.ingestKey);
+    const res = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body: { action: 'erase', userId } });
+    expect(res.status, res.text).toBe(202);
+    await env.runJobs();
+    const digest = subjectDigest(env.deps.digestKey, ws.workspaceId, 'user_id', userId);
+    expect(await markers(digest)).toBe(1);
+    return { userId, digest };
+  }
+  const markers = async (digest: string) =>
+    (await env.sql`select 1 from erasure_markers where workspace_id = ${ws.workspaceId} and user_digest = ${digest}`).length;
+  const ageMarker = (digest: string, hours: number) =>
+    env.sql`update erasure_markers set erased_at = erased_at - make_interval(hours => ${hours})
+             where workspace_id = ${ws.workspaceId} and user_digest = ${digest}`;
+
+  it('are removed a day after their erasure: only ingest in flight while it committed needs them', async () => {
+    const [old, recent] = [await erasedUser(), await erasedUser()];
+    await ageMarker(old.digest, 25);
+    await ageMarker(recent.digest, 23);
+    expect((await maintenanceTick(env.deps)).erasureMarkers).toBe(1);
+    expect([await markers(old.digest), await markers(recent.digest)]).toEqual([0, 1]);
+  });
+
+  it('an ingest waiting on its user while an old marker of that user is removed is stored, not dropped as erased', async () => {
+    const { userId, digest } = await erasedUser();
+    await ageMarker(digest, 48);
+    // The user comes back, while something holds the user's key (as an erasure or suppression of it would): the
+    // ingest reads the erasure state, then waits. Meanwhile the tick removes the old marker.
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    let holding!: () => void;
+    const held = new Promise<void>((r) => (holding = r));
+    const holder = env.sql.begin(async (tx) => {
+      await tx`select pg_advisory_xact_lock(${userLockKey(ws.workspaceId, userId)}::bigint)`;
+      holding();
+      await released;
+    });
+    await held;
+    const ingest = call(env, 'POST', '/v1/track', { key: ws.ingestKey, body: { userId, event: 'came_back' } });
+    try {
+      for (let i = 0; ; i++) {
+        const [waiting] = await env.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and not granted`;
+        if (waiting!.n > 0) break;
+        expect(i, 'the ingest never waited for the user').toBeLessThan(400);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      expect((await maintenanceTick(env.deps)).erasureMarkers).toBe(1);
+    } finally {
+      release();
+      await holder;
+    }
+    const res = await ingest;
+    expect(res.status, res.text).toBe(200);
+    expect(res.json).toEqual({ accepted: true, stored: true, suppressed: false });
+    const [stored] = await env.sql`select count(*)::int as n from events e join end_users u on u.id = e.user_id
+                                    where u.workspace_id = ${ws.workspaceId} and u.external_id = ${userId} and e.name = 'came_back'`;
+    expect(stored!.n).toBe(1);
   });
 });

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
 import { failedJobsPrune } from '../../src/jobs/maintenance.ts';
+import { oldErasureMarkersPrune } from '../../src/privacy/execute.ts';
 import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { forgottenRefusalsPrune } from '../../src/upstream/refusals.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
@@ -76,6 +77,12 @@ beforeAll(async () => {
            case when i <= 3 then now() - interval '40 days' else now() end, case when i <= 3 then 2 else 10 end
     from generate_series(1, ${HISTORY}) i`;
   await env.sql`analyze upstream_refusals`;
+  // Erasure markers of a long run of erasures, three of them over a day old.
+  await env.sql`
+    insert into erasure_markers (workspace_id, user_digest, erased_at)
+    select ${w}, md5('marker' || i), case when i <= 3 then now() - interval '2 days' else now() - interval '1 hour' end
+    from generate_series(1, ${HISTORY}) i`;
+  await env.sql`analyze erasure_markers`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -186,6 +193,12 @@ it('finds jobs that ran out of attempts long ago without reading the queue (main
 
 it('finds refusals no poll listed for long without reading every refusal (maintenance tick)', async () => {
   const { rows, read } = await explain(new PgDialect().sqlToQuery(forgottenRefusalsPrune(1000)));
+  expect(rows).toBe(3);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds erasure markers a day old without reading every marker (maintenance tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(oldErasureMarkersPrune(1000)));
   expect(rows).toBe(3);
   expect(read).toBeLessThan(100);
 });

@@ -150,7 +150,7 @@ export const workspaceCounters = pgTable(
 /**
  * Written by a user erasure: the keyed digest of each erased external id (and, for an erasure by email, the email's)
  * and when it committed. Ingest that was already in flight when the erasure committed sees it and drops its write
- * instead of resurrecting the profile.
+ * instead of resurrecting the profile. Nothing is in flight that long: the maintenance tick removes markers a day old.
  */
 export const erasureMarkers = pgTable(
   'erasure_markers',
@@ -159,5 +159,5 @@ export const erasureMarkers = pgTable(
     userDigest: text('user_digest').notNull(),
     erasedAt: ts('erased_at').notNull(),
   },
-  (t) => [primaryKey({ columns: [t.workspaceId, t.userDigest] })],
+  (t) => [primaryKey({ columns: [t.workspaceId, t.userDigest] }), index('erasure_markers_erased_at_idx').on(t.erasedAt)],
 );

@@ -1,0 +1,1 @@
+CREATE INDEX "erasure_markers_erased_at_idx" ON "erasure_markers" USING btree ("erased_at");
