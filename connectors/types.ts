@@ -92,6 +92,11 @@ export interface StoredTicket {
   action: TicketAction;
   /** 1 on the first delivery attempt. */
   attempt: number;
+  /**
+   * The audit record of an earlier outcome the vendor was already told for this ticket (a failure, before a retry of
+   * its request reached this outcome): this report supersedes it. Absent on a ticket's first report.
+   */
+  supersedes?: string;
 }
 
 /** The finished request a ticket reports. `outcome` not_found is "no data found", never a failure. */
@@ -151,8 +156,21 @@ export interface TestResult {
   checks: TestCheck[];
 }
 
+/**
+ * What a ticket already told of a failure can be told once a retry of its request reaches another outcome:
+ * - `at_once`: the vendor's ticket takes a later report at any time with what is stored (OneTrust's subtask status and
+ *   comments; DataGrail's callback URL). The retry sets the ticket back to pending and the new outcome is reported
+ *   like any other, superseding the failure.
+ * - `when_sent_again`: the report used up the capability it needs (Transcend's nonce, wiped once delivered); the vendor
+ *   keeps the job open and sends or lists it again with a fresh one, and that is when the new outcome goes out.
+ * Absent: the vendor closed the ticket with the failure; it is left alone.
+ */
+export type LaterOutcome = 'at_once' | 'when_sent_again';
+
 export interface Connector<C = unknown, S = unknown> {
   vendor: Vendor;
+  /** How a ticket told of a failure hears the outcome of a successful retry (see LaterOutcome); absent: never. */
+  laterOutcome?: LaterOutcome;
   /** Non-secret settings, validated on every write. Must produce defaults for everything optional. */
   configSchema: z.ZodType<C>;
   /** Secret settings (API keys, shared secrets), validated on every write; stored sealed, never shown. */

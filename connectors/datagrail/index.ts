@@ -80,10 +80,12 @@ const upstreamSchema = z.object({ webhookRequestId: z.string(), callbackUrl: z.s
 
 /**
  * The completion posted to DataGrail's callback URL. Unconfirmed: the body's shape is not public, so it is built
- * here only. "No data found" is a completion with zero records, never a failure.
+ * here only. "No data found" is a completion with zero records, never a failure. A completion after a retry names
+ * the failure it supersedes in its message only (an unknown field might be refused).
  */
 export function completionBody(ticket: StoredTicket, outcome: TicketOutcome) {
-  const audit = `Audit record ${outcome.auditRecordId} (request ${outcome.requestId})`;
+  const supersedes = ticket.supersedes ? ` Supersedes the earlier failure report (audit record ${ticket.supersedes}).` : '';
+  const audit = `Audit record ${outcome.auditRecordId} (request ${outcome.requestId})${supersedes}`;
   const recordsFound =
     outcome.outcome === 'not_found' ? 0 : Object.values(outcome.counts).reduce((sum, n) => sum + n, 0);
   const base = { webhook_request_id: ticket.ticketKey, audit_record_id: outcome.auditRecordId };
@@ -102,6 +104,10 @@ export function completionBody(ticket: StoredTicket, outcome: TicketOutcome) {
 
 export const datagrail: Connector<Config, Secrets> = {
   vendor: 'datagrail',
+  // Unconfirmed: whether DataGrail takes a second callback after "failed". We send it: the request was carried out
+  // and DataGrail should show that; a refusal (any 4xx, 409 included: see report) leaves the ticket failed with the
+  // error, listed for an operator to close the request in DataGrail by hand, instead of a silent stale "failed".
+  laterOutcome: 'at_once',
   configSchema,
   secretsSchema,
   inboundSecrets: ['webhookSecret'],
@@ -185,8 +191,11 @@ export const datagrail: Connector<Config, Secrets> = {
         json: completionBody(ticket, outcome),
       });
       // Unconfirmed: DataGrail does not document 409 here; read as "this request is already complete", which an
-      // at-least-once redelivery of our completion would cause, so it counts as delivered.
-      if (res.status === 409) return { kind: 'delivered' };
+      // at-least-once redelivery of our completion would cause, so it counts as delivered. Not for a completion that
+      // supersedes a failure report: there it most likely means the request stays closed as failed, and taking it
+      // for delivered would hide that (should our own earlier attempt have landed after all, an operator sees a
+      // failure DataGrail does not show: the safer mistake).
+      if (res.status === 409 && !ticket.supersedes) return { kind: 'delivered' };
       return classifyResponse(res, REPORT);
     } catch (err) {
       return classifyOutboundError(err, REPORT);

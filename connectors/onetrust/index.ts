@@ -24,6 +24,8 @@ function expectedCredential(auth: InboundAuth): string {
 
 export const onetrust: Connector<OneTrustConfig, OneTrustSecrets> = {
   vendor: 'onetrust',
+  // A subtask's status can be set and comments added at any time: a FAILED subtask is told the outcome of a retry.
+  laterOutcome: 'at_once',
   configSchema,
   secretsSchema,
   inboundSecrets: ['inboundSecret'],

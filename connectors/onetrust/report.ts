@@ -110,17 +110,23 @@ const DONE: Record<StoredTicket['action'], { done: string; verb: string; noun: s
   unsuppress: { done: 'Suppression of personal data lifted', verb: 'unsuppress', noun: 'Lifting the suppression' },
 };
 
-/** The one text OneTrust shows for an outcome: the status comment and the request comment alike. */
+/**
+ * The one text OneTrust shows for an outcome: the status comment and the request comment alike. A report after a
+ * retry says which earlier failure report it supersedes.
+ */
 export function commentFor(ticket: StoredTicket, outcome: TicketOutcome): string {
   const proof = `Audit record ${outcome.auditRecordId} (request ${outcome.requestId}).`;
+  const supersedes = ticket.supersedes
+    ? ` This supersedes the earlier report of a failure (audit record ${ticket.supersedes}).`
+    : '';
   const words = DONE[ticket.action];
   switch (outcome.outcome) {
     case 'not_found':
-      return `No personal data found for this subject; nothing to ${words.verb}. ${proof}`;
+      return `No personal data found for this subject; nothing to ${words.verb}. ${proof}${supersedes}`;
     case 'failed':
-      return `${words.noun} by dsr-connector failed (error code ${outcome.errorCode ?? 'unknown'}). ${proof}`;
+      return `${words.noun} by dsr-connector failed (error code ${outcome.errorCode ?? 'unknown'}). ${proof}${supersedes}`;
     default:
-      return `${words.done} by dsr-connector. ${proof}`;
+      return `${words.done} by dsr-connector. ${proof}${supersedes}`;
   }
 }
 

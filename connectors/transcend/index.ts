@@ -323,6 +323,8 @@ async function test(conn: TranscendConnector, ctx: AdapterContext) {
 
 export const transcend: Connector<Config, Secrets> = {
   vendor: 'transcend',
+  // An ERROR keeps the job open, but the report wiped its nonce: the job's next webhook or listing carries a fresh one.
+  laterOutcome: 'when_sent_again',
   configSchema,
   secretsSchema,
   // Webhooks are verified with Sombra's public signing key: no secret of ours verifies them.

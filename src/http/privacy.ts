@@ -80,9 +80,20 @@ const UpstreamView = z
     upstreamRef: z.string().openapi({ description: "The vendor's ticket reference" }),
     status: z.enum(UPSTREAM_STATUSES),
     attempts: z.number().int(),
+    generation: z
+      .number()
+      .int()
+      .openapi({ description: 'How many times the ticket was set back to pending to report a new outcome (a retry of its request, a redelivery)' }),
     lastError: z.string().nullable(),
     nextAttemptAt: z.string().nullable(),
-    deliveredAt: z.string().nullable(),
+    deliveredAt: z.string().nullable().openapi({ description: 'When the vendor was last told an outcome (kept while a newer one is on its way)' }),
+    reportedAuditRecordId: z
+      .string()
+      .nullable()
+      .openapi({
+        description:
+          "The audit record of the outcome the vendor was last told; null until a report is delivered. Pending again after a retry, it still names the failure the vendor heard until the new outcome is delivered",
+      }),
   })
   .openapi('UpstreamTicket');
 
@@ -196,9 +207,11 @@ export function requestView(r: DsrRequest, tickets: TicketRow[] = []): RequestVi
       upstreamRef: t.upstreamRef,
       status: t.status,
       attempts: t.attempts,
+      generation: t.generation,
       lastError: t.lastError,
       nextAttemptAt: iso(t.nextAttemptAt),
       deliveredAt: iso(t.deliveredAt),
+      reportedAuditRecordId: t.reportedAuditRecordId,
     })),
   };
 }

@@ -92,7 +92,7 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
         log().info('health check answered');
         return c.json({ received: [] }, 200);
       }
-      const received = await receiveTickets(deps, { id: row.id, workspaceId: row.workspaceId, version }, parsed.tickets, verified, req.rawBody);
+      const received = await receiveTickets(deps, { id: row.id, workspaceId: row.workspaceId, version, laterOutcome: adapter.laterOutcome }, parsed.tickets, verified, req.rawBody);
       return c.json({ received: received.map((r) => ({ ticketId: r.ticketId, requestId: r.requestId })) }, 200);
     };
     try {

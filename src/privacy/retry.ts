@@ -1,12 +1,12 @@
-import { and, eq, inArray, sql } from 'drizzle-orm';
-import { dsrRequests, upstreamTickets } from '../db/schema/index.ts';
+import { and, eq, sql } from 'drizzle-orm';
+import { dsrRequests } from '../db/schema/index.ts';
 import type { Db } from '../db/client.ts';
 import { isUniqueViolation } from '../db/errors.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor, PrivacyDeps } from './context.ts';
 import { subjectSealContext } from './execute.ts';
 import { addJob, executeJob, type DsrRequest } from './intake.ts';
-import { resetForNewOutcome, ticketsOf, type TicketRow } from '../upstream/tickets.ts';
+import { resetTicketsForRetry, ticketsOf, type TicketRow } from '../upstream/tickets.ts';
 import type { UpstreamDeps } from '../upstream/context.ts';
 
 /**
@@ -14,9 +14,10 @@ import type { UpstreamDeps } from '../upstream/context.ts';
  * restored and a fresh attempt budget, and its job is queued in the same transaction. The failed attempt's audit
  * record stays in the chain; the retry writes its own, naming `actor` (who asked for the retry) when given.
  *
- * Vendor tickets still waiting (pending) or whose delivery failed report the new outcome once it is known; a
- * ticket already told about the failure is left alone (the vendor has closed it; a new upstream request starts over),
- * unless the vendor kept the job open and sends or lists it again with a fresh capability (receiveTickets).
+ * Vendor tickets still waiting (pending) or whose delivery failed report the new outcome once it is known; so does a
+ * ticket already told about the failure when its vendor takes a later outcome at once (OneTrust, DataGrail), while
+ * one whose vendor needs a fresh capability for it hears the new outcome when it sends or lists the job again
+ * (Transcend; receiveTickets): each adapter declares which (Connector.laterOutcome; resetTicketsForRetry).
  * A report of the failure still in flight records nothing when it ends, and the new outcome goes out after it
  * (resetForNewOutcome).
  */
@@ -58,10 +59,7 @@ export async function retryRequest(
         })
         .where(eq(dsrRequests.id, req.id))
         .returning();
-      await tx
-        .update(upstreamTickets)
-        .set({ ...resetForNewOutcome(ctx.reportPolicy), lastError: null })
-        .where(and(eq(upstreamTickets.requestId, req.id), inArray(upstreamTickets.status, ['pending', 'failed'])));
+      await resetTicketsForRetry(tx, ctx.reportPolicy, req.id);
       await tx.execute(sql`select ${addJob(executeJob(ctx, req.id))}`);
       // Read in this transaction, so the caller's view of the request and its tickets is the state it committed.
       const tickets = (await ticketsOf(tx, [req.id])).get(req.id) ?? [];

@@ -78,7 +78,7 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
   const { tickets, unreadable, complete } = await adapter.poll(instance, adapterContext(deps));
   // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
   // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
-  const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version };
+  const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version, laterOutcome: adapter.laterOutcome };
   const opened = { adapter, instance };
   let fresh = 0;
   // Disabled or deleted: stop here. Edited: fail the job, so its retry polls again with the new settings.

@@ -48,6 +48,7 @@ const reportColumns = {
     attempts: t.attempts,
     generation: t.generation,
     nextAttemptAt: t.nextAttemptAt,
+    reportedAuditRecordId: t.reportedAuditRecordId,
     /** A first attempt after a reset waits for next_attempt_at (resetForNewOutcome); judged on the database's clock. */
     held: sql<boolean>`${t.attempts} = 0 and ${t.nextAttemptAt} > now()`,
   },
@@ -161,6 +162,9 @@ async function deliverLoaded(
   }
   const log = deps.logger.child({ ticketId, requestId: request.id, connectorId: connector.id, vendor: connector.vendor, attempt });
   const generation = ticket.generation;
+  // The vendor was told an earlier outcome (a failure, before a retry of the request): this report supersedes it.
+  const supersedes =
+    ticket.reportedAuditRecordId && ticket.reportedAuditRecordId !== request.auditRecordId ? ticket.reportedAuditRecordId : undefined;
   if (ticket.held && ticket.nextAttemptAt) {
     // The ticket was reset for a new outcome while a report of the old one may have been on its way: wait until that
     // attempt is surely over, so the vendor hears the new outcome last. The job key is this attempt's own (a running
@@ -198,6 +202,7 @@ async function deliverLoaded(
         secret: ticket.secretSealed ? deps.sealer.open(ticket.secretSealed, ticketSecretContext(ticket.id)) : null,
         action: ticket.action as TicketAction,
         attempt,
+        ...(supersedes ? { supersedes } : {}),
       };
       const { adapter, instance } = openConnectorAt(deps.sealer, connector);
       const ctx = adapterContext(deps);
@@ -213,7 +218,11 @@ async function deliverLoaded(
   const policy = deps.reportPolicy;
   const outOfAttempts = result.kind === 'retry' && attempt >= policy.maxAttempts;
   const delayMs = result.kind === 'retry' ? retryDelayMs(policy, attempt, result.retryAfterMs) : 0;
-  const error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
+  let error = result.kind === 'delivered' ? null : outOfAttempts ? `gave up after ${attempt} attempts: ${result.error}` : result.error;
+  if (supersedes && (result.kind === 'permanent' || outOfAttempts)) {
+    // The ticket ends failed, but the vendor did hear the earlier outcome: say so, so the failure is read right.
+    error = `${error}; the earlier report (audit record ${supersedes}) was delivered, this later outcome was not`;
+  }
 
   const found = asAttemptFound({ ticketId, generation, attempt });
   let recorded: boolean;

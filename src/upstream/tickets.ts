@@ -1,12 +1,13 @@
 import { createHash } from 'node:crypto';
-import { and, asc, eq, inArray, sql, type SQL } from 'drizzle-orm';
+import { and, asc, eq, inArray, isNull, or, sql, type SQL } from 'drizzle-orm';
 import type { PgTable } from 'drizzle-orm/pg-core';
-import type { DsrTicket, Verified } from '../../connectors/types.ts';
+import { CONNECTORS } from '../../connectors/index.ts';
+import type { DsrTicket, LaterOutcome, Verified } from '../../connectors/types.ts';
 import type { Db, DbOrTx, Tx } from '../db/client.ts';
 import { lockKeys } from '../db/locks.ts';
 import { p, prebuiltSql, type Prebuilt } from '../db/prebuilt.ts';
 import type postgres from 'postgres';
-import { dsrRequests, jobOutbox, upstreamTickets, webhookTokens } from '../db/schema/index.ts';
+import { connectors, dsrRequests, jobOutbox, upstreamTickets, webhookTokens } from '../db/schema/index.ts';
 import { lockKey, subjectDigest } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
@@ -101,7 +102,12 @@ export async function receiveTickets(
         }
         // A redelivery (or the next poll) may carry a fresh capability; the newest one is the one to report with.
         const context = ticketSecretContext(existing.id);
-        if (t.secret && existing.status === 'delivered' && (await toldAnOlderOutcome(tx, existing))) {
+        if (
+          connector.laterOutcome === 'when_sent_again' &&
+          t.secret &&
+          existing.status === 'delivered' &&
+          (await toldAnOlderOutcome(tx, existing))
+        ) {
           // The vendor kept the job open after our report (a failure, for Transcend an ERROR) and the request has
           // finished again since (retried): tell it the new outcome with the capability it just sent.
           await tx
@@ -150,6 +156,8 @@ export interface TicketConnector {
   id: string;
   workspaceId: string;
   version?: string;
+  /** Its adapter's declaration (Connector.laterOutcome): undefined when the vendor closes a ticket told of a failure. */
+  laterOutcome: LaterOutcome | undefined;
 }
 
 /** The request a ticket asks for; its dedupe key is the ticket's, so a redelivery finds the same request. */
@@ -542,6 +550,36 @@ export function resetForNewOutcome(policy: Pick<UpstreamDeps['reportPolicy'], 'a
       when ${t.status} = 'pending' and ${t.attempts} = 0 then ${t.nextAttemptAt} end`,
     updatedAt: sql`now()`,
   };
+}
+
+/** Vendors whose tickets told of a failure are told the outcome of a retry at once (Connector.laterOutcome). */
+const laterOutcomeAtOnce = Object.values(CONNECTORS)
+  .filter((c) => c.laterOutcome === 'at_once')
+  .map((c) => c.vendor);
+
+/**
+ * Sets a retried request's tickets back to pending to report its new outcome (resetForNewOutcome): those still
+ * waiting or whose delivery failed, and those already told of the failure whose vendor takes a later outcome at
+ * once (`at_once`), unless their connector was deleted (its secrets are gone). A ticket told of the failure keeps
+ * `deliveredAt` and `reportedAuditRecordId` until the new outcome is delivered, so the view still shows what the
+ * vendor heard. Other tickets told of the failure are left alone (`when_sent_again`: see receiveTickets).
+ */
+export async function resetTicketsForRetry(tx: Tx, policy: Pick<UpstreamDeps['reportPolicy'], 'attemptTimeoutMs'>, requestId: string): Promise<void> {
+  const t = upstreamTickets;
+  const toldCanHear = and(
+    eq(t.status, 'delivered'),
+    inArray(
+      t.connectorId,
+      tx
+        .select({ id: connectors.id })
+        .from(connectors)
+        .where(and(inArray(connectors.vendor, laterOutcomeAtOnce), isNull(connectors.deletedAt))),
+    ),
+  );
+  await tx
+    .update(t)
+    .set({ ...resetForNewOutcome(policy), lastError: null })
+    .where(and(eq(t.requestId, requestId), or(inArray(t.status, ['pending', 'failed']), toldCanHear)));
 }
 
 /**

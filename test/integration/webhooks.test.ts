@@ -571,7 +571,7 @@ describe('OneTrust webhooks', () => {
 
 describe('tickets and their requests', () => {
   const auth = { type: 'bearer' as const, secret: OT.inbound };
-  const connector = () => ({ id: ids.onetrustA, workspaceId: a.workspaceId });
+  const connector = () => ({ id: ids.onetrustA, workspaceId: a.workspaceId, laterOutcome: 'at_once' as const });
   const ticket = (ticketKey: string, email: string) => ({
     ticketKey,
     action: 'erase' as const,
