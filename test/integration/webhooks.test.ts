@@ -12,7 +12,6 @@ import { onetrustWebhook, startFakeOneTrust, type FakeOneTrust } from '../../con
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
-import { failFirst } from '../helpers/fake-vendor.ts';
 import { freePort } from '../../src/lib/net.ts';
 import { taskList } from '../../src/jobs/tasks.ts';
 import { runDueJobs } from '../../src/jobs/run-once.ts';
@@ -401,20 +400,29 @@ describe('report delivery', () => {
   });
 
   it('vendor down for the first 2 calls: retried with backoff, then delivered; the error is visible meanwhile', async () => {
-    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, failFirst(2, { status: 503 }, { status: 200, body: {} }));
+    // What the request shows between the failed attempts and the one that succeeds is read when that last call
+    // arrives: the retries are 20 ms apart, so a loaded machine may run all three within one runJobs.
+    let requestId = '';
+    let calls3 = 0;
+    let mid: Awaited<ReturnType<typeof getRequest>> | undefined;
+    datagrail.fake.on(DATAGRAIL_CALLBACK_ROUTE, async () => {
+      if (++calls3 <= 2) return { status: 503 };
+      mid ??= await getRequest(a, requestId);
+      return { status: 200, body: {} };
+    });
     const wrid = randomUUID();
     const w = datagrailWebhook({
       secret: DG_SECRET,
       body: datagrailBody({ webhook_request_id: wrid, identifiers: { email: `${uniq('d')}@example.test` }, callback_url: datagrail.callbackUrl() }),
     });
     const res = await deliver('datagrail', ids.datagrailA, w.headers, w.rawBody);
-    const requestId = res.json.received[0].requestId as string;
+    requestId = res.json.received[0].requestId as string;
     await env.runJobs();
-    const mid = await getRequest(a, requestId);
+    const t = await settle(requestId);
+    if (!mid) throw new Error('the vendor never got a third call');
     expect(mid.upstreamStatus).toBe('pending');
     expect(mid.upstream[0].lastError).toContain('503');
     expect(mid.upstream[0].nextAttemptAt).not.toBeNull();
-    const t = await settle(requestId);
     expect(t).toMatchObject({ status: 'delivered', attempts: 3, last_error: null });
     const calls = datagrail.fake.callsTo(DATAGRAIL_CALLBACK_ROUTE).filter((c) => (c.json as { webhook_request_id: string }).webhook_request_id === wrid);
     expect(calls).toHaveLength(3);
