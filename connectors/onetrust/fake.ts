@@ -65,6 +65,7 @@ export function onetrustWebhook(opts: { auth?: OneTrustWebhookAuth; body?: Recor
 }
 
 export const TOKEN_ROUTE = 'POST /api/access/v1/oauth/token';
+const SUBTASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 export const statusRoute = (subTaskId: string) =>
   `PUT /api/datasubject/v2/subtasks/${encodeURIComponent(subTaskId)}/status`;
 export const commentsRoute = (requestQueueRefId: string) =>
@@ -80,8 +81,8 @@ export interface FakeOneTrust {
   expireTokens(): void;
   /**
    * Accepts `PUT …/subtasks/{subTaskId}/status` (and, with `requestQueueRefId`, the request's comments). Calls
-   * without a valid token get 401, bodies OneTrust would refuse (status not one of its values, no comment) 400;
-   * the rest get `reply` (default 200).
+   * without a valid token get 401, bodies OneTrust would refuse (status not one of its values, no comment) and a
+   * subtask id that is not a UUID (OneTrust's API declares it one) 400; the rest get `reply` (default 200).
    */
   expectSubtask(subTaskId: string, requestQueueRefId?: string, reply?: FakeReply | FakeHandler): void;
   /** Accepts `PUT …/requestqueues/{requestQueueRefId}/comments`, like expectSubtask. */
@@ -158,7 +159,9 @@ export async function startFakeOneTrust(opts: {
     tokensIssued: () => issued,
     expireTokens: () => validUntil.clear(),
     expectSubtask(subTaskId, requestQueueRefId, reply) {
-      fake.on(statusRoute(subTaskId), authorised(statusBody, reply));
+      // OneTrust's API declares the subtask id a UUID: anything else is a 400, whatever the body.
+      const answer = SUBTASK_ID.test(subTaskId) ? reply : { status: 400, body: { error: 'invalid subtaskId' } };
+      fake.on(statusRoute(subTaskId), authorised(statusBody, answer));
       if (requestQueueRefId !== undefined) expectRequestQueue(requestQueueRefId);
     },
     expectRequestQueue,

@@ -78,6 +78,17 @@ const idText = text
   .refine(notDotSegment, 'must not be "." or ".."')
   .refine(noAddress, NOT_AN_ID);
 
+/**
+ * OneTrust's API takes only a UUID as the subtask id of `…/subtasks/{id}/status` (anything else is a 400). A wrong
+ * placeholder (the subtask's name or number) must be refused here, not found out after the erasure, when the
+ * subtask could never be told. Said only when none of idText's messages applies.
+ */
+const SUBTASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const subTaskIdText = idText.refine(
+  (v) => v === undefined || SUBTASK_ID.test(v) || UNRENDERED.test(v) || v.length > ID_MAX || !notDotSegment(v) || !noAddress(v),
+  'is not a OneTrust subtask id (a UUID)',
+);
+
 const bodySchema = z.looseObject({
   requestQueueRefId: z
     .string()
@@ -88,7 +99,7 @@ const bodySchema = z.looseObject({
     .refine(notDotSegment, 'must not be "." or ".."')
     .refine(noAddress, NOT_AN_ID),
   requestQueueId: idText,
-  subTaskId: idText,
+  subTaskId: subTaskIdText,
   requestTypes: requestTypeList,
   email: text.refine((v) => v === undefined || /^[^@\s]+@[^@\s]+$/.test(v), 'is not an email address'),
   userId: text,

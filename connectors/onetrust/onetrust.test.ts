@@ -204,16 +204,16 @@ describe('parse', () => {
     const body = renderOneTrustTemplate({
       RequestQueueRefId: 'REF1',
       RequestQueueId: 'qid-1',
-      SubTaskId: 'sub-1',
+      SubTaskId: '0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5',
       RequestTypes: 'Do Not Sell',
       Email: ' jane@example.com ',
     });
     expect(parse(body)).toEqual({
-      ticketKey: 'subtask:sub-1',
+      ticketKey: 'subtask:0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5',
       action: 'suppress',
       subject: { kind: 'email', value: 'jane@example.com' },
       upstreamRef: 'REF1',
-      upstream: { requestQueueRefId: 'REF1', subTaskId: 'sub-1', requestQueueId: 'qid-1' },
+      upstream: { requestQueueRefId: 'REF1', subTaskId: '0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5', requestQueueId: 'qid-1' },
     });
   });
 
@@ -318,7 +318,8 @@ describe('parse', () => {
         expect(err.details).toEqual([{ path: field, message: 'must not be "." or ".."' }]);
       }
     }
-    expect(parse({ subTaskId: 'a..b', requestQueueRefId: '.x' }).ticketKey).toBe('subtask:a..b');
+    expect(parse({ requestQueueRefId: 'a..b' }).upstreamRef).toBe('a..b');
+    expect(parse({ requestQueueRefId: '.x' }).upstreamRef).toBe('.x');
   });
 
   it('refuses an email address rendered into an id by a wrong placeholder, without echoing it', () => {
@@ -329,6 +330,18 @@ describe('parse', () => {
       expect(err.details).toEqual([{ path: field, message: 'is not an id (it contains @)' }]);
       expect(JSON.stringify(err.details) + err.message).not.toContain('jane');
     }
+  });
+
+  it("refuses a subTaskId that is not a UUID (OneTrust's subtask API takes nothing else), without echoing it", () => {
+    // A wrong placeholder (a subtask name or number) would pass for an id: the subject would be erased and every
+    // report refused by OneTrust (400), so the subtask would never hear of it.
+    for (const id of ['sub-1', 'Delete customer data', '12345', `${SUBTASK}x`, SUBTASK.replaceAll('-', '')]) {
+      const err = parseError({ subTaskId: id });
+      expect(err.code).toBe('validation_failed');
+      expect(err.details).toEqual([{ path: 'subTaskId', message: 'is not a OneTrust subtask id (a UUID)' }]);
+      expect(JSON.stringify(err.details) + err.message).not.toContain(id);
+    }
+    expect(parse({ subTaskId: ` ${SUBTASK.toUpperCase()} ` }).upstream.subTaskId).toBe(SUBTASK.toUpperCase());
   });
 
   it('answers malformed JSON with malformed_json', () => {
@@ -358,7 +371,7 @@ describe('report', () => {
   /** A fresh subtask and request per test, so routes and cached tokens never leak between tests. */
   function setup(opts: { config?: Record<string, unknown>; subTask?: boolean } = {}) {
     n++;
-    const subTaskId = `sub-${n}`;
+    const subTaskId = `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
     const ref = `REF${n}`;
     const c = { ...conn({ baseUrl: `${ot.url}/`, ...opts.config }), id: `conn_${n}` };
     const ticket: StoredTicket = {
@@ -435,13 +448,24 @@ describe('report', () => {
     expect(summary()).toEqual([TOKEN_ROUTE, `${commentsRoute(ref)} Bearer tok_${ot.tokensIssued()}`]);
   });
 
+  it("the fake refuses a subtask id that is not a UUID (400), as OneTrust's API does", async () => {
+    const { c, ticket } = setup();
+    const legacy = { ...ticket, upstream: { requestQueueRefId: 'R-legacy', subTaskId: 'sub-legacy' } };
+    ot.expectSubtask('sub-legacy', 'R-legacy');
+    await expect(onetrust.report(legacy, erased, c, ctx)).resolves.toEqual({
+      kind: 'permanent',
+      error: 'OneTrust subtask status: HTTP 400',
+    });
+    expect(ot.fake.callsTo(commentsRoute('R-legacy'))).toEqual([]);
+  });
+
   it('URL-encodes path segments', async () => {
     const { c, ticket } = setup();
-    const odd = { ...ticket, upstream: { requestQueueRefId: 'A/B C', subTaskId: 'x/../y' } };
-    ot.expectSubtask('x/../y', 'A/B C');
+    const odd = { ...ticket, upstream: { requestQueueRefId: 'A/B C', subTaskId: ticket.upstream.subTaskId! } };
+    ot.expectSubtask(String(ticket.upstream.subTaskId), 'A/B C');
     await expect(onetrust.report(odd, erased, c, ctx)).resolves.toEqual({ kind: 'delivered' });
     expect(ot.fake.calls.slice(1).map((call) => call.path)).toEqual([
-      '/api/datasubject/v2/subtasks/x%2F..%2Fy/status',
+      `/api/datasubject/v2/subtasks/${String(ticket.upstream.subTaskId)}/status`,
       '/api/datasubject/v2/requestqueues/A%2FB%20C/comments',
     ]);
   });
@@ -473,9 +497,9 @@ describe('report', () => {
   it('does not cache a token that lives less than the margin', async () => {
     const short = await startFakeOneTrust({ ...SECRETS, expiresIn: 30 });
     try {
-      short.expectSubtask('s1', 'R1');
+      short.expectSubtask(SUBTASK, 'R1');
       const c = conn({ baseUrl: short.url, internalComment: false });
-      const ticket: StoredTicket = { ...setup().ticket, upstream: { requestQueueRefId: 'R1', subTaskId: 's1' } };
+      const ticket: StoredTicket = { ...setup().ticket, upstream: { requestQueueRefId: 'R1', subTaskId: SUBTASK } };
       expect(short.tokensIssued()).toBe(0);
       await expect(onetrust.report(ticket, erased, c, ctx)).resolves.toEqual({ kind: 'delivered' });
       await expect(onetrust.report(ticket, erased, c, ctx)).resolves.toEqual({ kind: 'delivered' });
