@@ -434,8 +434,35 @@ describe('parse', () => {
     expect(onlyTicket(parseBody(custom, customerId)).subject).toEqual({ kind: 'user_id', value: 'c_9' });
   });
 
+  it('reads an identifier sent as a whole number or as a list of one value (the shape is unconfirmed)', () => {
+    const subject = (identifiers: Record<string, unknown>) =>
+      onlyTicket(parseBody(datagrailBody({ identifiers, callback_url: CB }))).subject;
+    expect(subject({ user_id: 7, email: 'jane@example.com' })).toEqual({ kind: 'user_id', value: '7' });
+    expect(subject({ user_id: ['u_123'] })).toEqual({ kind: 'user_id', value: 'u_123' });
+    expect(subject({ user_id: [], email: [' jane@example.com ', 'jane@example.com'] })).toEqual({
+      kind: 'email',
+      value: 'jane@example.com',
+    });
+    expect(subject({ user_id: [42] })).toEqual({ kind: 'user_id', value: '42' });
+  });
+
+  it('refuses an identifier it cannot read exactly or that names several people, naming it but no values', () => {
+    const refused = (identifiers: Record<string, unknown>) =>
+      payloadError(() => parseBody(datagrailBody({ identifiers, callback_url: CB })));
+    // As DataGrail would send it: JSON.parse reads this id as 12345678901234567000.
+    const bigBody = JSON.stringify(datagrailBody({ identifiers: { user_id: 0, email: 'jane@example.com' }, callback_url: CB }));
+    const big = payloadError(() => parseBody(bigBody.replace('"user_id":0', '"user_id":12345678901234567890')));
+    expect(big.code).toBe('validation_failed');
+    expect(big.details).toEqual([
+      { path: 'identifiers.user_id', message: 'is a number too large to be read exactly; send it as a string' },
+    ]);
+    const two = refused({ user_id: ['u_1', 'u_2'], email: 'jane@example.com' });
+    expect(two.details).toEqual([{ path: 'identifiers.user_id', message: 'holds 2 different values; one request names one subject' }]);
+    expect(JSON.stringify([big, two].map((e) => [e.message, e.details]))).not.toMatch(/u_1|u_2|jane|1234567890/);
+  });
+
   it('rejects a request with none of the configured identifiers, naming them but no values', () => {
-    const body = datagrailBody({ identifiers: { phone: '+15550100', user_id: 7 }, callback_url: CB });
+    const body = datagrailBody({ identifiers: { phone: '+15550100', user_id: true }, callback_url: CB });
     const err = payloadError(() => parseBody(body));
     expect(err.code).toBe('validation_failed');
     expect(err.message).toBe('identifiers has none of: user_id, email');

@@ -4,6 +4,7 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
+import { normalizeSubject } from '../../src/lib/digest.ts';
 import { check, CheckFailed, classifyOutboundError, classifyResponse, nameOfType, parseJson, parseWith } from '../shared.ts';
 import {
   WebhookAuthError,
@@ -58,11 +59,42 @@ function requestTypeOf(body: Record<string, unknown>): string | undefined {
   return undefined;
 }
 
+/**
+ * One identifier's value. Unconfirmed: DataGrail's docs show strings, but an id typed as a number or a list of values
+ * is read here too. A number is taken only while it is exact (a JSON number past 2^53 has already lost digits, and
+ * would name someone else); a list only while it names one subject. Absent when there is nothing usable.
+ */
+function identifierValue(raw: unknown, kind: SubjectRef['kind']): string | undefined | { problem: string } {
+  const one = (v: unknown): string | undefined | { problem: string } => {
+    if (typeof v === 'string') return v.trim() || undefined;
+    if (typeof v === 'number' && Number.isInteger(v)) {
+      return Number.isSafeInteger(v)
+        ? String(v)
+        : { problem: 'is a number too large to be read exactly; send it as a string' };
+    }
+    return undefined;
+  };
+  if (!Array.isArray(raw)) return one(raw);
+  const values = new Map<string, string>();
+  for (const item of raw) {
+    const v = one(item);
+    if (typeof v === 'object') return v;
+    if (v !== undefined) values.set(normalizeSubject(kind, v), v);
+  }
+  if (values.size > 1) return { problem: `holds ${values.size} different values; one request names one subject` };
+  return values.values().next().value;
+}
+
 /** The subject is the first configured identifier present in the webhook: config order is the preference. */
 export function subjectFrom(identifiers: Record<string, unknown>, preferred: Config['identifiers']): SubjectRef | null {
   for (const { name, kind } of preferred) {
-    const value = identifiers[name];
-    if (typeof value === 'string' && value.trim()) return { kind, value: value.trim() };
+    if (!Object.hasOwn(identifiers, name)) continue;
+    const value = identifierValue(identifiers[name], kind);
+    if (typeof value === 'object') {
+      const path = `identifiers.${name}`;
+      throw new WebhookPayloadError('validation_failed', `${path} ${value.problem}`, [{ path, message: value.problem }]);
+    }
+    if (value !== undefined) return { kind, value };
   }
   return null;
 }
