@@ -562,6 +562,32 @@ describe('report', () => {
     });
   });
 
+  it('the fake takes only a completion of the shape README documents (400 otherwise), so tests check the body', async () => {
+    const post = (json: unknown, contentType?: string) =>
+      http.request(callbackUrl(), {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, ...(contentType ? { 'content-type': contentType } : {}) },
+        json,
+      });
+    const good = { webhook_request_id: REQUEST_ID, status: 'completed', message: 'Erased 1 record.', records_found: 1 };
+    expect((await post(good)).status).toBe(200);
+    expect((await post({ ...good, status: 'failed', audit_record_id: 'aud_1' })).status).toBe(200);
+    for (const bad of [
+      { ...good, webhook_request_id: undefined },
+      { ...good, webhook_request_id: '' },
+      { ...good, status: 'done' },
+      { ...good, status: undefined },
+      { ...good, message: 7 },
+      { ...good, records_found: -1 },
+      { ...good, records_found: 1.5 },
+      { ...good, records_found: '1' },
+      [good],
+    ]) {
+      expect((await post(bad)).status, JSON.stringify(bad)).toBe(400);
+    }
+    expect((await post(good, 'text/plain')).status).toBe(400);
+  });
+
   it('reports not_found as a completion with no records', async () => {
     const result = await datagrail.report(
       storedTicket(callbackUrl()),

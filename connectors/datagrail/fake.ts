@@ -3,7 +3,7 @@
  * webhook requests. The signing here is written independently of the adapter's, so a test catches a drift in either.
  */
 import { createHmac } from 'node:crypto';
-import { FakeVendor } from '../../test/helpers/fake-vendor.ts';
+import { FakeVendor, type RecordedCall } from '../../test/helpers/fake-vendor.ts';
 
 export const FAKE_DATAGRAIL_API_KEY = 'dg-fake-api-key';
 export const FAKE_DATAGRAIL_WEBHOOK_SECRET = 'dg-fake-webhook-secret';
@@ -12,19 +12,36 @@ export const DATAGRAIL_CALLBACK_PATH = '/api/v2/webhooks/callback';
 export const DATAGRAIL_CALLBACK_ROUTE = `POST ${DATAGRAIL_CALLBACK_PATH}`;
 
 /**
+ * What the callback refuses (400). DataGrail's callback contract is not public: this holds it to the body README
+ * documents (`completionBody`), so a test cannot pass with a completion missing or mistyping a field of it.
+ */
+function badCompletion(call: RecordedCall): string | undefined {
+  if (call.headers['content-type']?.split(';')[0]?.trim() !== 'application/json') return 'content-type must be JSON';
+  const b = call.json;
+  if (typeof b !== 'object' || b === null || Array.isArray(b)) return 'the body must be a JSON object';
+  const body = b as Record<string, unknown>;
+  if (typeof body.webhook_request_id !== 'string' || !body.webhook_request_id) return 'webhook_request_id is required';
+  if (!['completed', 'failed', 'not_found'].includes(body.status as string)) return 'invalid status';
+  if (body.message !== undefined && typeof body.message !== 'string') return 'message must be a string';
+  const found = body.records_found;
+  if (found !== undefined && !(Number.isInteger(found) && (found as number) >= 0)) return 'invalid records_found';
+  return undefined;
+}
+
+/**
  * Starts the fake on 127.0.0.1 (so connectors under test need `callbackHosts: ['127.0.0.1']`). The callback route
- * answers 200 to `Authorization: Bearer <apiKey>` and 401 otherwise; override it with
+ * answers 401 without `Authorization: Bearer <apiKey>`, 400 to a body not shaped as documented, else 200; override it with
  * `fake.on(DATAGRAIL_CALLBACK_ROUTE, …)`. `callbackUrl(path?)` is the full URL to put in a webhook's `callback_url`.
  * Stop it with `fake.stop()`.
  */
 export async function startFakeDataGrail(opts: { apiKey?: string } = {}) {
   const apiKey = opts.apiKey ?? FAKE_DATAGRAIL_API_KEY;
   const fake = await new FakeVendor().start();
-  fake.on(DATAGRAIL_CALLBACK_ROUTE, (call) =>
-    call.headers.authorization === `Bearer ${apiKey}`
-      ? { status: 200, body: { success: true } }
-      : { status: 401, body: { error: 'unauthorized' } },
-  );
+  fake.on(DATAGRAIL_CALLBACK_ROUTE, (call) => {
+    if (call.headers.authorization !== `Bearer ${apiKey}`) return { status: 401, body: { error: 'unauthorized' } };
+    const problem = badCompletion(call);
+    return problem ? { status: 400, body: { error: problem } } : { status: 200, body: { success: true } };
+  });
   return { fake, callbackUrl: (path = DATAGRAIL_CALLBACK_PATH) => `${fake.url}${path}` };
 }
 
