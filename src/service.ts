@@ -10,6 +10,7 @@ import { safeErrorCode } from './db/errors.ts';
 import { createNodeDeps } from './deps-node.ts';
 import { startWorker, type WorkerHandle } from './jobs/worker.ts';
 import { createLogger } from './lib/logger.ts';
+import { localBaseUrl } from './lib/net.ts';
 import { onStopSignals } from './lib/signals.ts';
 import { openRuntime, StartupError, type Runtime } from './runtime.ts';
 
@@ -169,7 +170,7 @@ export async function runService(role: Role): Promise<void> {
   if (server) {
     const address = server.address();
     const port = typeof address === 'object' && address ? address.port : env.PORT;
-    const base = `http://${env.HOST === '0.0.0.0' ? 'localhost' : env.HOST}:${port}`;
+    const base = localBaseUrl(env.HOST, port);
     console.log(`\ndsr-connector (${role}) on ${rt.databaseLabel}`);
     console.log(`  API       ${base}/v1`);
     console.log(`  Health    ${base}/healthz`);

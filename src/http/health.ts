@@ -14,6 +14,22 @@ const healthRoute = createRoute({
   },
 });
 
+const ApiIndex = z.object({
+  name: z.literal('dsr-connector'),
+  docs: z.string(),
+  openapi: z.string(),
+  health: z.string(),
+});
+
+// The start-up banner names /v1 as the API's base: whoever opens it gets where to read on, not a 404.
+const indexRoute = createRoute({
+  method: 'get',
+  path: '/v1',
+  summary: 'Where the API is described (docs, OpenAPI document, health)',
+  tags: ['ops'],
+  responses: { 200: { description: 'Links', content: { 'application/json': { schema: ApiIndex } } } },
+});
+
 const HEALTH_TIMEOUT_MS = 2_000;
 
 async function databaseReachable(deps: AppDeps): Promise<boolean> {
@@ -44,6 +60,9 @@ const DOCS_HTML = `<!doctype html>
 const DOCS_INIT = `window.ui = SwaggerUIBundle({ url: '/openapi.json', dom_id: '#ui' });`;
 
 export function registerHealthRoutes(app: App, deps: AppDeps): void {
+  app.openapi(indexRoute, (c) =>
+    c.json({ name: 'dsr-connector' as const, docs: '/docs', openapi: '/openapi.json', health: '/healthz' }, 200),
+  );
   app.openapi(healthRoute, async (c) => {
     const ok = await databaseReachable(deps);
     return ok

@@ -53,3 +53,12 @@ export async function freePortIn(low: number, high: number): Promise<number | un
   }
   return undefined;
 }
+
+/**
+ * The base URL a person can open for a server listening on `host`: a wildcard address becomes `localhost`, and an
+ * IPv6 address is bracketed (`http://[::1]:3000`, not `http://::1:3000`).
+ */
+export function localBaseUrl(host: string, port: number): string {
+  const shown = host === '0.0.0.0' || host === '::' ? 'localhost' : net.isIPv6(host) ? `[${host}]` : host;
+  return `http://${shown}:${port}`;
+}

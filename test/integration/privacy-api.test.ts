@@ -104,6 +104,13 @@ async function allPages(ws: CreatedWorkspace, base: string, limit: number) {
 }
 
 describe('ops routes', () => {
+  it('GET /v1 (the base the start-up banner prints) → 200 with where the API is described', async () => {
+    const res = await call(env, 'GET', '/v1');
+    expect(res.status).toBe(200);
+    expect(res.json).toEqual({ name: 'dsr-connector', docs: '/docs', openapi: '/openapi.json', health: '/healthz' });
+    expect((await call(env, 'GET', res.json.docs)).status).toBe(200);
+  });
+
   it('GET /healthz → 200 ok', async () => {
     const res = await call(env, 'GET', '/healthz');
     expect(res.status).toBe(200);
@@ -142,7 +149,7 @@ describe('ops routes', () => {
     const missing: string[] = [];
     for (const [path, item] of Object.entries(doc.paths as Record<string, Record<string, { responses: object }>>)) {
       for (const [method, op] of Object.entries(item)) {
-        if (path === '/openapi.json') continue;
+        if (path === '/openapi.json' || path === '/v1') continue; // neither reads the database
         if (!Object.keys(op.responses).includes('503')) missing.push(`${method.toUpperCase()} ${path}`);
       }
     }

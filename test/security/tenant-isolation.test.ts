@@ -95,6 +95,7 @@ const connectorRoute = (suffix: string, body?: unknown): Case => ({
 
 const ROUTES: Record<string, Case> = {
   'GET /healthz': { kind: 'public', path: '/healthz' },
+  'GET /v1': { kind: 'public', path: '/v1' },
   'GET /openapi.json': { kind: 'public', path: '/openapi.json' },
   'GET /docs': { kind: 'public', path: '/docs' },
   'GET /docs/init.js': { kind: 'public', path: '/docs/init.js' },

@@ -1,6 +1,6 @@
 import net from 'node:net';
 import { describe, expect, it } from 'vitest';
-import { ephemeralPortRange, freePort, freePortIn } from '../../src/lib/net.ts';
+import { ephemeralPortRange, freePort, freePortIn, localBaseUrl } from '../../src/lib/net.ts';
 
 function listen(port: number): Promise<net.Server | undefined> {
   const srv = net.createServer();
@@ -52,5 +52,17 @@ describe('freePort', () => {
     } finally {
       await Promise.all(held.map((s) => new Promise((resolve) => s.close(resolve))));
     }
+  });
+});
+
+describe('localBaseUrl (the URLs the start-up banner prints)', () => {
+  it('brackets an IPv6 address and shows a wildcard address as localhost', () => {
+    expect(localBaseUrl('127.0.0.1', 3000)).toBe('http://127.0.0.1:3000');
+    expect(localBaseUrl('0.0.0.0', 3000)).toBe('http://localhost:3000');
+    expect(localBaseUrl('::', 3000)).toBe('http://localhost:3000');
+    expect(localBaseUrl('::1', 3000)).toBe('http://[::1]:3000');
+    expect(localBaseUrl('fe80::1', 8080)).toBe('http://[fe80::1]:8080');
+    expect(localBaseUrl('app.internal', 80)).toBe('http://app.internal:80');
+    expect(() => new URL(`${localBaseUrl('::1', 3000)}/healthz`)).not.toThrow();
   });
 });
