@@ -81,8 +81,18 @@ export async function check(name: string, fn: () => Promise<string>): Promise<Te
   }
 }
 
-/** A failed test check with a message fit for the admin (no secrets). */
-export class CheckFailed extends Error {}
+/**
+ * A failed test check or vendor call with a message fit for the admin (no secrets, no personal data: never a vendor's
+ * body) and a stable code (e.g. `upstream_http_error`); pull mode records both as a poll's last failure.
+ */
+export class CheckFailed extends Error {
+  constructor(
+    message: string,
+    readonly code = 'upstream_error',
+  ) {
+    super(message);
+  }
+}
 
 /** Host pattern match: `*.example.com` matches sub-domains (not the apex); anything else matches exactly. */
 export function hostAllowed(host: string, patterns: readonly string[]): boolean {

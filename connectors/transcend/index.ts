@@ -236,17 +236,17 @@ async function pendingRequests(
 ): Promise<unknown[]> {
   const what = `Transcend pending-requests ${action}`;
   const silo = conn.config.pull.dataSiloId;
-  if (!silo) throw new SombraError(`${what}: pull.dataSiloId is not set`);
+  if (!silo) throw new SombraError(`${what}: pull.dataSiloId is not set`, 'config_error');
   const path = `/v1/data-silo/${encodeURIComponent(silo)}/pending-requests/${action}?limit=${limit}&offset=${offset}`;
   const res = await sombraGet(conn, ctx, path, what);
   let json: unknown;
   try {
     json = JSON.parse(res.text);
   } catch {
-    throw new SombraError(`${what}: the response is not JSON`);
+    throw new SombraError(`${what}: the response is not JSON`, 'upstream_bad_response');
   }
   const page = pendingPage.safeParse(json);
-  if (!page.success) throw new SombraError(`${what}: the response has no items list`);
+  if (!page.success) throw new SombraError(`${what}: the response has no items list`, 'upstream_bad_response');
   return page.data.items;
 }
 

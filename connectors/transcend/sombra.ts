@@ -18,7 +18,7 @@ export function authHeaders(conn: TranscendConnector): Record<string, string> {
   const headers: Record<string, string> = { authorization: `Bearer ${conn.secrets.apiKey}` };
   if (conn.config.selfHostedSombra) {
     if (!conn.secrets.sombraApiKey) {
-      throw new SombraError('selfHostedSombra is true but the sombraApiKey secret is not set');
+      throw new SombraError('selfHostedSombra is true but the sombraApiKey secret is not set', 'config_error');
     }
     headers['x-sombra-authorization'] = `Bearer ${conn.secrets.sombraApiKey}`;
   }
@@ -37,12 +37,12 @@ export async function sombraGet(
   try {
     res = await ctx.http.request(sombraUrl(conn.config, path), { headers: { ...authHeaders(conn), accept } });
   } catch (err) {
-    if (err instanceof OutboundError) throw new SombraError(`${what}: ${err.message}`);
+    if (err instanceof OutboundError) throw new SombraError(`${what}: ${err.message}`, `upstream_${err.code}`);
     throw err;
   }
   if (res.status === 401 || res.status === 403) {
-    throw new SombraError(`${what}: Sombra refused the API key (HTTP ${res.status})`);
+    throw new SombraError(`${what}: Sombra refused the API key (HTTP ${res.status})`, 'upstream_auth_refused');
   }
-  if (res.status < 200 || res.status >= 300) throw new SombraError(`${what}: HTTP ${res.status}`);
+  if (res.status < 200 || res.status >= 300) throw new SombraError(`${what}: HTTP ${res.status}`, 'upstream_http_error');
   return res;
 }

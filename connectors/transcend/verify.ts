@@ -41,7 +41,7 @@ export async function importSigningKey(pem: string): Promise<PublicKey> {
   try {
     return await importSPKI(pem, ALG);
   } catch {
-    throw new SombraError('signing key: the response is not an ES384 public key in PEM form');
+    throw new SombraError('signing key: the response is not an ES384 public key in PEM form', 'upstream_bad_response');
   }
 }
 

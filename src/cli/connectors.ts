@@ -1,7 +1,7 @@
 import { eq } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
 import { connectors, VENDORS } from '../db/schema/index.ts';
-import { connectorView } from '../http/admin.ts';
+import { connectorView, type PollStatus } from '../http/admin.ts';
 import type { AppDeps } from '../http/env.ts';
 import { ApiError } from '../lib/errors.ts';
 import {
@@ -12,7 +12,7 @@ import {
   replaceSecrets,
   testConnector,
   updateConnector,
-  type ConnectorRow,
+  type ConnectorWithStatus,
 } from '../upstream/store.ts';
 import {
   iso,
@@ -55,7 +55,23 @@ async function readSecrets(
 
 const SECRET_OPTIONS = { 'secrets-file': { type: 'string' }, 'secrets-stdin': { type: 'boolean' } } as const;
 
-function describe(deps: AppDeps, row: ConnectorRow): string[] {
+/** How the scheduled polls of a pull connector went, in a line (failing first: that is what an admin looks for). */
+function pollSummary(p: PollStatus): string {
+  if (p.consecutiveFailures > 0 && p.lastFailure) {
+    const f = p.lastFailure;
+    return `FAILING: ${p.consecutiveFailures} in a row, last at ${f.at}: ${f.code}: ${f.message}`;
+  }
+  if (p.lastSucceededAt) return `ok, last succeeded ${p.lastSucceededAt}`;
+  return p.lastStartedAt ? `started ${p.lastStartedAt}, not finished yet` : 'not polled yet';
+}
+
+/** The same, short, for the one-line listing. */
+function pollBrief(p: PollStatus): string {
+  if (p.consecutiveFailures > 0 && p.lastFailure) return `poll FAILING (${p.consecutiveFailures} in a row: ${p.lastFailure.code})`;
+  return p.lastSucceededAt ? `poll ok (last ${p.lastSucceededAt})` : 'poll not yet';
+}
+
+function describe(deps: AppDeps, row: ConnectorWithStatus): string[] {
   const v = connectorView(deps, row);
   const secrets = Object.entries(v.secrets).map(([name, s]) =>
     s.previous
@@ -69,6 +85,7 @@ function describe(deps: AppDeps, row: ConnectorRow): string[] {
     `  config      ${JSON.stringify(v.config)}`,
     `  secrets     ${secrets.join(', ') || 'none'}`,
     `  updated     ${v.updatedAt}, secrets rotated ${v.secretsRotatedAt}`,
+    ...(v.pollStatus ? [`  poll        ${pollSummary(v.pollStatus)}`, `  next poll   ${v.pollStatus.nextPollDueAt ?? '-'}`] : []),
   ];
 }
 
@@ -107,9 +124,14 @@ const list: Command = async (cli, args) => {
   const workspaceId = required('connectors list', 'workspace', values.workspace, 'id');
   await withDeps(cli, async (deps) => {
     const rows = await listConnectors(deps.db, await requireWorkspace(deps.db, workspaceId));
-    output(cli, { data: rows.map((r) => connectorView(deps, r)) }, () =>
-      rows.length
-        ? rows.map((r) => `${r.id}  ${r.vendor.padEnd(9)}  ${r.enabled ? 'enabled ' : 'DISABLED'}  "${r.name}"  updated ${iso(r.updatedAt)}`)
+    const views = rows.map((r) => connectorView(deps, r));
+    output(cli, { data: views }, () =>
+      views.length
+        ? views.map(
+            (v, i) =>
+              `${v.id}  ${v.vendor.padEnd(9)}  ${v.enabled ? 'enabled ' : 'DISABLED'}  "${v.name}"  updated ${iso(rows[i]!.updatedAt)}` +
+              (v.pollStatus ? `  ${pollBrief(v.pollStatus)}` : ''),
+          )
         : 'no connectors',
     );
   });
@@ -117,7 +139,7 @@ const list: Command = async (cli, args) => {
 };
 
 /** The not-deleted connector with this id, whatever its workspace. */
-async function connectorById(deps: AppDeps, id: string): Promise<ConnectorRow> {
+async function connectorById(deps: AppDeps, id: string): Promise<ConnectorWithStatus> {
   return getConnector(deps.db, await connectorWorkspace(deps.db, id), id);
 }
 
@@ -135,9 +157,12 @@ const test: Command = async (cli, args) => {
   return withDeps(cli, async (deps) => {
     const row = await connectorById(deps, ids[0]!);
     const result = await testConnector(deps, row);
+    // The checks are made now; a pull connector's scheduled polls may have been failing for a while (not a check).
+    const polls = connectorView(deps, row).pollStatus;
     output(cli, result, () => [
       `${row.id} (${row.vendor}): ${result.ok ? 'ok' : 'NOT OK'}`,
       ...result.checks.map((c) => `  ${c.ok ? 'ok  ' : c.skipped ? '--  ' : 'FAIL'}  ${c.name}: ${c.detail}`),
+      ...(polls ? [`  scheduled polls: ${pollSummary(polls)}`] : []),
     ]);
     return result.ok ? 0 : 1;
   });

@@ -10,13 +10,35 @@ import {
   testConnector,
   updateConnector,
   MAX_KEEP_PREVIOUS_SECONDS,
-  type ConnectorRow,
+  type ConnectorWithStatus,
 } from '../upstream/store.ts';
+import { pollIntervalOf } from '../upstream/poll.ts';
 import { bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import type { Principal } from './auth.ts';
 import { commonErrors, ErrorBody, notFoundError } from './schemas.ts';
 import { redeliverTicket } from '../upstream/report.ts';
+
+const PollStatusView = z
+  .object({
+    lastStartedAt: z.string().nullable().openapi({ description: 'When the last poll started (later than both outcomes while one runs)' }),
+    lastSucceededAt: z.string().nullable(),
+    lastFailure: z
+      .object({
+        at: z.string(),
+        code: z.string().openapi({ example: 'upstream_http_error' }),
+        message: z.string().openapi({ example: 'Transcend pending-requests ERASURE: HTTP 503' }),
+      })
+      .nullable()
+      .openapi({ description: 'The last failed attempt, kept after a success for the record; no personal data, no secret' }),
+    consecutiveFailures: z.number().int().openapi({ description: 'Failed attempts since the last success: 0 when the last poll succeeded' }),
+    nextPollDueAt: z
+      .string()
+      .nullable()
+      .openapi({ description: 'When the interval since the last poll is over (null: disabled, or never scheduled yet); a failed attempt is retried sooner' }),
+  })
+  .openapi('ConnectorPollStatus');
+export type PollStatus = z.infer<typeof PollStatusView>;
 
 const ConnectorView = z
   .object({
@@ -47,6 +69,7 @@ const ConnectorView = z
     createdAt: z.string(),
     updatedAt: z.string(),
     secretsRotatedAt: z.string(),
+    pollStatus: PollStatusView.nullable().openapi({ description: 'Pull mode only (null otherwise): how the scheduled polls went' }),
   })
   .openapi('Connector');
 
@@ -120,7 +143,26 @@ const route = <M extends 'get' | 'post' | 'patch' | 'put' | 'delete', P extends 
   security: bearerSecurity,
 });
 
-export function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof ConnectorView> {
+/** Pull mode's health as admins see it; null for a connector that is not in pull mode. */
+function pollStatusView(row: ConnectorWithStatus): z.infer<typeof PollStatusView> | null {
+  const minutes = pollIntervalOf(row);
+  if (minutes === null) return null;
+  const s = row.pollStatus;
+  const iso = (d: Date | null | undefined) => d?.toISOString() ?? null;
+  return {
+    lastStartedAt: iso(s?.lastStartedAt),
+    lastSucceededAt: iso(s?.lastSucceededAt),
+    lastFailure:
+      s?.lastFailedAt && s.lastErrorCode
+        ? { at: s.lastFailedAt.toISOString(), code: s.lastErrorCode, message: s.lastErrorMessage ?? '' }
+        : null,
+    consecutiveFailures: s?.consecutiveFailures ?? 0,
+    // What the connectors tick goes by: the interval runs from when the last poll was scheduled or succeeded.
+    nextPollDueAt: row.enabled && row.lastPolledAt ? new Date(row.lastPolledAt.getTime() + minutes * 60_000).toISOString() : null,
+  };
+}
+
+export function connectorView(deps: AppDeps, row: ConnectorWithStatus): z.infer<typeof ConnectorView> {
   const webhookPath = `/webhooks/${row.vendor}/${row.id}`;
   // Previous inbound secrets are shown while they still verify webhooks: their window ends on the clock.
   const until = row.previousSecretsExpireAt;
@@ -147,6 +189,7 @@ export function connectorView(deps: AppDeps, row: ConnectorRow): z.infer<typeof 
     createdAt: row.createdAt.toISOString(),
     updatedAt: row.updatedAt.toISOString(),
     secretsRotatedAt: row.secretsRotatedAt.toISOString(),
+    pollStatus: pollStatusView(row),
   };
 }
 

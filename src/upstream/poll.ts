@@ -1,15 +1,34 @@
 import { and, eq, getTableColumns, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
-import { connectors, webhookTokens } from '../db/schema/index.ts';
+import { CheckFailed } from '../../connectors/shared.ts';
+import { connectorPollStatus, connectors, upstreamRefusals, webhookTokens } from '../db/schema/index.ts';
 import type { Refusal } from '../../connectors/types.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
+import { OutboundError } from '../lib/outbound.ts';
+import { SealError } from '../lib/sealing.ts';
 import type { UpstreamDeps } from './context.ts';
-import { adapterContext, openConnector, rowVersion, StaleConnectorError } from './store.ts';
-import { recordPoll, refusalMemoryKey, refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
+import {
+  adapterContext,
+  connectorIsCurrent,
+  openConnector,
+  rowVersion,
+  SECRETS_UNREADABLE,
+  StaleConnectorError,
+  type ConnectorRow,
+} from './store.ts';
+import { refusalMemoryKey, refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
 import { receiveTickets, requeueStalledReports, storedTicketKey } from './tickets.ts';
 
 /** A pending report this long past due has lost its job; the tick adds it again. */
 const STALLED_REPORT_MINUTES = 15;
+
+/** How often a connector is polled, in minutes; null when it is not in pull mode (or its vendor has none). */
+export function pollIntervalOf(row: Pick<ConnectorRow, 'vendor' | 'config'>): number | null {
+  const adapter = connectorFor(row.vendor);
+  if (!adapter?.poll || !adapter.pollIntervalMinutes) return null;
+  const parsed = adapter.configSchema.safeParse(row.config);
+  return parsed.success ? adapter.pollIntervalMinutes(parsed.data) : null;
+}
 
 /**
  * The cron fan-out (every minute): one poll_connector job per connector in pull mode whose interval has passed since
@@ -32,10 +51,7 @@ export async function connectorsTick(
     .where(and(eq(connectors.enabled, true), isNull(connectors.deletedAt)));
   const due: string[] = [];
   for (const row of rows) {
-    const adapter = connectorFor(row.vendor);
-    if (!adapter?.poll || !adapter.pollIntervalMinutes) continue;
-    const parsed = adapter.configSchema.safeParse(row.config);
-    const minutes = parsed.success ? adapter.pollIntervalMinutes(parsed.data) : null;
+    const minutes = pollIntervalOf(row);
     if (minutes === null) continue;
     if (row.lastPolledAt && row.lastPolledAt.getTime() + minutes * 60_000 > now.getTime() + 1_000) continue;
     due.push(row.id);
@@ -58,9 +74,108 @@ export async function connectorsTick(
   return { scheduled: scheduled.map((r) => r.id), requeued };
 }
 
+/** A step of a poll that failed, with a code and a message that carry no personal data (graphile-worker stores it). */
+class PollStepError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The connector was edited while it was polled: the job fails so that its retry polls with the new settings. */
+class ConnectorChangedError extends Error {
+  constructor() {
+    super('connector changed during the poll; polling again');
+  }
+}
+
+/** Longest failure message kept (ours are far shorter; a host name is the only thing of variable length in them). */
+const POLL_ERROR_MESSAGE_MAX = 300;
+
+/**
+ * What a failed poll records for admins: a code and a message with no personal data and no secret. Only messages
+ * written for admins are kept (the adapter's CheckFailed and the outbound client's errors, which name a host at
+ * most, and our own steps'); anything else is known by its code (a SQLSTATE, a driver code) or its class, as a
+ * report's unexpected adapter error is: a database message quotes its query's parameters, a vendor's body anything.
+ */
+function pollFailureOf(err: unknown): { code: string; message: string } {
+  const failure = ((): { code: string; message: string } => {
+    if (err instanceof PollStepError || err instanceof CheckFailed) return { code: err.code, message: err.message };
+    if (err instanceof OutboundError) return { code: `upstream_${err.code}`, message: err.message };
+    if (err instanceof SealError) return { code: 'secrets_unreadable', message: SECRETS_UNREADABLE };
+    const code = safeErrorCode(err);
+    if (pgCode(err)) return { code, message: `database error (${code}); the poll will be retried` };
+    if (code !== 'internal_error') return { code, message: `poll failed (${code})` };
+    return { code, message: `unexpected error (${err instanceof Error ? err.name : 'unknown'})` };
+  })();
+  return { code: failure.code.slice(0, 64), message: failure.message.slice(0, POLL_ERROR_MESSAGE_MAX) };
+}
+
+type PolledConnector = { id: string; workspaceId: string; version: string };
+
+/** The poll starts: recorded only while the connector is as the poll read it (never for one deleted meanwhile). */
+async function recordPollStart(deps: UpstreamDeps, connector: PolledConnector): Promise<void> {
+  await deps.db.execute(sql`
+    insert into ${connectorPollStatus} (connector_id, last_started_at)
+    select ${connector.id}, now() where ${connectorIsCurrent(connector)}
+    on conflict (connector_id) do update set last_started_at = excluded.last_started_at`);
+}
+
+/**
+ * The poll succeeded, in one statement and only if the connector is still as the poll read it: its status, the
+ * connector's last_polled_at (the interval runs from here) and, if it read the whole pending list (`complete`), its
+ * count of such polls, and the refused jobs it listed (`seen`, memory keys, see refusalMemoryKey) as seen now, at that
+ * count (the refusals' prune goes by both). False if not: what this poll found is about a connector that has changed
+ * since, and none of it is recorded.
+ */
+async function recordPollSuccess(deps: UpstreamDeps, connector: PolledConnector, seen: string[], complete: boolean): Promise<boolean> {
+  const rows = await deps.db.execute(sql`
+    with status as (
+      update ${connectorPollStatus} set last_succeeded_at = now(), consecutive_failures = 0
+       where connector_id = ${connector.id} and ${connectorIsCurrent(connector)}
+      returning connector_id),
+    polled as (
+      update ${connectors} set last_polled_at = now(), complete_polls = complete_polls + ${complete ? 1 : 0}::int
+       where id in (select connector_id from status)
+      returning complete_polls),
+    listed as (
+      update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls
+        from polled
+       where r.connector_id = ${connector.id}
+         and r.job_key in (select json_array_elements_text(${JSON.stringify(seen)}::json)))
+    select 1 from polled`);
+  return rows.length > 0;
+}
+
+/**
+ * The poll failed: its code and message, one more failure in a row. Only if the connector is still as the poll read
+ * it: a poll of settings an admin has changed since (or of a connector disabled or deleted) says nothing about the
+ * connector now. Never throws: the poll's own error is what the job reports.
+ */
+async function recordPollFailure(deps: UpstreamDeps, connector: PolledConnector, err: unknown): Promise<void> {
+  const { code, message } = pollFailureOf(err);
+  deps.logger.warn({ connectorId: connector.id, errorCode: code }, 'connector poll failed');
+  try {
+    await deps.db
+      .update(connectorPollStatus)
+      .set({
+        lastFailedAt: sql`now()`,
+        lastErrorCode: code,
+        lastErrorMessage: message,
+        consecutiveFailures: sql`${connectorPollStatus.consecutiveFailures} + 1`,
+      })
+      .where(and(eq(connectorPollStatus.connectorId, connector.id), connectorIsCurrent(connector)));
+  } catch (recordErr) {
+    deps.logger.warn({ connectorId: connector.id, errorCode: safeErrorCode(recordErr) }, 'poll failure not recorded');
+  }
+}
+
 /**
  * Pull mode: asks the vendor for pending tickets and feeds each to the same receiving path as webhooks (one
- * transaction per ticket, so one bad ticket cannot hold back the rest). Tickets already received are no-ops.
+ * transaction per ticket, so one bad ticket cannot hold back the rest). Tickets already received are no-ops. Its
+ * start and its outcome are recorded in connector_poll_status for admins.
  */
 export async function pollConnector(deps: UpstreamDeps, connectorId: string): Promise<{ received: number; new: number }> {
   const current = () =>
@@ -70,26 +185,51 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
       .where(and(eq(connectors.id, connectorId), eq(connectors.enabled, true), isNull(connectors.deletedAt)));
   const [row] = await current();
   if (!row) return { received: 0, new: 0 };
-  const { adapter, instance } = openConnector(deps.sealer, row);
   // A job queued before the connector was switched back to webhooks (pull mode off) finds nothing to do.
-  if (!adapter.poll || !adapter.pollIntervalMinutes || adapter.pollIntervalMinutes(instance.config) === null) {
-    return { received: 0, new: 0 };
-  }
-  const { tickets, unreadable, complete } = await adapter.poll(instance, adapterContext(deps));
-  // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
-  // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
-  const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version, laterOutcome: adapter.laterOutcome };
-  const opened = { adapter, instance };
-  let fresh = 0;
+  if (pollIntervalOf(row) === null) return { received: 0, new: 0 };
+  const connector = { id: row.id, workspaceId: row.workspaceId, version: row.version };
   // Disabled or deleted: stop here. Edited: fail the job, so its retry polls again with the new settings.
-  const stale = async () => {
+  const stale = async (done: { received: number; new: number }) => {
     if ((await current()).length === 0) {
-      deps.logger.info({ connectorId, received: tickets.length, new: fresh }, 'connector disabled during the poll; the rest of it dropped');
-      return { received: tickets.length, new: fresh };
+      deps.logger.info({ connectorId, ...done }, 'connector disabled during the poll; the rest of it dropped');
+      return done;
     }
     deps.logger.info({ connectorId }, 'connector changed during the poll; it will be polled again');
-    throw new Error('connector changed during the poll; polling again');
+    throw new ConnectorChangedError();
   };
+  await recordPollStart(deps, connector);
+  try {
+    const outcome = await pollOnce(deps, row, connector);
+    if ('stale' in outcome) return await stale(outcome.stale);
+    const done = { received: outcome.received, new: outcome.new };
+    if (!(await recordPollSuccess(deps, connector, outcome.seen, outcome.complete))) return await stale(done);
+    deps.logger.info({ connectorId, vendor: row.vendor, ...done, refused: outcome.refused }, 'connector polled');
+    return done;
+  } catch (err) {
+    if (!(err instanceof ConnectorChangedError)) await recordPollFailure(deps, connector, err);
+    throw err;
+  }
+}
+
+/**
+ * One poll of a connector read at `polled.version`: what it listed and stored (with the refused jobs it listed and
+ * whether it read the whole pending list, for recordPollSuccess), or where it found the connector changed.
+ */
+async function pollOnce(
+  deps: UpstreamDeps,
+  row: ConnectorRow,
+  polled: PolledConnector,
+): Promise<
+  { received: number; new: number; refused: number; seen: string[]; complete: boolean } | { stale: { received: number; new: number } }
+> {
+  const connectorId = polled.id;
+  const opened = openConnector(deps.sealer, row);
+  const { adapter, instance } = opened;
+  const { tickets, unreadable, complete } = await adapter.poll!(instance, adapterContext(deps));
+  // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
+  // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
+  const connector = { ...polled, laterOutcome: adapter.laterOutcome };
+  let fresh = 0;
   let refused = 0;
   // The refused jobs this poll listed, whether told now, before, or not yet: remembered while Transcend lists them.
   const seen: string[] = [];
@@ -108,7 +248,7 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
         if (err instanceof StaleConnectorError) throw err;
         const errorCode = safeErrorCode(err);
         deps.logger.warn({ connectorId, code: refusal.code, errorCode }, 'polled ticket refused; recording it failed, the poll will be retried');
-        throw new Error(`refused ticket not recorded (${errorCode})`);
+        throw new PollStepError(errorCode, `refused ticket not recorded (${errorCode})`);
       }
       reportsDeferred = upstream === 'retry_later';
     }
@@ -134,7 +274,7 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
           // subject's identifier among them. Give it a code only.
           const code = safeErrorCode(err);
           deps.logger.warn({ connectorId, errorCode: code }, 'polled ticket not stored; the poll will be retried');
-          throw new Error(`polled ticket not stored (${code})`);
+          throw new PollStepError(code, `polled ticket not stored (${code})`);
         }
         if (isUnstorableValue(err)) errorCode = pgCode(err);
       }
@@ -146,10 +286,8 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
       await refuse({ key: job.jobKey, secret: job.secret }, refusal, { invalid: job.invalid });
     }
   } catch (err) {
-    if (err instanceof StaleConnectorError) return await stale();
+    if (err instanceof StaleConnectorError) return { stale: { received: tickets.length, new: fresh } };
     throw err;
   }
-  await recordPoll(deps, connectorId, seen, complete);
-  deps.logger.info({ connectorId, vendor: row.vendor, received: tickets.length, new: fresh, refused }, 'connector polled');
-  return { received: tickets.length, new: fresh };
+  return { received: tickets.length, new: fresh, refused, seen, complete };
 }

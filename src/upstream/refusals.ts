@@ -77,26 +77,12 @@ export async function reportRefusal(
   return status === 'reported' ? 'reported' : status === 'pending' ? 'retry_later' : 'report_refused';
 }
 
+// A poll that succeeds marks the refused jobs it listed as seen, at its count of whole polls (recordPollSuccess in
+// poll.ts, with the connector's other bookkeeping).
 /** A refusal is forgotten once no poll listed its job for this long… */
 export const REFUSAL_FORGET_DAYS = 30;
 /** …and the connector has read its whole pending list this many times since without finding it. */
 export const REFUSAL_FORGET_POLLS = 3;
-
-/**
- * Records that a poll listed these refused jobs (memory keys, see refusalMemoryKey), and counts the poll if it read the
- * whole pending list. Run when a poll is over, with the poll's other bookkeeping on the connector.
- */
-export async function recordPoll(deps: Pick<UpstreamDeps, 'db'>, connectorId: string, seen: string[], complete: boolean): Promise<void> {
-  await deps.db.execute(sql`
-    with polled as (
-      update ${connectors} set last_polled_at = now(), complete_polls = complete_polls + ${complete ? 1 : 0}::int
-       where id = ${connectorId}
-      returning complete_polls)
-    update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls
-      from polled
-     where r.connector_id = ${connectorId}
-       and r.job_key in (select json_array_elements_text(${JSON.stringify(seen)}::json))`);
-}
 
 /**
  * One batch of the prune of refusals whose job Transcend no longer lists (solved or withdrawn upstream, or corrected

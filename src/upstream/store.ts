@@ -10,13 +10,19 @@ import {
   type Verified,
 } from '../../connectors/types.ts';
 import type { Db, DbOrTx } from '../db/client.ts';
-import { connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
+import { connectorPollStatus, connectors, upstreamTickets, VENDORS, type Vendor } from '../db/schema/index.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import { SealError, secretFingerprint, type Sealer } from '../lib/sealing.ts';
 import type { UpstreamDeps } from './context.ts';
 
 export type ConnectorRow = typeof connectors.$inferSelect;
+export type PollStatusRow = typeof connectorPollStatus.$inferSelect;
+/** A connector as admins read it: with its pull mode health (null if it was never polled). */
+export type ConnectorWithStatus = ConnectorRow & { pollStatus: PollStatusRow | null };
+
+/** What a failed `secrets` check and a failed poll say when no configured master key opens the stored secrets. */
+export const SECRETS_UNREADABLE = 'the stored secrets do not open with the configured master keys: replace them (PUT .../secrets)';
 
 export const connectorCreateSchema = z.strictObject({
   vendor: z.enum(VENDORS),
@@ -121,7 +127,7 @@ function replacedInboundSecrets(adapter: AnyConnector, before: unknown, after: R
   return replaced;
 }
 
-export async function createConnector(deps: UpstreamDeps, workspaceId: string, input: unknown): Promise<ConnectorRow> {
+export async function createConnector(deps: UpstreamDeps, workspaceId: string, input: unknown): Promise<ConnectorWithStatus> {
   const v = validate(connectorCreateSchema, input);
   const adapter = adapterOf(v.vendor);
   const config = validate(adapter.configSchema, v.config, 'config');
@@ -133,23 +139,27 @@ export async function createConnector(deps: UpstreamDeps, workspaceId: string, i
     .values({ id, workspaceId, vendor: v.vendor, name: v.name, config, ...sealSecrets(deps, id, secrets) })
     .returning();
   deps.logger.info({ connectorId: id, vendor: v.vendor }, 'connector created');
-  return row!;
+  return { ...row!, pollStatus: null };
 }
 
-export function listConnectors(db: Db, workspaceId: string): Promise<ConnectorRow[]> {
+/** Connectors with their poll status: one join on the status table's primary key. */
+function withStatus(db: DbOrTx, where: SQL | undefined) {
   return db
-    .select()
+    .select({ connector: connectors, pollStatus: connectorPollStatus })
     .from(connectors)
-    .where(and(eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)))
-    .orderBy(asc(connectors.id));
+    .leftJoin(connectorPollStatus, eq(connectorPollStatus.connectorId, connectors.id))
+    .where(where)
+    .orderBy(asc(connectors.id))
+    .then((rows) => rows.map((r): ConnectorWithStatus => ({ ...r.connector, pollStatus: r.pollStatus })));
+}
+
+export function listConnectors(db: Db, workspaceId: string): Promise<ConnectorWithStatus[]> {
+  return withStatus(db, and(eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)));
 }
 
 /** A connector of this workspace that is not deleted; 404 otherwise (another workspace's id looks unknown). */
-export async function getConnector(db: Db, workspaceId: string, id: string): Promise<ConnectorRow> {
-  const [row] = await db
-    .select()
-    .from(connectors)
-    .where(and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)));
+export async function getConnector(db: DbOrTx, workspaceId: string, id: string): Promise<ConnectorWithStatus> {
+  const [row] = await withStatus(db, and(eq(connectors.id, id), eq(connectors.workspaceId, workspaceId), isNull(connectors.deletedAt)));
   if (!row) throw new ApiError('not_found', 'no such connector in this workspace');
   return row;
 }
@@ -165,7 +175,7 @@ async function lockedConnector(tx: DbOrTx, workspaceId: string, id: string): Pro
   return row;
 }
 
-export async function updateConnector(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
+export async function updateConnector(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown): Promise<ConnectorWithStatus> {
   const v = validate(connectorUpdateSchema, input);
   return deps.db.transaction(async (tx) => {
     const current = await lockedConnector(tx, workspaceId, id);
@@ -175,12 +185,11 @@ export async function updateConnector(deps: UpstreamDeps, workspaceId: string, i
       const secrets = storedSecrets(deps.sealer, adapter, current);
       if (secrets !== undefined) checkSettings(adapter, config, secrets);
     }
-    const [row] = await tx
+    await tx
       .update(connectors)
       .set({ name: v.name, config: config as Record<string, unknown> | undefined, enabled: v.enabled, updatedAt: sql`now()` })
-      .where(eq(connectors.id, id))
-      .returning();
-    return row!;
+      .where(eq(connectors.id, id));
+    return getConnector(tx, workspaceId, id);
   });
 }
 
@@ -190,7 +199,7 @@ export async function updateConnector(deps: UpstreamDeps, workspaceId: string, i
  * (the vendor may still send with the old one until its admin changes it too); this replaces any earlier such set,
  * and 0 (the default) keeps none.
  */
-export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown) {
+export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown): Promise<ConnectorWithStatus> {
   const body = validate(secretsReplaceSchema, input);
   const { row, kept } = await deps.db.transaction(async (tx) => {
     const current = await lockedConnector(tx, workspaceId, id);
@@ -208,12 +217,11 @@ export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id
             previousSecretFingerprints: fingerprintsOf(deps.digestKey, replaced),
             previousSecretsExpireAt: sql`now() + make_interval(secs => ${seconds})`,
           };
-    const [updated] = await tx
+    await tx
       .update(connectors)
       .set({ ...sealSecrets(deps, id, secrets), ...previous, secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })
-      .where(eq(connectors.id, id))
-      .returning();
-    return { row: updated!, kept: Object.keys(replaced) };
+      .where(eq(connectors.id, id));
+    return { row: await getConnector(tx, workspaceId, id), kept: Object.keys(replaced) };
   });
   deps.logger.info(
     { connectorId: id, keptPrevious: kept, previousUntil: row.previousSecretsExpireAt?.toISOString() },
@@ -226,16 +234,15 @@ export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id
  * Ends the grace period of the previous inbound secrets at once (e.g. the old secret leaked); the current secrets
  * stay. Nothing to end is no error: the connector is returned as it is.
  */
-export async function endPreviousSecrets(deps: UpstreamDeps, workspaceId: string, id: string): Promise<ConnectorRow> {
+export async function endPreviousSecrets(deps: UpstreamDeps, workspaceId: string, id: string): Promise<ConnectorWithStatus> {
   const { row, ended } = await deps.db.transaction(async (tx) => {
     const current = await lockedConnector(tx, workspaceId, id);
-    if (current.previousSecretsSealed === null) return { row: current, ended: false };
-    const [updated] = await tx
+    if (current.previousSecretsSealed === null) return { row: await getConnector(tx, workspaceId, id), ended: false };
+    await tx
       .update(connectors)
       .set({ ...NO_PREVIOUS_SECRETS, updatedAt: sql`now()` })
-      .where(eq(connectors.id, id))
-      .returning();
-    return { row: updated!, ended: true };
+      .where(eq(connectors.id, id));
+    return { row: await getConnector(tx, workspaceId, id), ended: true };
   });
   if (ended) deps.logger.info({ connectorId: id }, 'connector previous inbound secrets ended');
   return row;
@@ -462,8 +469,7 @@ export async function testConnector(deps: UpstreamDeps, row: ConnectorRow): Prom
     opened = openConnector(deps.sealer, row);
   } catch (err) {
     if (!(err instanceof SealError)) throw err;
-    const detail = 'the stored secrets do not open with the configured master keys: replace them (PUT .../secrets)';
-    return { ok: false, checks: [{ name: 'secrets', ok: false, detail }] };
+    return { ok: false, checks: [{ name: 'secrets', ok: false, detail: SECRETS_UNREADABLE }] };
   }
   return opened.adapter.test(opened.instance, adapterContext(deps));
 }

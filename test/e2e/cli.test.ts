@@ -23,6 +23,7 @@ import { taskList } from '../../src/jobs/tasks.ts';
 import { createLogger } from '../../src/lib/logger.ts';
 import { keyIdOf, Sealer, secretFingerprint } from '../../src/lib/sealing.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
+import { connectorsTick } from '../../src/upstream/poll.ts';
 import { openConnector, secretsContext, type ConnectorRow } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
@@ -512,6 +513,57 @@ describe('connectors', () => {
     const after = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: signed.headers, body: signed.rawBody });
     expect(after.status).toBe(404);
     expect(await env.sql`select id from upstream_tickets where connector_id = ${dgId}`).toHaveLength(0);
+  });
+
+  it('connectors list, show and test tell how the scheduled polls of a pull connector went', async () => {
+    const transcend = await startFakeTranscend();
+    try {
+      const wsPoll = await env.newWorkspace('CLI poll');
+      const silo = 'silo-cli-poll';
+      const created = await api('POST', '/v1/admin/connectors', wsPoll.adminKey, {
+        vendor: 'transcend',
+        name: 'Pulled',
+        config: transcend.config({ pull: { enabled: true, dataSiloId: silo, actions: ['ERASURE'], intervalMinutes: 5 } }),
+        secrets: transcend.secrets,
+      });
+      expect(created.status, created.text).toBe(201);
+      const id = created.json.id as string;
+      transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, { status: 503, body: { error: 'down' } });
+      expect((await connectorsTick(env.deps)).scheduled).toEqual([id]);
+      await env.runJobs(); // the poll's first attempt fails
+
+      const viaApi = (await api('GET', `/v1/admin/connectors/${id}`, wsPoll.adminKey)).json;
+      expect(viaApi.pollStatus).toMatchObject({ consecutiveFailures: 1, lastFailure: { code: 'upstream_http_error' } });
+      const [list, shown, shownJson, tested] = await Promise.all([
+        run(['connectors', 'list', '--workspace', wsPoll.workspaceId]),
+        run(['connectors', 'show', id]),
+        ok(['connectors', 'show', id]),
+        run(['connectors', 'test', id]),
+      ]);
+      expect(shownJson.pollStatus).toEqual(viaApi.pollStatus);
+      expect(list.code, list.stderr).toBe(0);
+      expect(list.stdout).toContain(`${id}  transcend  enabled   "Pulled"`);
+      expect(list.stdout).toContain('poll FAILING (1 in a row: upstream_http_error)');
+      expect(shown.stdout).toMatch(
+        new RegExp(`^ {2}poll {8}FAILING: 1 in a row, last at ${viaApi.pollStatus.lastFailure.at.replace(/\./g, '\\.')}: upstream_http_error: Transcend pending-requests ERASURE: HTTP 503$`, 'm'),
+      );
+      expect(shown.stdout).toMatch(/^ {2}next poll {3}\d{4}-\d\d-\d\dT/m);
+      // The test lists pending requests now (failing too), and says how the scheduled polls went.
+      expect(tested.code).toBe(1);
+      expect(tested.stdout).toMatch(/^ {2}FAIL {2}pending requests: Transcend pending-requests ERASURE: HTTP 503$/m);
+      expect(tested.stdout).toMatch(/^ {2}scheduled polls: FAILING: 1 in a row, last at /m);
+
+      transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, { status: 200, body: { items: [] } });
+      await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${`poll:${id}`}`;
+      await env.runJobs(); // its retry succeeds
+      const again = await run(['connectors', 'list', '--workspace', wsPoll.workspaceId]);
+      expect(again.stdout).toMatch(/poll ok \(last \d{4}-\d\d-\d\dT[^)]*\)$/m);
+      // A connector receiving webhooks has no poll line.
+      const other = await run(['connectors', 'list', '--workspace', ws.workspaceId]);
+      expect(other.stdout).not.toContain('poll');
+    } finally {
+      await transcend.stop();
+    }
   });
 });
 

@@ -149,6 +149,8 @@ describe('POST /v1/admin/connectors', () => {
       createdAt: expect.stringMatching(ISO),
       updatedAt: expect.stringMatching(ISO),
       secretsRotatedAt: expect.stringMatching(ISO),
+      // Not in pull mode: no poll status.
+      pollStatus: null,
     });
     expect(view.secrets.apiKey.fingerprint).toBe(secretFingerprint(env.deps.digestKey, FAKE_API_KEY));
     expectNoSecrets(res.text);

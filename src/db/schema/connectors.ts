@@ -69,6 +69,25 @@ export const connectors = pgTable(
   ],
 );
 
+/**
+ * Pull mode's health, one row per connector that was ever polled, written by the poll job only (so it never changes
+ * the connector row, whose version tells webhooks and polls that an admin edited it): when the last poll started,
+ * when one last succeeded, the last failure and how many attempts in a row have failed. The error is a code and a
+ * message fit for an admin (no personal data, no secret: never a vendor's body or a database message).
+ */
+export const connectorPollStatus = pgTable('connector_poll_status', {
+  connectorId: text('connector_id')
+    .primaryKey()
+    .references(() => connectors.id),
+  lastStartedAt: ts('last_started_at'),
+  lastSucceededAt: ts('last_succeeded_at'),
+  lastFailedAt: ts('last_failed_at'),
+  lastErrorCode: text('last_error_code'),
+  lastErrorMessage: text('last_error_message'),
+  /** Failed attempts since the last success (each attempt of a retried poll job counts). */
+  consecutiveFailures: integer('consecutive_failures').notNull().default(0),
+});
+
 export const UPSTREAM_STATUSES = ['pending', 'delivered', 'failed'] as const;
 export type UpstreamStatus = (typeof UPSTREAM_STATUSES)[number];
 
