@@ -9,7 +9,7 @@ import type { HttpClient } from '../src/lib/outbound.ts';
 export type Vendor = 'transcend' | 'onetrust' | 'datagrail';
 
 /** Actions an adapter may ask for; `access` is recognised so it can be refused with a clear message. */
-export type TicketAction = 'erase' | 'suppress' | 'unsuppress';
+export type TicketAction = 'erase' | 'suppress' | 'unsuppress' | 'hold' | 'release_hold';
 
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [k: string]: JsonValue };
 
@@ -59,7 +59,7 @@ export interface Verified {
 
 export type SubjectRef = { kind: 'user_id' | 'email'; value: string };
 
-/** One normalised ticket: what the core turns into (or joins to) an erase/suppress/unsuppress request. */
+/** One normalised ticket: what the core turns into (or joins to) a request of the same action. */
 export interface DsrTicket {
   /** The vendor's stable id for this ticket; a redelivery carries the same key. No personal data. */
   ticketKey: string;
@@ -104,7 +104,7 @@ export interface TicketOutcome {
   requestId: string;
   auditRecordId: string;
   status: 'complete' | 'failed';
-  outcome: 'erased' | 'suppressed' | 'unsuppressed' | 'not_found' | 'failed';
+  outcome: 'erased' | 'suppressed' | 'unsuppressed' | 'held' | 'released' | 'not_found' | 'failed';
   counts: Record<string, number>;
   errorCode: string | null;
 }

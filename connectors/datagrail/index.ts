@@ -129,6 +129,8 @@ export function completionBody(ticket: StoredTicket, outcome: TicketOutcome) {
     erased: `Erased ${recordsFound} record${recordsFound === 1 ? '' : 's'}.`,
     suppressed: 'Subject suppressed.',
     unsuppressed: 'Subject unsuppressed.',
+    held: 'Subject placed on legal hold.',
+    released: 'Legal hold released.',
     not_found: 'No records found for this subject.',
   }[outcome.outcome];
   return { ...base, status: 'completed', message: `${done} ${audit}`, records_found: recordsFound };

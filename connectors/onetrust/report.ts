@@ -108,6 +108,9 @@ const DONE: Record<StoredTicket['action'], { done: string; verb: string; noun: s
   erase: { done: 'Personal data deleted', verb: 'delete', noun: 'Deletion' },
   suppress: { done: 'Processing of personal data suppressed', verb: 'suppress', noun: 'Suppression' },
   unsuppress: { done: 'Suppression of personal data lifted', verb: 'unsuppress', noun: 'Lifting the suppression' },
+  // OneTrust sends no holds today (its request types map to the three above); kept so every action has its words.
+  hold: { done: 'Placed on legal hold', verb: 'hold', noun: 'Placing the legal hold' },
+  release_hold: { done: 'Legal hold released', verb: 'release', noun: 'Releasing the legal hold' },
 };
 
 /**

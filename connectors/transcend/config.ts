@@ -20,6 +20,8 @@ export const ACTIONS = {
   AUTOMATED_DECISION_MAKING_OPT_IN: 'unsuppress',
   USE_OF_SENSITIVE_INFORMATION_OPT_IN: 'unsuppress',
   CUSTOM_OPT_IN: 'unsuppress',
+  PLACE_ON_LEGAL_HOLD: 'hold',
+  REMOVE_FROM_LEGAL_HOLD: 'release_hold',
 } as const satisfies Record<string, TicketAction>;
 
 export type TranscendAction = keyof typeof ACTIONS;

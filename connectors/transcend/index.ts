@@ -142,7 +142,18 @@ function parse(req: RawWebhook, conn: TranscendConnector, verified: Verified): P
   return { kind: 'tickets', tickets: [ticket] };
 }
 
-const DONE_VERB = { erased: 'Erased', suppressed: 'Suppressed', unsuppressed: 'Unsuppressed' } as const;
+const DONE_VERB = {
+  erased: 'Erased',
+  suppressed: 'Suppressed',
+  unsuppressed: 'Unsuppressed',
+  held: 'Placed on legal hold',
+  released: 'Released from legal hold',
+} as const;
+
+/** Failures whose code alone would leave the Transcend admin guessing: said in words too (never an identifier). */
+const FAILURE_REASONS: Record<string, string> = {
+  legal_hold: 'the subject is on legal hold, nothing was erased',
+};
 
 /**
  * The one place an outcome becomes Transcend's job status. "No data found" is SKIPPED (what Transcend records when a
@@ -154,7 +165,9 @@ export function reportBody(outcome: TicketOutcome): {
 } {
   const audit = `Audit record ${outcome.auditRecordId}`;
   if (outcome.status === 'failed' || outcome.outcome === 'failed') {
-    return { profileStatus: 'ERROR', message: `Failed (${outcome.errorCode ?? 'unknown_error'}). ${audit}` };
+    const code = outcome.errorCode ?? 'unknown_error';
+    const reason = Object.hasOwn(FAILURE_REASONS, code) ? `: ${FAILURE_REASONS[code]}` : '';
+    return { profileStatus: 'ERROR', message: `Failed (${code})${reason}. ${audit}` };
   }
   if (outcome.outcome === 'not_found') {
     return { profileStatus: 'SKIPPED', message: `No data found for this subject. ${audit}` };

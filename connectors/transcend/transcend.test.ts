@@ -336,6 +336,8 @@ describe('parse', () => {
     ['AUTOMATED_DECISION_MAKING_OPT_IN', 'unsuppress'],
     ['USE_OF_SENSITIVE_INFORMATION_OPT_IN', 'unsuppress'],
     ['CUSTOM_OPT_IN', 'unsuppress'],
+    ['PLACE_ON_LEGAL_HOLD', 'hold'],
+    ['REMOVE_FROM_LEGAL_HOLD', 'release_hold'],
   ])('maps %s to %s', async (type, action) => {
     const result = await parsed({ type });
     expect(result.kind === 'tickets' && result.tickets[0]!.action).toBe(action);
@@ -345,8 +347,6 @@ describe('parse', () => {
     ['ACCESS', 'Transcend action ACCESS is not implemented: access requests are not implemented yet'],
     ['BUSINESS_PURPOSE', 'Transcend action BUSINESS_PURPOSE is not implemented: access requests are not implemented yet'],
     ['RECTIFICATION', 'Transcend action RECTIFICATION is not implemented'],
-    ['PLACE_ON_LEGAL_HOLD', 'Transcend action PLACE_ON_LEGAL_HOLD is not implemented'],
-    ['REMOVE_FROM_LEGAL_HOLD', 'Transcend action REMOVE_FROM_LEGAL_HOLD is not implemented'],
     ['TELEPORT', 'Transcend action TELEPORT is not implemented'],
     ['jane@example.com', 'Transcend action (unrecognised type) is not implemented'],
   ])('refuses %s with action_not_implemented', async (type, message) => {

@@ -7,6 +7,7 @@ import { p, prebuiltSql, type Prebuilt } from './prebuilt.ts';
  * keys, then user keys, each kind in ascending order, so no two transactions can wait on each other in a cycle.
  *  - ingest:           workspace shared,    emails an identify sets shared,    users shared
  *  - user scope:       workspace shared,    the subject's email exclusive (by email),    users exclusive
+ *                      (erase, suppress, hold alike: a hold and an erasure of the same person serialise)
  *  - workspace scope:  workspace exclusive
  */
 export function lockKeys(tx: Tx, mode: 'shared' | 'exclusive', keys: string[]): Promise<unknown> {

@@ -17,7 +17,7 @@ import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
 import { retryRequest } from '../privacy/retry.ts';
-import { intake, type DsrRequest } from '../privacy/intake.ts';
+import { HOLD_SCOPE_MESSAGE, intake, isHoldAction, type DsrRequest } from '../privacy/intake.ts';
 import { actorOf, bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import { cursorCondition, newestFirst, page } from './pagination.ts';
@@ -59,6 +59,9 @@ export const PrivacyRequestInput = z
     }
     if (v.scope === 'workspace' && (v.userId !== undefined || v.email !== undefined)) {
       ctx.addIssue({ code: 'custom', path: ['scope'], message: 'a workspace-scope request takes no userId or email' });
+    }
+    if (v.scope === 'workspace' && isHoldAction(v.action)) {
+      ctx.addIssue({ code: 'custom', path: ['scope'], message: HOLD_SCOPE_MESSAGE });
     }
   })
   .openapi('PrivacyRequestInput');
@@ -271,7 +274,7 @@ const json = <T extends z.ZodType>(schema: T, description: string) => ({
 const createRequests = createRoute({
   method: 'post',
   path: '/v1/privacy/requests',
-  summary: `Create one erase/suppress/unsuppress request, or a batch of up to ${MAX_PRIVACY_BATCH}`,
+  summary: `Create one erase/suppress/unsuppress/hold/release_hold request, or a batch of up to ${MAX_PRIVACY_BATCH}`,
   tags: ['privacy'],
   security: bearerSecurity,
   request: {
@@ -374,8 +377,14 @@ const listAudit = createRoute({
 
 type Item = z.infer<typeof ItemResult>;
 
+/**
+ * What a person must have entered their password for lately: an erasure, a workspace-wide request, and releasing a
+ * legal hold (it lets erasures through again). Placing a hold only stops erasures, so it needs no more than a session.
+ */
+const RECENT_AUTH_ACTIONS: ReadonlySet<string> = new Set(['erase', 'release_hold']);
+
 function needsRecentAuth(parsed: { success: boolean; data?: { action: string; scope: string } }): boolean {
-  return parsed.success && (parsed.data!.action === 'erase' || parsed.data!.scope === 'workspace');
+  return parsed.success && (RECENT_AUTH_ACTIONS.has(parsed.data!.action) || parsed.data!.scope === 'workspace');
 }
 
 /**

@@ -7,18 +7,20 @@ import {
   endUsers,
   erasureMarkers,
   events,
+  legalHolds,
   messages,
   suppressions,
   topicQuestions,
   workspaces,
   type AuditCounts,
+  type HoldCounts,
   type Outcome,
 } from '../db/schema/index.ts';
 import { emailLockKey, normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { errorCodeOf, isTransient } from '../db/errors.ts';
 import { DomainError } from '../lib/errors.ts';
 import type { PrivacyDeps } from './context.ts';
-import type { DsrRequest } from './intake.ts';
+import { isHoldAction, type DsrRequest } from './intake.ts';
 import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
 import { newId } from '../lib/ids.ts';
 import { clientOf, commitWithoutFlush, p, prebuilt, prebuiltSql } from '../db/prebuilt.ts';
@@ -97,13 +99,13 @@ const markFinished = prebuilt((b) =>
 const findUser = {
   user_id: prebuilt((b) =>
     b
-      .select({ id: endUsers.id, externalId: endUsers.externalId })
+      .select({ id: endUsers.id, externalId: endUsers.externalId, email: endUsers.emailNormalized })
       .from(endUsers)
       .where(and(eq(endUsers.workspaceId, p('workspaceId')), eq(endUsers.externalId, p('value')))),
   ),
   email: prebuilt((b) =>
     b
-      .select({ id: endUsers.id, externalId: endUsers.externalId })
+      .select({ id: endUsers.id, externalId: endUsers.externalId, email: endUsers.emailNormalized })
       .from(endUsers)
       .where(and(eq(endUsers.workspaceId, p('workspaceId')), eq(endUsers.emailNormalized, p('value')))),
   ),
@@ -184,7 +186,7 @@ export class TransientFailure extends Error {
 
 interface Applied {
   outcome: Outcome;
-  counts: AuditCounts;
+  counts: AuditCounts & HoldCounts;
 }
 
 /**
@@ -358,13 +360,24 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
     await lockKeys(tx, 'exclusive', [workspaceLockKey(req.workspaceId)]);
     switch (req.action) {
       case 'erase':
+        // Holds are placed under the workspace's shared lock, which this exclusive one waits out.
+        await refuseIfHeld(tx, req.workspaceId, null);
         return eraseWorkspace(tx, req.workspaceId);
       case 'suppress':
       case 'unsuppress':
         return setSuppression(tx, req.workspaceId, null, req);
+      case 'hold':
+      case 'release_hold':
+        throw new DomainError('scope_not_supported', 'a legal hold is placed on a user, not a workspace');
     }
   }
   const users = await resolveAndLock(tx, req);
+  if (isHoldAction(req.action)) return setHold(tx, req);
+  if (req.action === 'erase') {
+    // Under the locks a hold on any of these profiles is placed under, so one committed before this check is seen,
+    // and one placed after it waits until this erasure has committed.
+    await refuseIfHeld(tx, req.workspaceId, [req.subjectDigest, ...heldDigests(ctx, req.workspaceId, users)]);
+  }
   if (users.length === 0) return { outcome: 'not_found', counts: {} };
   switch (req.action) {
     case 'erase':
@@ -380,6 +393,8 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
 interface ResolvedUser {
   id: number;
   externalId: string;
+  /** Normalised. */
+  email: string | null;
 }
 
 /**
@@ -496,19 +511,19 @@ async function eraseWorkspace(tx: Tx, workspaceId: string): Promise<Applied> {
 }
 
 /**
- * A suppress or unsuppress of the same subject made after this one and already applied: the subject's flag says what
- * the newest request asked, whatever order the jobs ran in. "After" is by the database's clock (created_at, then id
+ * A request of the same pair (suppress/unsuppress, hold/release_hold) for the same subject, made after this one and
+ * already applied: the subject's flag (or hold) says what the newest request asked, whatever order the jobs ran in. "After" is by the database's clock (created_at, then id
  * for requests made in one transaction): an id carries the clock of the process that made it, which may be behind
  * another web process's. Both hold the subject's exclusive locks while they run, so the other's outcome is committed
  * before this one looks.
  */
-const newerSuppressionApplied = prebuiltSql<{ newer: boolean }>(
+const newerOfPairApplied = prebuiltSql<{ newer: boolean }>(
   () => sql`
     select exists (
       select 1 from ${dsrRequests}
        where ${dsrRequests.workspaceId} = ${p('workspaceId')} and ${dsrRequests.scope} = ${p('scope')}
          and ${dsrRequests.subjectDigest} = ${p('subjectDigest')} and ${dsrRequests.status} = 'complete'
-         and ${dsrRequests.action} in ('suppress', 'unsuppress')
+         and ${dsrRequests.action} in (${p('action')}, ${p('opposite')})
          and (${dsrRequests.createdAt}, ${dsrRequests.id}) >
              (select r.created_at, r.id from ${dsrRequests} r where r.id = ${p('id')})) as newer`,
 );
@@ -519,13 +534,7 @@ async function setSuppression(
   users: ResolvedUser[] | null,
   req: RunningRequest,
 ): Promise<Applied> {
-  const [superseded] = await newerSuppressionApplied.run(tx, {
-    workspaceId,
-    scope: req.scope,
-    subjectDigest: req.subjectDigest,
-    id: req.id,
-  });
-  if (superseded?.newer) {
+  if (await supersededByNewer(tx, req, 'suppress', 'unsuppress')) {
     // Changes nothing (the counts say so): undoing a newer request's effect would turn the subject's flag back.
     return { outcome: req.action === 'suppress' ? 'suppressed' : 'unsuppressed', counts: { suppressions: 0 } };
   }
@@ -541,4 +550,60 @@ async function setSuppression(
     : and(eq(suppressions.workspaceId, workspaceId), isNull(suppressions.userId));
   const removed = await tx.delete(suppressions).where(where);
   return { outcome: 'unsuppressed', counts: { suppressions: removed.count } };
+}
+
+async function supersededByNewer(tx: Tx, req: RunningRequest, action: string, opposite: string): Promise<boolean> {
+  const [row] = await newerOfPairApplied.run(tx, {
+    workspaceId: req.workspaceId,
+    scope: req.scope,
+    subjectDigest: req.subjectDigest,
+    id: req.id,
+    action,
+    opposite,
+  });
+  return row?.newer === true;
+}
+
+/**
+ * Places or releases the hold on the request's identifier (whether or not a profile carries it yet), under the same
+ * locks as an erasure of it: the newest of a hold and a release wins, as for suppressions.
+ */
+async function setHold(tx: Tx, req: RunningRequest): Promise<Applied> {
+  const hold = req.action === 'hold';
+  const outcome = hold ? 'held' : 'released';
+  if (await supersededByNewer(tx, req, 'hold', 'release_hold')) return { outcome, counts: { holds: 0 } };
+  const changed = hold
+    ? await tx
+        .insert(legalHolds)
+        .values({ workspaceId: req.workspaceId, subjectDigest: req.subjectDigest, requestId: req.id })
+        .onConflictDoNothing()
+    : await tx
+        .delete(legalHolds)
+        .where(and(eq(legalHolds.workspaceId, req.workspaceId), eq(legalHolds.subjectDigest, req.subjectDigest)));
+  return { outcome, counts: { holds: changed.count } };
+}
+
+/** The digests a hold on these profiles would be keyed by: each one's user id and email. */
+function heldDigests(ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[]): string[] {
+  return users.flatMap((u) => [
+    subjectDigest(ctx.digestKey, workspaceId, 'user_id', u.externalId),
+    ...(u.email ? [subjectDigest(ctx.digestKey, workspaceId, 'email', u.email)] : []),
+  ]);
+}
+
+/** errorCode of an erasure refused because its subject (or, for a workspace, anyone in it) is on legal hold. */
+export const LEGAL_HOLD = 'legal_hold';
+
+/** Any of these digests held (null: any hold in the workspace). */
+const anyHeld = prebuiltSql<{ held: boolean }>(
+  () => sql`
+    select exists (
+      select 1 from ${legalHolds}
+       where ${legalHolds.workspaceId} = ${p('workspaceId')}
+         and (${p('digests')}::text[] is null or ${legalHolds.subjectDigest} = any(${p('digests')}::text[]))) as held`,
+);
+
+async function refuseIfHeld(tx: Tx, workspaceId: string, digests: string[] | null): Promise<void> {
+  const [row] = await anyHeld.run(tx, { workspaceId, digests: digests && clientOf(tx).array(digests) });
+  if (row?.held) throw new DomainError(LEGAL_HOLD, 'the subject is on legal hold; nothing was erased');
 }

@@ -34,7 +34,14 @@ export const intakeInputSchema = z
     if (v.scope === 'workspace' && v.subject) {
       ctx.addIssue({ code: 'custom', path: ['subject'], message: 'a workspace-scope request takes no subject' });
     }
+    if (v.scope === 'workspace' && isHoldAction(v.action)) {
+      ctx.addIssue({ code: 'custom', path: ['scope'], message: HOLD_SCOPE_MESSAGE });
+    }
   });
+
+/** Legal holds are placed on (and released from) a user's identifier only. */
+export const isHoldAction = (action: string) => action === 'hold' || action === 'release_hold';
+export const HOLD_SCOPE_MESSAGE = 'hold and release_hold take scope user (a userId or email)';
 export type IntakeInput = z.input<typeof intakeInputSchema>;
 
 export type IntakeResult =

@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { bigint, check, index, integer, jsonb, pgTable, text, uniqueIndex } from 'drizzle-orm/pg-core';
+import { bigint, check, index, integer, jsonb, pgTable, primaryKey, text, uniqueIndex } from 'drizzle-orm/pg-core';
 import { ts } from './columns.ts';
 import { workspaces } from './product.ts';
 
@@ -27,7 +27,7 @@ export const apiKeys = pgTable(
   ],
 );
 
-export const REQUEST_ACTIONS = ['erase', 'suppress', 'unsuppress'] as const;
+export const REQUEST_ACTIONS = ['erase', 'suppress', 'unsuppress', 'hold', 'release_hold'] as const;
 export type RequestAction = (typeof REQUEST_ACTIONS)[number];
 export const REQUEST_SCOPES = ['user', 'workspace'] as const;
 export type RequestScope = (typeof REQUEST_SCOPES)[number];
@@ -37,7 +37,7 @@ export const SUBJECT_KINDS = ['user_id', 'email', 'workspace'] as const;
 export type SubjectKind = (typeof SUBJECT_KINDS)[number];
 export const ACTOR_TYPES = ['api_key', 'admin', 'connector', 'system'] as const;
 export type ActorType = (typeof ACTOR_TYPES)[number];
-export const OUTCOMES = ['erased', 'suppressed', 'unsuppressed', 'not_found', 'failed'] as const;
+export const OUTCOMES = ['erased', 'suppressed', 'unsuppressed', 'held', 'released', 'not_found', 'failed'] as const;
 export type Outcome = (typeof OUTCOMES)[number];
 
 export const dsrRequests = pgTable(
@@ -92,7 +92,7 @@ export const dsrRequests = pgTable(
     index('dsr_requests_workspace_external_idx').on(t.workspaceId, t.externalRequestId),
     index('dsr_requests_workspace_upstream_idx').on(t.workspaceId, t.upstreamRef),
     check('dsr_requests_status_ck', sql`${t.status} in ('queued', 'running', 'complete', 'failed')`),
-    check('dsr_requests_action_ck', sql`${t.action} in ('erase', 'suppress', 'unsuppress')`),
+    check('dsr_requests_action_ck', sql`${t.action} in ('erase', 'suppress', 'unsuppress', 'hold', 'release_hold')`),
     check('dsr_requests_scope_ck', sql`${t.scope} in ('user', 'workspace')`),
     check(
       'dsr_requests_terminal_wiped_ck',
@@ -102,9 +102,12 @@ export const dsrRequests = pgTable(
   ],
 );
 
+/** Rows of the subject's data an erasure or suppression touched. */
 export type AuditCounts = Partial<
   Record<'profiles' | 'events' | 'conversations' | 'messages' | 'topicQuestions' | 'suppressions', number>
 >;
+/** What a hold or release_hold counts instead: the holds it set or cleared. */
+export type HoldCounts = { holds?: number };
 
 /** Immutable: a trigger (migration 0001) rejects UPDATE, DELETE and TRUNCATE. No raw personal data. */
 export const auditRecords = pgTable(
@@ -122,7 +125,7 @@ export const auditRecords = pgTable(
     upstreamRef: text('upstream_ref'),
     status: text('status', { enum: ['complete', 'failed'] }).notNull(),
     outcome: text('outcome', { enum: OUTCOMES }).notNull(),
-    counts: jsonb('counts').$type<AuditCounts>().notNull().default({}),
+    counts: jsonb('counts').$type<AuditCounts & HoldCounts>().notNull().default({}),
     errorCode: text('error_code'),
     startedAt: ts('started_at').notNull(),
     finishedAt: ts('finished_at').notNull(),
@@ -147,4 +150,21 @@ export const auditRecords = pgTable(
     index('audit_records_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
     check('audit_records_status_ck', sql`${t.status} in ('complete', 'failed')`),
   ],
+);
+
+/**
+ * Legal holds, one per subject identifier (keyed digest, as the requests', never the identifier itself): set by a
+ * `hold` request, cleared by a `release_hold` for the same identifier. An erasure of any profile whose user id or
+ * email is held, or of a workspace holding any, fails with `legal_hold` (src/privacy/execute.ts). Kept until released.
+ */
+export const legalHolds = pgTable(
+  'legal_holds',
+  {
+    workspaceId: text('workspace_id').notNull().references(() => workspaces.id),
+    subjectDigest: text('subject_digest').notNull(),
+    /** The hold request that placed it. */
+    requestId: text('request_id').notNull(),
+    heldAt: ts('held_at').notNull().defaultNow(),
+  },
+  (t) => [primaryKey({ columns: [t.workspaceId, t.subjectDigest] })],
 );
