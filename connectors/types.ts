@@ -133,8 +133,17 @@ export interface UnreadableJob {
 export interface PollResult {
   tickets: DsrTicket[];
   unreadable: UnreadableJob[];
-  /** The whole pending list was read (no page limit cut it short): a job it does not hold is not listed. */
+  /**
+   * This poll finished a read of the whole pending list: with the polls since the last complete one (a long list is
+   * read a part per poll, see `cursor`), it read every list from its start to its end, so a job none of them held is
+   * not listed.
+   */
   complete: boolean;
+  /**
+   * Where the next poll goes on (the core keeps it for the connector, and gives it back to the next poll only if this
+   * one succeeded); absent when the adapter keeps nothing between polls. Must hold no personal data.
+   */
+  cursor?: JsonValue;
 }
 
 /** Why a listed job is refused, as the vendor is told: a stable code and a message, never personal data. */
@@ -201,9 +210,10 @@ export interface Connector<C = unknown, S = unknown> {
   test(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<TestResult>;
   /**
    * Pull mode, for connectors configured to poll instead of receiving webhooks: the pending tickets now waiting
-   * upstream. Absent when the vendor has no pull mode.
+   * upstream, from where the last successful poll left off (`cursor`: the one it returned, null for a first poll or
+   * after a poll that returned none). Absent when the vendor has no pull mode.
    */
-  poll?(conn: ConnectorInstance<C, S>, ctx: AdapterContext): Promise<PollResult>;
+  poll?(conn: ConnectorInstance<C, S>, ctx: AdapterContext, cursor: JsonValue | null): Promise<PollResult>;
   /**
    * Pull mode: tells the vendor that a listed job is refused and why (so its admin sees it instead of a job that never
    * progresses). `secret` is the job's capability. Must not throw for HTTP outcomes.

@@ -263,23 +263,57 @@ async function pendingRequests(
   return page.data.items;
 }
 
-async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<PollResult> {
+/**
+ * Where pull mode goes on, for the connector's data silo: per action, the offset the next poll reads from (absent: a
+ * new pass from the start of the list), and the actions whose list was read to its end since the last complete poll.
+ */
+const pollCursor = z.strictObject({
+  dataSiloId: z.string(),
+  offsets: z.record(z.string(), z.number().int().min(0)),
+  readWhole: z.array(z.string()),
+});
+type PollCursor = z.infer<typeof pollCursor>;
+
+/** The cursor the last poll left, or a fresh one if it is of another data silo (the connector was edited) or unreadable. */
+function cursorFor(conn: TranscendConnector, cursor: JsonValue | null): PollCursor {
+  const parsed = pollCursor.safeParse(cursor);
+  const dataSiloId = conn.config.pull.dataSiloId ?? '';
+  if (parsed.success && parsed.data.dataSiloId === dataSiloId) return parsed.data;
+  return { dataSiloId, offsets: {}, readWhole: [] };
+}
+
+/**
+ * Pull mode reads at most MAX_PAGES pages per action per poll, going on from where the last poll stopped: jobs that
+ * stay listed (told ERROR, or refused) cannot hold back the jobs behind them. Once a pass reaches the end of an
+ * action's list, the next one starts again from the start. A resumed read starts a page early: jobs read before may
+ * have left the list since (completed), moving the rest forward. A job that still moved past the point reached (more
+ * than a page of them left) is read by the next pass, which starts from the start: only jobs older than it (ahead of
+ * it in the list) can move it back, so it is skipped at most as many times as there are such jobs that leave.
+ * The poll is complete once every action's list was read from its start to its end since the last complete poll.
+ */
+async function poll(conn: TranscendConnector, ctx: AdapterContext, cursor: JsonValue | null): Promise<PollResult> {
   // Keyed by job and subject: offset paging over a list that changes between pages may show a job twice.
   const tickets = new Map<string, DsrTicket>();
   const unreadable = new Map<string, UnreadableJob>();
-  let complete = true;
-  for (const transcendAction of new Set(conn.config.pull.actions)) {
+  const actions = [...new Set(conn.config.pull.actions)];
+  const state = cursorFor(conn, cursor);
+  const offsets: Record<string, number> = {};
+  const readWhole = new Set(state.readWhole.filter((a) => (actions as string[]).includes(a)));
+  for (const transcendAction of actions) {
     const action = actionFor(transcendAction);
+    const resume = state.offsets[transcendAction] ?? 0;
+    const from = Math.max(0, resume - PAGE_SIZE);
     for (let page = 0; ; page++) {
       if (page === MAX_PAGES) {
-        complete = false;
+        offsets[transcendAction] = from + MAX_PAGES * PAGE_SIZE;
         ctx.logger.warn(
-          { connectorId: conn.id, action: transcendAction, read: MAX_PAGES * PAGE_SIZE },
-          'transcend: more pending requests than one poll reads; the rest follow in later polls',
+          { connectorId: conn.id, action: transcendAction, from, nextOffset: offsets[transcendAction] },
+          'transcend: more pending requests than one poll reads; the next poll goes on from here',
         );
         break;
       }
-      const items = await pendingRequests(conn, ctx, transcendAction, PAGE_SIZE, page * PAGE_SIZE);
+      const offset = from + page * PAGE_SIZE;
+      const items = await pendingRequests(conn, ctx, transcendAction, PAGE_SIZE, offset);
       items.forEach((raw, i) => {
         const item = pendingItem.safeParse(raw);
         if (!item.success) {
@@ -288,7 +322,7 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<Poll
           // nonce, the only handle such an item surely has.
           const usable = itemNonce.safeParse(raw);
           ctx.logger.warn(
-            { connectorId: conn.id, action: transcendAction, position: page * PAGE_SIZE + i, invalid, answerable: usable.success },
+            { connectorId: conn.id, action: transcendAction, position: offset + i, invalid, answerable: usable.success },
             'transcend: skipped an invalid pending request',
           );
           if (usable.success) {
@@ -308,10 +342,20 @@ async function poll(conn: TranscendConnector, ctx: AdapterContext): Promise<Poll
         const subject = subjectFor(conn.config, { identifier, type }, identifier);
         tickets.set(`${fields.ticketKey}\u0000${subject.kind}\u0000${subject.value}`, { ...fields, action, subject });
       });
-      if (items.length < PAGE_SIZE) break;
+      if (items.length < PAGE_SIZE) {
+        // The end of the list: this pass, which started at the start of the list since the last complete poll (that
+        // one sent every action back to the start), read it whole. The next one starts from the start again.
+        readWhole.add(transcendAction);
+        break;
+      }
     }
   }
-  return { tickets: [...tickets.values()], unreadable: [...unreadable.values()], complete };
+  const complete = actions.every((a) => readWhole.has(a));
+  // A complete poll starts a new count: every action's next pass, from the start of its list, must read it whole again.
+  const next: PollCursor = complete
+    ? { dataSiloId: state.dataSiloId, offsets: {}, readWhole: [] }
+    : { dataSiloId: state.dataSiloId, offsets, readWhole: [...readWhole] };
+  return { tickets: [...tickets.values()], unreadable: [...unreadable.values()], complete, cursor: next };
 }
 
 async function test(conn: TranscendConnector, ctx: AdapterContext) {

@@ -8,6 +8,7 @@ import {
   WebhookUnavailableError,
   type AdapterContext,
   type ConnectorCache,
+  type JsonValue,
   type RawWebhook,
   type StoredTicket,
   type TicketOutcome,
@@ -546,9 +547,9 @@ describe('report', () => {
     t.setPending('ERASURE', [item]);
     const c = conn({ pull: { enabled: true, dataSiloId: FAKE_DATA_SILO_ID } });
     expect((await put(item.nonce, { profileStatus: 'ERROR', message: 'x' })).status).toBe(200);
-    expect((await transcend.poll!(c, ctx)).tickets).toHaveLength(1);
+    expect((await transcend.poll!(c, ctx, null)).tickets).toHaveLength(1);
     expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(200);
-    expect((await transcend.poll!(c, ctx)).tickets).toHaveLength(0);
+    expect((await transcend.poll!(c, ctx, null)).tickets).toHaveLength(0);
     expect((await put(item.nonce, { profileStatus: 'RESOLVED', message: 'x' })).status).toBe(409);
   });
 
@@ -648,7 +649,7 @@ describe('poll', () => {
   it('pages through 120 pending erasures in 3 pages', async () => {
     const items = Array.from({ length: 120 }, (_, i) => t.pendingItem(i));
     t.setPending('ERASURE', items);
-    const tickets = (await transcend.poll!(conn(pullConfig()), ctx)).tickets;
+    const tickets = (await transcend.poll!(conn(pullConfig()), ctx, null)).tickets;
     expect(tickets).toHaveLength(120);
     expect(ctx.urls).toEqual(
       [0, 50, 100].map((o) => `${t.url}/v1/data-silo/${FAKE_DATA_SILO_ID}/pending-requests/ERASURE?limit=50&offset=${o}`),
@@ -686,7 +687,7 @@ describe('poll', () => {
     expect(await page('')).toHaveLength(50);
     // The admin test lists one job; a poll after it still sees every job.
     expect((await transcend.test(conn(pullConfig()), ctx)).ok).toBe(true);
-    const all = await transcend.poll!(conn(pullConfig()), ctx);
+    const all = await transcend.poll!(conn(pullConfig()), ctx, null);
     expect(all.tickets).toHaveLength(60);
     expect(all.complete).toBe(true);
   });
@@ -695,7 +696,7 @@ describe('poll', () => {
     t.setPending('ERASURE', [t.pendingItem(1)]);
     t.setPending('SALE_OPT_OUT', [t.pendingItem(2, { type: 'userId' })]);
     const c = conn(pullConfig({ actions: ['ERASURE', 'SALE_OPT_OUT'] }));
-    const tickets = (await transcend.poll!(c, ctx)).tickets;
+    const tickets = (await transcend.poll!(c, ctx, null)).tickets;
     expect(tickets.map((x) => [x.action, x.subject.kind])).toEqual([
       ['erase', 'email'],
       ['suppress', 'user_id'],
@@ -705,7 +706,7 @@ describe('poll', () => {
   it('skips an invalid item with a warning that carries no identifier, and returns it to be answered by its nonce', async () => {
     const broken = { ...t.pendingItem(2), requestId: undefined };
     t.setPending('ERASURE', [t.pendingItem(1), broken as never, t.pendingItem(3)]);
-    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx);
+    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx, null);
     expect(tickets.map((x) => x.subject.value)).toEqual(['user1@example.com', 'user3@example.com']);
     expect(unreadable).toEqual([{ jobKey: expect.stringMatching(/^unreadable:[0-9a-f]{32}$/), secret: broken.nonce, invalid: ['requestId'] }]);
     const warnings = ctx.logs.filter((l) => l.includes('skipped an invalid pending request'));
@@ -724,7 +725,7 @@ describe('poll', () => {
   it('skips an item whose nonce could not be sent back as a header (CR/LF), naming the field only', async () => {
     const broken = { ...t.pendingItem(2), nonce: 'nonce-2\r\nx-injected: 1' };
     t.setPending('ERASURE', [t.pendingItem(1), broken, t.pendingItem(3)]);
-    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx);
+    const { tickets, unreadable } = await transcend.poll!(conn(pullConfig()), ctx, null);
     expect(tickets.map((x) => x.subject.value)).toEqual(['user1@example.com', 'user3@example.com']);
     expect(unreadable).toEqual([]); // nothing could carry a report for it
     const warnings = ctx.logs.filter((l) => l.includes('skipped an invalid pending request'));
@@ -732,26 +733,105 @@ describe('poll', () => {
     expect(warnings[0]).not.toContain('injected');
   });
 
-  it('stops after 20 pages, and a job seen twice is one ticket', async () => {
+  it('stops after 20 pages, and a job seen twice is one ticket; the next poll goes on a page before where it stopped', async () => {
     const page = Array.from({ length: 50 }, (_, i) => t.pendingItem(i));
     t.fake.on(PENDING_ROUTE, { status: 200, body: { items: page } });
-    const { tickets, complete } = await transcend.poll!(conn(pullConfig()), ctx);
-    expect(complete).toBe(false);
+    const first = await transcend.poll!(conn(pullConfig()), ctx, null);
+    expect(first.complete).toBe(false);
     expect(t.fake.callsTo(PENDING_ROUTE)).toHaveLength(20);
     expect(ctx.urls.at(-1)).toMatch(/\?limit=50&offset=950$/);
-    expect(tickets).toHaveLength(50);
-    expect(ctx.logs.filter((l) => l.includes('more pending requests than one poll reads'))).toHaveLength(1);
+    expect(first.tickets).toHaveLength(50);
+    const warnings = ctx.logs.filter((l) => l.includes('more pending requests than one poll reads'));
+    expect(warnings).toHaveLength(1);
+    expect(JSON.parse(warnings[0]!)).toMatchObject({ action: 'ERASURE', from: 0, nextOffset: 1000 });
+    // An endless list: every poll reads 20 pages further on, none of them reads it whole.
+    ctx.urls.length = 0;
+    const second = await transcend.poll!(conn(pullConfig()), ctx, first.cursor!);
+    expect(second.complete).toBe(false);
+    expect(ctx.urls[0]).toMatch(/\?limit=50&offset=950$/);
+    expect(ctx.urls.at(-1)).toMatch(/\?limit=50&offset=1900$/);
+  });
+
+  it('1,050 jobs that stay listed in front of 3 new ones: the next poll goes on where this one stopped and reaches them', async () => {
+    const stuck = Array.from({ length: 1050 }, (_, i) => t.pendingItem(i));
+    const fresh = [1050, 1051, 1052].map((n) => t.pendingItem(n));
+    t.setPending('ERASURE', [...stuck, ...fresh]);
+    const c = conn(pullConfig());
+    const nonces = (r: { tickets: { secret?: string }[] }) => r.tickets.map((x) => x.secret);
+
+    const first = await transcend.poll!(c, ctx, null);
+    expect(first.complete).toBe(false);
+    expect(first.tickets).toHaveLength(1000);
+    ctx.urls.length = 0;
+    const second = await transcend.poll!(c, ctx, first.cursor!);
+    // A page of overlap (jobs read before may have left the list meanwhile, moving the rest forward), then to the end.
+    expect(ctx.urls.map((u) => Number(/offset=(\d+)$/.exec(u)![1]))).toEqual([950, 1000, 1050]);
+    expect(nonces(second)).toEqual([...stuck.slice(950), ...fresh].map((i) => i.nonce));
+    // The two polls read the whole list from its start to its end.
+    expect(second.complete).toBe(true);
+    // The next pass starts from the start again.
+    ctx.urls.length = 0;
+    const third = await transcend.poll!(c, ctx, second.cursor!);
+    expect(ctx.urls[0]).toMatch(/\?limit=50&offset=0$/);
+    expect(third.complete).toBe(false);
+    expect(nonces(third)).toEqual(stuck.slice(0, 1000).map((i) => i.nonce));
+  });
+
+  it('jobs leaving the list between polls make none be skipped for good: a pass missing one is followed by one from the start', async () => {
+    const items = Array.from({ length: 1200 }, (_, i) => t.pendingItem(i));
+    t.setPending('ERASURE', items);
+    const c = conn(pullConfig());
+    const first = await transcend.poll!(c, ctx, null);
+    expect(first.tickets).toHaveLength(1000);
+    // 100 of the jobs read leave the list (completed): the 100 behind them move forward past the point reached, more
+    // than the page of overlap covers.
+    const left = items.slice(100);
+    t.setPending('ERASURE', left);
+    const reached = new Set<string | undefined>();
+    let polls = 0;
+    let cursor = first.cursor!;
+    while (reached.size < left.length) {
+      expect(polls, 'a listed job was never reached').toBeLessThan(3);
+      const next = await transcend.poll!(c, ctx, cursor);
+      for (const x of next.tickets) reached.add(x.secret);
+      cursor = next.cursor!;
+      polls++;
+    }
+    expect(polls).toBe(2);
+    expect([...reached].sort()).toEqual(left.map((i) => i.nonce).sort());
+  });
+
+  it('with several actions, a short list is read whole by every poll; the poll is complete once every list was read whole', async () => {
+    const erasures = Array.from({ length: 1010 }, (_, i) => t.pendingItem(i));
+    const optOut = t.pendingItem(5000, { type: 'userId' });
+    t.setPending('ERASURE', erasures);
+    t.setPending('SALE_OPT_OUT', [optOut]);
+    const c = conn(pullConfig({ actions: ['ERASURE', 'SALE_OPT_OUT'] }));
+    const first = await transcend.poll!(c, ctx, null);
+    expect(first.complete).toBe(false);
+    expect(first.tickets.filter((x) => x.action === 'suppress')).toHaveLength(1);
+    const second = await transcend.poll!(c, ctx, first.cursor!);
+    expect(second.complete).toBe(true);
+    expect(second.tickets.filter((x) => x.action === 'suppress')).toHaveLength(1);
+    expect(second.tickets.filter((x) => x.action === 'erase')).toHaveLength(1010 - 950);
+    // A cursor of another data silo (the connector was pointed elsewhere) or one that cannot be read starts afresh.
+    for (const stale of [{ ...(first.cursor as object), dataSiloId: 'another-silo' } as JsonValue, { offsets: 'x' }, 'garbage', null]) {
+      ctx.urls.length = 0;
+      const again = await transcend.poll!(c, ctx, stale);
+      expect(ctx.urls[0]).toMatch(/pending-requests\/ERASURE\?limit=50&offset=0$/);
+      expect(again.complete).toBe(false);
+    }
   });
 
   it('throws a safe error when a page fails or Sombra is unreachable', async () => {
     t.fake.on(PENDING_ROUTE, { status: 500 });
-    const err = await rejection(transcend.poll!(conn(pullConfig()), ctx));
+    const err = await rejection(transcend.poll!(conn(pullConfig()), ctx, null));
     expect(err.message).toBe('Transcend pending-requests ERASURE: HTTP 500');
     t.fake.on(PENDING_ROUTE, { status: 200, body: 'not json' });
-    expect((await rejection(transcend.poll!(conn(pullConfig()), ctx))).message).toBe(
+    expect((await rejection(transcend.poll!(conn(pullConfig()), ctx, null))).message).toBe(
       'Transcend pending-requests ERASURE: the response is not JSON',
     );
-    const unreachable = await rejection(transcend.poll!(conn({ sombraUrl: DEAD_URL, ...pullConfig() }), ctx));
+    const unreachable = await rejection(transcend.poll!(conn({ sombraUrl: DEAD_URL, ...pullConfig() }), ctx, null));
     expect(unreachable.message).toMatch(/^Transcend pending-requests ERASURE: network error calling 127\.0\.0\.1/);
   });
 
@@ -759,7 +839,7 @@ describe('poll', () => {
     const item = t.pendingItem(1);
     t.setPending('ERASURE', [item]);
     const c = conn(pullConfig());
-    const [ticket] = (await transcend.poll!(c, ctx)).tickets;
+    const [ticket] = (await transcend.poll!(c, ctx, null)).tickets;
     const stored: StoredTicket = { id: 'tkt_1', ...ticket!, secret: ticket!.secret ?? null, attempt: 1 };
     const done: TicketOutcome = {
       requestId: 'req_1',
@@ -771,6 +851,6 @@ describe('poll', () => {
     };
     expect(await transcend.report(stored, done, c, ctx)).toEqual({ kind: 'delivered' });
     expect(t.fake.callsTo(PUT_ROUTE)[0]!.headers['x-transcend-nonce']).toBe(item.nonce);
-    expect((await transcend.poll!(c, ctx)).tickets).toEqual([]);
+    expect((await transcend.poll!(c, ctx, null)).tickets).toEqual([]);
   });
 });

@@ -2,7 +2,7 @@ import { and, eq, getTableColumns, isNull, lt, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { CheckFailed } from '../../connectors/shared.ts';
 import { connectorPollStatus, connectors, upstreamRefusals, webhookTokens } from '../db/schema/index.ts';
-import type { Refusal } from '../../connectors/types.ts';
+import type { JsonValue, Refusal } from '../../connectors/types.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
 import { OutboundError } from '../lib/outbound.ts';
 import { SealError } from '../lib/sealing.ts';
@@ -115,25 +115,38 @@ function pollFailureOf(err: unknown): { code: string; message: string } {
 
 type PolledConnector = { id: string; workspaceId: string; version: string };
 
-/** The poll starts: recorded only while the connector is as the poll read it (never for one deleted meanwhile). */
-async function recordPollStart(deps: UpstreamDeps, connector: PolledConnector): Promise<void> {
-  await deps.db.execute(sql`
+/**
+ * The poll starts: recorded only while the connector is as the poll read it (never for one deleted meanwhile). Gives
+ * the cursor the last successful poll left (where this one goes on), null if none.
+ */
+async function recordPollStart(deps: UpstreamDeps, connector: PolledConnector): Promise<JsonValue | null> {
+  const [row] = await deps.db.execute<{ poll_cursor: JsonValue | null }>(sql`
     insert into ${connectorPollStatus} (connector_id, last_started_at)
     select ${connector.id}, now() where ${connectorIsCurrent(connector)}
-    on conflict (connector_id) do update set last_started_at = excluded.last_started_at`);
+    on conflict (connector_id) do update set last_started_at = excluded.last_started_at
+    returning poll_cursor`);
+  return row?.poll_cursor ?? null;
 }
 
 /**
- * The poll succeeded, in one statement and only if the connector is still as the poll read it: its status, the
- * connector's last_polled_at (the interval runs from here) and, if it read the whole pending list (`complete`), its
- * count of such polls, and the refused jobs it listed (`seen`, memory keys, see refusalMemoryKey) as seen now, at that
- * count (the refusals' prune goes by both). False if not: what this poll found is about a connector that has changed
- * since, and none of it is recorded.
+ * The poll succeeded, in one statement and only if the connector is still as the poll read it: its status with the
+ * cursor the next poll goes on from, the connector's last_polled_at (the interval runs from here) and, if it finished
+ * a read of the whole pending list (`complete`), its count of such reads, and the refused jobs it listed (`seen`,
+ * memory keys, see refusalMemoryKey) as seen now, by the read this poll is part of: the count once that read is
+ * complete, this poll's or a later one's (the refusals' prune goes by both: a job a read found counts as not found by
+ * the whole reads after it only). False if not: what this poll found is about a connector that has changed since, and
+ * none of it is recorded.
  */
-async function recordPollSuccess(deps: UpstreamDeps, connector: PolledConnector, seen: string[], complete: boolean): Promise<boolean> {
+async function recordPollSuccess(
+  deps: UpstreamDeps,
+  connector: PolledConnector,
+  outcome: { seen: string[]; complete: boolean; cursor: JsonValue | null },
+): Promise<boolean> {
+  const { seen, complete, cursor } = outcome;
   const rows = await deps.db.execute(sql`
     with status as (
-      update ${connectorPollStatus} set last_succeeded_at = now(), consecutive_failures = 0
+      update ${connectorPollStatus}
+         set last_succeeded_at = now(), consecutive_failures = 0, poll_cursor = ${cursor === null ? null : JSON.stringify(cursor)}::jsonb
        where connector_id = ${connector.id} and ${connectorIsCurrent(connector)}
       returning connector_id),
     polled as (
@@ -141,7 +154,7 @@ async function recordPollSuccess(deps: UpstreamDeps, connector: PolledConnector,
        where id in (select connector_id from status)
       returning complete_polls),
     listed as (
-      update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls
+      update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls + ${complete ? 0 : 1}::int
         from polled
        where r.connector_id = ${connector.id}
          and r.job_key in (select json_array_elements_text(${JSON.stringify(seen)}::json)))
@@ -197,12 +210,12 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
     deps.logger.info({ connectorId }, 'connector changed during the poll; it will be polled again');
     throw new ConnectorChangedError();
   };
-  await recordPollStart(deps, connector);
+  const cursor = await recordPollStart(deps, connector);
   try {
-    const outcome = await pollOnce(deps, row, connector);
+    const outcome = await pollOnce(deps, row, connector, cursor);
     if ('stale' in outcome) return await stale(outcome.stale);
     const done = { received: outcome.received, new: outcome.new };
-    if (!(await recordPollSuccess(deps, connector, outcome.seen, outcome.complete))) return await stale(done);
+    if (!(await recordPollSuccess(deps, connector, outcome))) return await stale(done);
     deps.logger.info({ connectorId, vendor: row.vendor, ...done, refused: outcome.refused }, 'connector polled');
     return done;
   } catch (err) {
@@ -212,20 +225,23 @@ export async function pollConnector(deps: UpstreamDeps, connectorId: string): Pr
 }
 
 /**
- * One poll of a connector read at `polled.version`: what it listed and stored (with the refused jobs it listed and
- * whether it read the whole pending list, for recordPollSuccess), or where it found the connector changed.
+ * One poll of a connector read at `polled.version`, going on from `cursor`: what it listed and stored (with the refused
+ * jobs it listed, whether it finished a read of the whole pending list and where the next poll goes on, for
+ * recordPollSuccess), or where it found the connector changed.
  */
 async function pollOnce(
   deps: UpstreamDeps,
   row: ConnectorRow,
   polled: PolledConnector,
+  cursor: JsonValue | null,
 ): Promise<
-  { received: number; new: number; refused: number; seen: string[]; complete: boolean } | { stale: { received: number; new: number } }
+  | { received: number; new: number; refused: number; seen: string[]; complete: boolean; cursor: JsonValue | null }
+  | { stale: { received: number; new: number } }
 > {
   const connectorId = polled.id;
   const opened = openConnector(deps.sealer, row);
   const { adapter, instance } = opened;
-  const { tickets, unreadable, complete } = await adapter.poll!(instance, adapterContext(deps));
+  const { tickets, unreadable, complete, cursor: next } = await adapter.poll!(instance, adapterContext(deps), cursor);
   // Each ticket is stored only while the connector is still as the poll read it: one disabled, deleted or edited
   // meanwhile (a poll may take minutes) takes nothing more from this poll, as a webhook verified with it would not.
   const connector = { ...polled, laterOutcome: adapter.laterOutcome };
@@ -289,5 +305,5 @@ async function pollOnce(
     if (err instanceof StaleConnectorError) return { stale: { received: tickets.length, new: fresh } };
     throw err;
   }
-  return { received: tickets.length, new: fresh, refused, seen, complete };
+  return { received: tickets.length, new: fresh, refused, seen, complete, cursor: next ?? null };
 }

@@ -81,13 +81,15 @@ export async function reportRefusal(
 // poll.ts, with the connector's other bookkeeping).
 /** A refusal is forgotten once no poll listed its job for this long… */
 export const REFUSAL_FORGET_DAYS = 30;
-/** …and the connector has read its whole pending list this many times since without finding it. */
+/** …and the connector has read its whole pending list this many times since the read that found it. */
 export const REFUSAL_FORGET_POLLS = 3;
 
 /**
  * One batch of the prune of refusals whose job Transcend no longer lists (solved or withdrawn upstream, or corrected
- * and taken as a new job): not seen for REFUSAL_FORGET_DAYS, and missing from the last REFUSAL_FORGET_POLLS polls that
- * read the whole list, so a connector that stopped polling (disabled, out of pull mode, failing) forgets nothing it
+ * and taken as a new job): not seen for REFUSAL_FORGET_DAYS, and missing from the REFUSAL_FORGET_POLLS whole reads of
+ * the list after the one that found it (a read of a long list spans several polls: PollResult.complete ends one, and
+ * last_seen_poll is the number of the read a poll was part of), so a connector that stopped polling (disabled, out of
+ * pull mode, failing) forgets nothing it
  * may be told again. A deleted connector never polls again: its refusals go after REFUSAL_FORGET_DAYS. Forgetting
  * a job that is listed again means telling Transcend once more. The plan is checked in query-plans.test.ts.
  */

@@ -198,6 +198,39 @@ describe('refusals Transcend no longer lists', () => {
     expect(told(early)).toBe(1);
   });
 
+  it('a list longer than a poll reads counts once read whole over several polls; a job listed behind 1,049 others is kept', async () => {
+    const silo = 'refusals-longer-than-a-poll';
+    const id = await pullConnector(silo);
+    const goes = refusedItem(500, silo);
+    const stuck = Array.from({ length: 1049 }, (_, i) => refusedItem(1000 + i, silo));
+    const last = refusedItem(501, silo);
+    transcend.setPending('ERASURE', [goes, ...stuck, last], silo);
+    const completePolls = async () => (await env.sql`select complete_polls::int as n from connectors where id = ${id}`)[0]!.n;
+    // Each poll reads 1,000 jobs: the list is read whole once every two polls.
+    const readWhole = async () => {
+      await runPoll(id);
+      await runPoll(id);
+    };
+    await readWhole();
+    expect(await completePolls()).toBe(1);
+    expect([told(goes), told(last)]).toEqual([1, 1]);
+
+    // Transcend stops listing the first job (the first poll of a read found it); the last is listed throughout.
+    transcend.setPending('ERASURE', [...stuck, last], silo);
+    for (let n = 2; n <= 4; n++) {
+      await ageRefusals(id, 40);
+      await readWhole();
+      expect(await completePolls()).toBe(n);
+      // Only 3 whole reads after the one that found it let it go.
+      expect((await maintenanceTick(env.deps)).refusals, `after read ${n}`).toBe(n === 4 ? 1 : 0);
+    }
+    expect(await refusals(id)).toBe(1050);
+    const errors = transcend.errors().filter((e) => e.answered === 200);
+    const toldOf = new Map<string, number>();
+    for (const e of errors) toldOf.set(e.nonce, (toldOf.get(e.nonce) ?? 0) + 1);
+    expect([goes, ...stuck, last].map((i) => toldOf.get(i.nonce) ?? 0)).toEqual(Array(1051).fill(1));
+  });
+
   it("a deleted connector's refusals are forgotten 30 days after they were last listed", async () => {
     const silo = 'refusals-deleted';
     const id = await pullConnector(silo);

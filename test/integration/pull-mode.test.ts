@@ -438,6 +438,43 @@ describe('Transcend pull mode', () => {
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
   });
 
+  it('3 new jobs behind 1,050 refused ones (still listed) are stored by the second poll, which goes on where the first stopped', async () => {
+    const silo = 'silo-behind-refused';
+    const id = await pullConnector(silo);
+    const stuck = Array.from({ length: 1050 }, (_, i) =>
+      transcend.pendingItem(2000 + i, { identifier: `stuck-${i} at example.test`, type: 'email', dataSiloId: silo }),
+    );
+    const fresh = [1, 2, 3].map((n) => transcend.pendingItem(4000 + n, { identifier: `behind-${n}@example.test`, dataSiloId: silo }));
+    transcend.setPending('ERASURE', [...stuck, ...fresh], silo);
+    const stored = async () =>
+      (await env.sql`select upstream->>'requestId' as r from upstream_tickets where connector_id = ${id} order by 1`).map((r) => r.r as string);
+    const bookkeeping = async () => {
+      const [c] = await env.sql`select complete_polls::int as polls from connectors where id = ${id}`;
+      const [p] = await env.sql`select consecutive_failures, last_succeeded_at from connector_poll_status where connector_id = ${id}`;
+      return { completePolls: c!.polls, failures: p!.consecutive_failures, succeeded: p!.last_succeeded_at !== null };
+    };
+    const stuckNonces = stuck.map((i) => i.nonce);
+
+    await runPoll(id);
+    expect(await stored()).toEqual([]);
+    expect(errorsFor(stuckNonces)).toHaveLength(1000);
+    // Cut short: it read a part of the list, not the whole of it.
+    expect(await bookkeeping()).toEqual({ completePolls: 0, failures: 0, succeeded: true });
+    await runPoll(id);
+    expect(await stored()).toEqual(fresh.map((i) => i.requestId).sort());
+    expect(errorsFor(stuckNonces)).toHaveLength(1050);
+    // The two polls read the whole list: one complete read.
+    expect(await bookkeeping()).toEqual({ completePolls: 1, failures: 0, succeeded: true });
+    // The next starts again from the start of the list: nothing is told twice, nothing stored twice.
+    await runPoll(id);
+    await runPoll(id);
+    expect(errorsFor(stuckNonces)).toHaveLength(1050);
+    expect(await stored()).toEqual(fresh.map((i) => i.requestId).sort());
+    expect(await bookkeeping()).toEqual({ completePolls: 2, failures: 0, succeeded: true });
+    expect(env.logs.lines.filter((l) => l.includes('the next poll goes on from here') && l.includes(id))).toHaveLength(2);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+
   it('a refusal whose report fails for now is reported on a later poll; one Transcend refuses is not sent again', async () => {
     const silo = 'silo-refused-retry';
     const id = await pullConnector(silo);

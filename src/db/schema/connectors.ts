@@ -12,6 +12,7 @@ import {
   text,
   uniqueIndex,
 } from 'drizzle-orm/pg-core';
+import type { JsonValue } from '../../../connectors/types.ts';
 import { ts } from './columns.ts';
 import { dsrRequests } from './privacy.ts';
 import { workspaces } from './product.ts';
@@ -49,8 +50,9 @@ export const connectors = pgTable(
     previousSecretsExpireAt: ts('previous_secrets_expire_at'),
     lastPolledAt: ts('last_polled_at'),
     /**
-     * Polls that read the vendor's whole pending list (none cut short by a page limit). A refusal not listed by the
-     * last few of them (and not for a month) is no longer listed upstream and is forgotten (upstream_refusals).
+     * Whole reads of the vendor's pending list (a long list is read over several polls; PollResult.complete ends a
+     * read). A refusal not listed by the last few of them (and not for a month) is no longer listed upstream and is
+     * forgotten (upstream_refusals).
      */
     completePolls: bigint('complete_polls', { mode: 'number' }).notNull().default(0),
     /** Soft delete: the row stays so requests and audit records that name the connector keep their meaning. */
@@ -72,7 +74,8 @@ export const connectors = pgTable(
 /**
  * Pull mode's health, one row per connector that was ever polled, written by the poll job only (so it never changes
  * the connector row, whose version tells webhooks and polls that an admin edited it): when the last poll started,
- * when one last succeeded, the last failure and how many attempts in a row have failed. The error is a code and a
+ * when one last succeeded, the last failure and how many attempts in a row have failed, and where the next poll goes
+ * on. The error is a code and a
  * message fit for an admin (no personal data, no secret: never a vendor's body or a database message).
  */
 export const connectorPollStatus = pgTable('connector_poll_status', {
@@ -86,6 +89,11 @@ export const connectorPollStatus = pgTable('connector_poll_status', {
   lastErrorMessage: text('last_error_message'),
   /** Failed attempts since the last success (each attempt of a retried poll job counts). */
   consecutiveFailures: integer('consecutive_failures').notNull().default(0),
+  /**
+   * Where the next poll goes on in a pending list longer than one poll reads (the adapter's PollResult.cursor, no
+   * personal data), written with the last success: a failed poll leaves it as it was.
+   */
+  pollCursor: jsonb('poll_cursor').$type<JsonValue>(),
 });
 
 export const UPSTREAM_STATUSES = ['pending', 'delivered', 'failed'] as const;
@@ -193,7 +201,7 @@ export const upstreamRefusals = pgTable(
     reportedAt: ts('reported_at'),
     createdAt: ts('created_at').notNull().defaultNow(),
     updatedAt: ts('updated_at').notNull().defaultNow(),
-    /** When a poll last listed the job, and the connector's completePolls then. */
+    /** When a poll last listed the job, and the number of the whole read that poll was part of (completePolls once it ends). */
     lastSeenAt: ts('last_seen_at').notNull().defaultNow(),
     lastSeenPoll: bigint('last_seen_poll', { mode: 'number' }).notNull().default(0),
   },

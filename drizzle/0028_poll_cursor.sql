@@ -1,0 +1,1 @@
+ALTER TABLE "connector_poll_status" ADD COLUMN "poll_cursor" jsonb;
