@@ -473,11 +473,17 @@ async function runWorkerMemory(
     await deps.outbox.flush();
     const until = Date.now() + 300_000;
     for (;;) {
-      const [r] = await database.sql<{ status: string }[]>`
-        select status from dsr_requests where id = ${created.request.id}`;
-      if (r?.status === 'complete' || r?.status === 'failed') break;
+      // Finished, and its job gone too: the worker completes jobs in batches a moment after the task's commit, so
+      // the request can read complete while its job row is still there.
+      const [r] = await database.sql<{ status: string; jobs: number }[]>`
+        select status, (select count(*)::int from graphile_worker.jobs
+                         where task_identifier in ('execute_request', 'report_upstream')) as jobs
+          from dsr_requests where id = ${created.request.id}`;
+      if ((r?.status === 'complete' || r?.status === 'failed') && r.jobs === 0) break;
       if (ctx.interrupted()) throw new Error('interrupted');
-      if (Date.now() > until) throw new VerificationError(`worker: request still ${r?.status} after 300 s`);
+      if (Date.now() > until) {
+        throw new VerificationError(`worker: request ${r?.status} with ${r?.jobs} job(s) still queued after 300 s`);
+      }
       await sleep(20);
     }
     const mem = rss.stop();
