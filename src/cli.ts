@@ -38,6 +38,7 @@ Vendor connectors
   connectors show <connectorId>                   Secrets appear only as set + fingerprint
   connectors test <connectorId>                   Checks the credentials against the vendor; exit 1 when not ok
   connectors disable <connectorId>                Its webhook answers 404 from then on
+  connectors enable <connectorId>                 Its webhook takes tickets again
   connectors rotate-secret <connectorId> (--secrets-file <file> | --secrets-stdin) [--keep-previous-for-seconds N]
                                                   Replaces every secret; with N (at most 604800, seven days) the
                                                   inbound secret it changes still verifies webhooks for N seconds

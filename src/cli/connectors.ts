@@ -168,14 +168,21 @@ const test: Command = async (cli, args) => {
   });
 };
 
-const disable: Command = async (cli, args) => {
-  const { ids } = parse('connectors disable', args, {}, ['connectorId']);
-  await withDeps(cli, async (deps) => {
-    const row = await updateConnector(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, { enabled: false });
-    output(cli, connectorView(deps, row), () => `Connector ${row.id} disabled: its webhook answers 404 from now on.`);
-  });
-  return 0;
-};
+/** `connectors disable` / `connectors enable`: what PATCH {enabled} does through the API. */
+const setEnabled =
+  (enabled: boolean): Command =>
+  async (cli, args) => {
+    const { ids } = parse(`connectors ${enabled ? 'enable' : 'disable'}`, args, {}, ['connectorId']);
+    await withDeps(cli, async (deps) => {
+      const row = await updateConnector(deps, await connectorWorkspace(deps.db, ids[0]!), ids[0]!, { enabled });
+      output(cli, connectorView(deps, row), () =>
+        enabled
+          ? `Connector ${row.id} enabled: its webhook takes tickets again.`
+          : `Connector ${row.id} disabled: its webhook answers 404 from now on.`,
+      );
+    });
+    return 0;
+  };
 
 const rotateSecret: Command = async (cli, args) => {
   refuseOnCommandLine(args, ['secrets', 'secret'], SECRETS_HINT);
@@ -211,7 +218,8 @@ export const connectorCommands: Record<string, Command> = {
   list,
   show,
   test,
-  disable,
+  disable: setEnabled(false),
+  enable: setEnabled(true),
   'rotate-secret': rotateSecret,
   'end-previous-secrets': endPrevious,
 };

@@ -501,7 +501,7 @@ describe('connectors', () => {
     expect((await send('dg-cli-new')).status).toBe(200);
   });
 
-  it('connectors disable: the webhook that answered now 404s', async () => {
+  it('connectors disable: the webhook that answered now 404s; connectors enable: it verifies again', async () => {
     const body = datagrailBody({ callback_url: 'http://127.0.0.1:9/cb' });
     const forged = datagrailWebhook({ secret: 'not-the-secret', body });
     const before = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: forged.headers, body: forged.rawBody });
@@ -513,6 +513,12 @@ describe('connectors', () => {
     const after = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: signed.headers, body: signed.rawBody });
     expect(after.status).toBe(404);
     expect(await env.sql`select id from upstream_tickets where connector_id = ${dgId}`).toHaveLength(0);
+    // And back: the webhook verifies again (a forged one is refused 401, no longer 404 for a disabled connector).
+    const enabled = await ok(['connectors', 'enable', dgId]);
+    expect(enabled).toMatchObject({ id: dgId, enabled: true });
+    expect((await dbRow(dgId)).enabled).toBe(true);
+    const again = await call(env, 'POST', `/webhooks/datagrail/${dgId}`, { headers: forged.headers, body: forged.rawBody });
+    expect(again.status).toBe(401);
   });
 
   it('connectors list, show and test tell how the scheduled polls of a pull connector went', async () => {
