@@ -22,6 +22,7 @@ Workspaces and admins
                                                   --password-stdin, else from DSR_ADMIN_PASSWORD, else generated
                                                   and printed once
   admins list --workspace <id>
+  admins disable --workspace <id> <adminId>       Ends their sessions; they can no longer log in
 
 API keys
   keys list --workspace <id>                      Id, scope, prefix, last use and revocation (never the keys)

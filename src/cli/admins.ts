@@ -1,4 +1,4 @@
-import { adminEmailSchema, adminView, createAdmin, listAdmins, passwordSchema, type AdminRow } from '../accounts/admins.ts';
+import { adminEmailSchema, adminView, createAdmin, disableAdmin, listAdmins, passwordSchema, type AdminRow } from '../accounts/admins.ts';
 import { generatePassword } from '../lib/passwords.ts';
 import {
   iso,
@@ -63,4 +63,13 @@ const list: Command = async (cli, args) => {
   return 0;
 };
 
-export const adminCommands: Record<string, Command> = { create, list };
+/** Disables an admin and ends their sessions, as POST /v1/admin/admins/:id/disable does (e.g. a lost laptop). */
+const disable: Command = async (cli, args) => {
+  const { values, ids } = parse('admins disable', args, { workspace: { type: 'string' } }, ['adminId']);
+  const workspaceId = required('admins disable', 'workspace', values.workspace, 'id');
+  const row = await withDeps(cli, async (deps) => disableAdmin(deps.db, await requireWorkspace(deps.db, workspaceId), ids[0]!));
+  output(cli, adminView(row), () => `Admin ${row.id} disabled: their sessions are ended and they can no longer log in.`);
+  return 0;
+};
+
+export const adminCommands: Record<string, Command> = { create, list, disable };

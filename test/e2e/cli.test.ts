@@ -229,6 +229,26 @@ describe('workspaces and admins', () => {
     expect(list.data.map((a: Json) => a.email)).toEqual(['ops.lead@example.test', 'env@example.test', 'gen@example.test']);
     expect(Object.keys(list.data[0]).sort()).toEqual(['createdAt', 'disabledAt', 'email', 'id', 'passwordChangedAt', 'workspaceId']);
   });
+
+  it('admins disable ends the sessions of an admin and stops their logins; another workspace cannot name them', async () => {
+    const password = `dis-${randomBytes(12).toString('base64url')}`;
+    const admin = await ok(['admins', 'create', '--workspace', ws.workspaceId, '--email', 'leaver@example.test'], {
+      env: { DSR_ADMIN_PASSWORD: password },
+    });
+    const creds = { workspaceId: ws.workspaceId, email: 'leaver@example.test', password };
+    const { res: first, cookie } = await login(env, creds);
+    expect(first.status, first.text).toBe(200);
+    expect((await call(env, 'GET', '/v1/auth/session', { headers: { cookie: cookie! } })).status).toBe(200);
+    const other = await ok(['workspaces', 'create', '--name', 'cli-other']);
+    await fails(['admins', 'disable', '--workspace', other.workspaceId, admin.id], 1, 'not_found');
+    await fails(['admins', 'disable', admin.id], 2, 'usage_error');
+    expect((await env.sql`select disabled_at from admin_users where id = ${admin.id}`)[0]!.disabled_at).toBeNull();
+
+    const disabled = await ok(['admins', 'disable', '--workspace', ws.workspaceId, admin.id]);
+    expect(disabled).toMatchObject({ id: admin.id, disabledAt: expect.any(String) });
+    expect((await call(env, 'GET', '/v1/auth/session', { headers: { cookie: cookie! } })).status).toBe(401);
+    expect((await login(env, creds)).res.status).toBe(401);
+  });
 });
 
 describe('API keys', () => {
