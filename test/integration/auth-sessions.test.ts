@@ -7,6 +7,7 @@ import { call, createTestEnv, expectError, request, type Res, type TestEnv } fro
 import { seedUser, uniq } from '../helpers/factories.ts';
 import { maintenanceTick } from '../../src/jobs/maintenance.ts';
 import { adminSession, login, makeAuthStale, newAdmin, type TestAdmin, type TestSession } from '../helpers/sessions.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex');
 const MINUTE = 60_000;
@@ -665,15 +666,6 @@ describe('password change', () => {
     expect(fresh.res.status, fresh.res.text).toBe(200);
   });
 });
-
-/** Polls until `check` holds (10 s at most). */
-async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('timed out waiting');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
 /** How many statements of this database wait on a heavyweight lock. */
 async function lockWaiters(): Promise<number> {

@@ -5,6 +5,7 @@ import { userLockKey } from '../../src/lib/digest.ts';
 import { poll } from '../helpers/process.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let env: TestEnv;
 beforeAll(async () => {
@@ -536,15 +537,6 @@ describe('ingest racing an erasure', () => {
     expect(later.json).toMatchObject({ stored: true });
   });
 });
-
-async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (Date.now() < until) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error('condition not reached in time');
-}
 
 describe('proof that nothing remains', () => {
   // A BEFORE DELETE trigger returning NULL makes PostgreSQL skip the row silently: the erasure's DELETE "succeeds"

@@ -10,6 +10,7 @@ import { executeRequest } from '../../src/privacy/execute.ts';
 import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { adminSession, makeAuthStale } from '../helpers/sessions.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
@@ -297,13 +298,4 @@ async function ungrantedLocks(): Promise<number> {
   const [row] = await env.sql<{ n: number }[]>`select count(*)::int as n from pg_locks where not granted
     and database = (select oid from pg_database where datname = current_database())`;
   return row!.n;
-}
-
-async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (Date.now() < until) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error('condition not reached in time');
 }
