@@ -143,22 +143,26 @@ async function recordPollSuccess(
   outcome: { seen: string[]; complete: boolean; cursor: JsonValue | null },
 ): Promise<boolean> {
   const { seen, complete, cursor } = outcome;
+  // The connector's row is updated first, with the version check in its own WHERE: an admin's change that commits
+  // while this statement waits for the row is then seen (the check is made again on the row as changed, and fails),
+  // where a check in a subquery would still see the row as it was when the statement began.
   const rows = await deps.db.execute(sql`
-    with status as (
+    with polled as (
+      update ${connectors} set last_polled_at = now(), complete_polls = complete_polls + ${complete ? 1 : 0}::int
+       where id = ${connector.id} and ${rowVersion} = ${connector.version} and enabled and deleted_at is null
+         and exists (select 1 from ${connectorPollStatus} where connector_id = ${connector.id})
+      returning complete_polls),
+    status as (
       update ${connectorPollStatus}
          set last_succeeded_at = now(), consecutive_failures = 0, poll_cursor = ${cursor === null ? null : JSON.stringify(cursor)}::jsonb
-       where connector_id = ${connector.id} and ${connectorIsCurrent(connector)}
+       where connector_id = ${connector.id} and exists (select 1 from polled)
       returning connector_id),
-    polled as (
-      update ${connectors} set last_polled_at = now(), complete_polls = complete_polls + ${complete ? 1 : 0}::int
-       where id in (select connector_id from status)
-      returning complete_polls),
     listed as (
       update ${upstreamRefusals} r set last_seen_at = now(), last_seen_poll = polled.complete_polls + ${complete ? 0 : 1}::int
         from polled
        where r.connector_id = ${connector.id}
          and r.job_key in (select json_array_elements_text(${JSON.stringify(seen)}::json)))
-    select 1 from polled`);
+    select 1 from polled, status`);
   return rows.length > 0;
 }
 

@@ -10,6 +10,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { Sealer } from '../../src/lib/sealing.ts';
 import { secretsContext } from '../../src/upstream/store.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
@@ -267,6 +268,53 @@ describe('pull mode poll status', () => {
     expect(await jobOf(id)).toBeUndefined();
     expect((await read(id)).pollStatus).toMatchObject({ lastSucceededAt: expect.any(String), lastFailure: null, consecutiveFailures: 0 });
   });
+
+  for (const change of ['edited', 'disabled'] as const) {
+    it(`a poll whose success is being recorded as an admin's change of its connector commits (${change}) records nothing of it`, async () => {
+      const silo = `silo-status-${change}-at-the-end`;
+      const id = await pullConnector(silo);
+      transcend.setPending('ERASURE', [], silo);
+      await pollJob(id); // its status row exists from here on
+      const bookkeeping = async () =>
+        (await env.sql`select c.complete_polls::int as polls, c.last_polled_at, s.last_succeeded_at, s.last_started_at
+                         from connectors c join connector_poll_status s on s.connector_id = c.id where c.id = ${id}`)[0]!;
+      const first = await bookkeeping();
+      expect(first).toMatchObject({ polls: 1, last_succeeded_at: expect.any(Date) });
+
+      // The admin's PATCH holds the row (SELECT … FOR UPDATE, as updateConnector does) while the poll ends: the poll's
+      // last statement waits for it, and the change commits while that statement is under way.
+      const admin = await env.sql.reserve();
+      let polling: Promise<void> | undefined;
+      try {
+        await admin`begin`;
+        await admin`select id from connectors where id = ${id} for update`;
+        polling = pollJob(id);
+        await waitFor(async () => (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`).length > 0);
+        await admin.unsafe(`update connectors set ${change === 'edited' ? `name = name || ' (renamed)'` : 'enabled = false'}, updated_at = now() where id = '${id}'`);
+        await admin`commit`;
+      } finally {
+        admin.release();
+        await polling;
+      }
+      const after = await bookkeeping();
+      // The poll read the connector as it was: its success is not the connector's now.
+      expect(after.polls).toBe(1);
+      expect(after.last_succeeded_at).toEqual(first.last_succeeded_at);
+      expect(after.last_polled_at).toEqual(first.last_polled_at);
+      expect(after.last_started_at.getTime()).toBeGreaterThan(first.last_started_at.getTime());
+      if (change === 'edited') {
+        // Polled again, with the new settings, by the job's retry.
+        expect((await jobOf(id))?.last_error).toContain('connector changed during the poll');
+        await env.sql`update graphile_worker._private_jobs set run_at = now() where key = ${`poll:${id}`}`;
+        await env.runJobs();
+        expect(await jobOf(id)).toBeUndefined();
+        expect((await bookkeeping()).polls).toBe(2);
+      } else {
+        expect(await jobOf(id)).toBeUndefined();
+      }
+      await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+    });
+  }
 
   // Last in this file: it answers Sombra's reports itself.
   it("a poll whose connector is edited after it told a refused job neither counts nor marks the job seen; its retry does, with its status", async () => {
