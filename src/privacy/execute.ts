@@ -594,13 +594,28 @@ function heldDigests(ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[
 /** errorCode of an erasure refused because its subject (or, for a workspace, anyone in it) is on legal hold. */
 export const LEGAL_HOLD = 'legal_hold';
 
-/** Any of these digests held (null: any hold in the workspace). */
+/**
+ * Any of these digests held (null: any hold in the workspace), or about to be: a hold request still queued or running
+ * that no later release of the same identifier supersedes. Jobs run in no set order (several workers, a retried job),
+ * so an erasure asked for after a hold, or in the same batch, may run before the hold is applied; it must not erase
+ * that person meanwhile.
+ */
 const anyHeld = prebuiltSql<{ held: boolean }>(
   () => sql`
     select exists (
       select 1 from ${legalHolds}
        where ${legalHolds.workspaceId} = ${p('workspaceId')}
-         and (${p('digests')}::text[] is null or ${legalHolds.subjectDigest} = any(${p('digests')}::text[]))) as held`,
+         and (${p('digests')}::text[] is null or ${legalHolds.subjectDigest} = any(${p('digests')}::text[])))
+    or exists (
+      select 1 from ${dsrRequests} h
+       where h.workspace_id = ${p('workspaceId')} and h.action = 'hold' and h.scope = 'user'
+         and h.status in ('queued', 'running')
+         and (${p('digests')}::text[] is null or h.subject_digest = any(${p('digests')}::text[]))
+         and not exists (
+           select 1 from ${dsrRequests} r
+            where r.workspace_id = h.workspace_id and r.subject_digest = h.subject_digest
+              and r.action = 'release_hold' and r.scope = 'user' and r.status <> 'failed'
+              and (r.created_at, r.id) > (h.created_at, h.id))) as held`,
 );
 
 async function refuseIfHeld(tx: Tx, workspaceId: string, digests: string[] | null): Promise<void> {

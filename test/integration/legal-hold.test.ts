@@ -294,6 +294,72 @@ describe('a hold racing an erasure', () => {
   });
 });
 
+describe('a hold asked for before an erasure whose job runs first', () => {
+  /** A batch through the privacy API; the request ids, in order. */
+  async function batch(key: string, requests: Record<string, unknown>[]): Promise<string[]> {
+    const res = await call(env, 'POST', '/v1/privacy/requests', { key, body: { requests } });
+    expect(res.status, res.text).toBe(202);
+    for (const r of res.json.results) expect(r, res.text).toMatchObject({ accepted: true });
+    return res.json.results.map((r: { requestId: string }) => r.requestId);
+  }
+  /** Jobs run in no set order (several workers, one retried): these wait while the others run. */
+  const later = (ids: string[]) => env.sql`update graphile_worker._private_jobs set run_at = now() + interval '1 hour' where key = any(${ids})`;
+  const now = (ids: string[]) => env.sql`update graphile_worker._private_jobs set run_at = now() where key = any(${ids})`;
+
+  it('hold and erase in one batch: the erasure, run first, erases nothing; the hold is then placed; the audit says so', async () => {
+    const w = await env.newWorkspace();
+    const u = await seedUser(env, w.ingestKey);
+    // The hold names the email, the erasure the user id.
+    const [hold, erase] = await batch(w.privacyKey, [
+      { action: 'hold', email: u.email },
+      { action: 'erase', userId: u.userId },
+    ]);
+    await later([hold!]);
+    await env.runJobs();
+    expect(await requestRow(env, erase!)).toMatchObject({ status: 'failed', error_code: 'legal_hold' });
+    expect((await auditRows(env, erase!))[0]).toMatchObject({ status: 'failed', outcome: 'failed', error_code: 'legal_hold' });
+    expect(await userFootprint(env, w.workspaceId, u.userId)).toMatchObject({ profiles: 1, events: 3 });
+
+    await now([hold!]);
+    await env.runJobs();
+    expect(await requestRow(env, hold!)).toMatchObject({ status: 'complete', outcome: 'held' });
+    expect((await auditRows(env, hold!))[0]).toMatchObject({ outcome: 'held', counts: { holds: 1 } });
+    expect(await held(w.workspaceId)).toHaveLength(1);
+  });
+
+  it('a workspace erasure, run before a hold still queued in it, erases nothing', async () => {
+    const w = await env.newWorkspace();
+    const u = await seedUser(env, w.ingestKey);
+    const [hold, erase] = await batch(w.privacyKey, [
+      { action: 'hold', userId: uniq('not-yet-seen') },
+      { action: 'erase', scope: 'workspace' },
+    ]);
+    await later([hold!]);
+    await env.runJobs();
+    expect(await requestRow(env, erase!)).toMatchObject({ status: 'failed', error_code: 'legal_hold' });
+    expect((await userFootprint(env, w.workspaceId, u.userId)).profiles).toBe(1);
+    await now([hold!]);
+    await env.runJobs();
+    expect(await requestRow(env, hold!)).toMatchObject({ status: 'complete', outcome: 'held' });
+  });
+
+  it('a queued hold that a later release supersedes does not stop an erasure asked for after both', async () => {
+    const w = await env.newWorkspace();
+    const u = await seedUser(env, w.ingestKey);
+    const [hold, release, erase] = await batch(w.privacyKey, [
+      { action: 'hold', userId: u.userId },
+      { action: 'release_hold', userId: u.userId },
+      { action: 'erase', userId: u.userId },
+    ]);
+    await later([hold!, release!]);
+    await env.runJobs();
+    expect(await requestRow(env, erase!)).toMatchObject({ status: 'complete', outcome: 'erased' });
+    await now([hold!, release!]);
+    await env.runJobs();
+    expect(await held(w.workspaceId)).toHaveLength(0);
+  });
+});
+
 async function ungrantedLocks(): Promise<number> {
   const [row] = await env.sql<{ n: number }[]>`select count(*)::int as n from pg_locks where not granted
     and database = (select oid from pg_database where datname = current_database())`;
