@@ -197,7 +197,7 @@ export async function updateConnector(deps: UpstreamDeps, workspaceId: string, i
  * Replaces the whole secret set (validated as a set, so a vendor's required secrets cannot be dropped). With
  * `keepPreviousForSeconds`, the inbound secrets it changes keep verifying webhooks beside the new ones until then
  * (the vendor may still send with the old one until its admin changes it too); this replaces any earlier such set,
- * and 0 (the default) keeps none.
+ * which one changing no inbound secret leaves alone, and 0 (the default) keeps none.
  */
 export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id: string, input: unknown): Promise<ConnectorWithStatus> {
   const body = validate(secretsReplaceSchema, input);
@@ -209,14 +209,19 @@ export async function replaceSecrets(deps: UpstreamDeps, workspaceId: string, id
     if (config.success) checkSettings(adapter, config.data, secrets);
     const seconds = body.keepPreviousForSeconds;
     const replaced = seconds > 0 ? replacedInboundSecrets(adapter, storedSecrets(deps.sealer, adapter, current), secrets) : {};
+    // With a window asked for but no inbound secret changed (the same PUT again: a client's retry after a lost answer,
+    // or a double submit), a window already running is left as it is: the vendor may still be signing with that old
+    // secret, and sending the same request twice must not do more than sending it once.
     const previous =
-      Object.keys(replaced).length === 0
+      seconds === 0
         ? NO_PREVIOUS_SECRETS
-        : {
-            previousSecretsSealed: deps.sealer.seal(JSON.stringify(replaced), previousSecretsContext(id)),
-            previousSecretFingerprints: fingerprintsOf(deps.digestKey, replaced),
-            previousSecretsExpireAt: sql`now() + make_interval(secs => ${seconds})`,
-          };
+        : Object.keys(replaced).length === 0
+          ? {}
+          : {
+              previousSecretsSealed: deps.sealer.seal(JSON.stringify(replaced), previousSecretsContext(id)),
+              previousSecretFingerprints: fingerprintsOf(deps.digestKey, replaced),
+              previousSecretsExpireAt: sql`now() + make_interval(secs => ${seconds})`,
+            };
     await tx
       .update(connectors)
       .set({ ...sealSecrets(deps, id, secrets), ...previous, secretsRotatedAt: sql`now()`, updatedAt: sql`now()` })

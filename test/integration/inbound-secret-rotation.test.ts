@@ -162,6 +162,32 @@ describe('keepPreviousForSeconds', () => {
     expect((await sendDataGrail(id, 'dg-e')).status).toBe(200);
   });
 
+  it('the same PUT again (a retry after a lost answer, a double submit, even at once) keeps the window the first opened', async () => {
+    const id = await datagrail('dg-twice-old');
+    expect((await sendDataGrail(id, 'dg-twice-old')).status).toBe(200);
+    const body = { secrets: dgSecrets('dg-twice-new'), keepPreviousForSeconds: 3600 };
+    const first = await putSecrets(id, body);
+    expect(first.status, first.text).toBe(200);
+    const again = await putSecrets(id, body);
+    expect(again.status, again.text).toBe(200);
+    expect(again.json.secrets.webhookSecret).toEqual(first.json.secrets.webhookSecret);
+    expect((await sendDataGrail(id, 'dg-twice-old')).status).toBe(200);
+    expect((await sendDataGrail(id, 'dg-twice-new')).status).toBe(200);
+
+    // Two copies in flight together: one replaces the secret, the other finds it replaced.
+    const id2 = await datagrail('dg-both-old');
+    expect((await sendDataGrail(id2, 'dg-both-old')).status).toBe(200);
+    const both = await Promise.all([1, 2].map(() => putSecrets(id2, { secrets: dgSecrets('dg-both-new'), keepPreviousForSeconds: 3600 })));
+    for (const res of both) expect(res.status, res.text).toBe(200);
+    expect((await previousColumns(id2)).previous_secret_fingerprints).toEqual({ webhookSecret: fp('dg-both-old') });
+    expect((await sendDataGrail(id2, 'dg-both-old')).status).toBe(200);
+    expect((await sendDataGrail(id2, 'dg-both-new')).status).toBe(200);
+
+    // 0 still ends it, as documented.
+    expect((await putSecrets(id, { secrets: dgSecrets('dg-twice-new'), keepPreviousForSeconds: 0 })).status).toBe(200);
+    expectError(await sendDataGrail(id, 'dg-twice-old'), 401, 'unauthorized');
+  });
+
   it('DELETE …/secrets/previous ends the grace at once (a leaked old secret), leaving the current secrets alone', async () => {
     const id = await datagrail('dg-leaked');
     expect((await sendDataGrail(id, 'dg-leaked')).status).toBe(200);
