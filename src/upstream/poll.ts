@@ -46,25 +46,36 @@ export async function connectorsTick(
     deps.logger.warn({ requeued }, 'requeued reports whose jobs were lost');
   }
   const rows = await deps.db
-    .select({ id: connectors.id, vendor: connectors.vendor, config: connectors.config, lastPolledAt: connectors.lastPolledAt })
+    .select({
+      id: connectors.id,
+      vendor: connectors.vendor,
+      config: connectors.config,
+      lastPolledAt: connectors.lastPolledAt,
+      version: rowVersion,
+    })
     .from(connectors)
     .where(and(eq(connectors.enabled, true), isNull(connectors.deletedAt)));
-  const due: string[] = [];
+  const due: { id: string; version: string }[] = [];
   for (const row of rows) {
     const minutes = pollIntervalOf(row);
     if (minutes === null) continue;
     if (row.lastPolledAt && row.lastPolledAt.getTime() + minutes * 60_000 > now.getTime() + 1_000) continue;
-    due.push(row.id);
+    due.push({ id: row.id, version: row.version });
   }
   if (due.length === 0) return { scheduled: [], requeued };
   // A poll is claimed when it is scheduled: the interval runs from there, so a poll that fails is tried again by its
   // own job (a few attempts) and then waits for its interval, not polled afresh every minute. A connector whose poll
   // job is still running or waiting for a retry gets none beside it (re-adding its key would start a second poll
-  // next to a running one, or give a failing one a fresh attempt budget).
+  // next to a running one, or give a failing one a fresh attempt budget). Only a row still as this tick read it is
+  // claimed: that check is made again on the row as another tick running at the same time (a failed tick retried
+  // as the next one runs) left it, whereas the look at the jobs still sees them as of this statement's start, when
+  // the other tick's poll job, queued meanwhile and perhaps already running, was not there yet.
   const scheduled = await deps.db.execute<{ id: string }>(sql`
     with claimed as (
       update ${connectors} c set last_polled_at = ${now.toISOString()}::timestamptz
-       where c.id = any(${`{${due.join(',')}}`}::text[])
+        from unnest(${`{${due.map((d) => d.id).join(',')}}`}::text[], ${`{${due.map((d) => d.version).join(',')}}`}::text[])
+             as d(id, version)
+       where c.id = d.id and c.xmin::text = d.version
          and not exists (select 1 from graphile_worker._private_jobs j
                           where j.key = 'poll:' || c.id and (j.locked_at is not null or j.attempts < j.max_attempts))
       returning c.id)

@@ -4,6 +4,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { connectorsTick, pollConnector } from '../../src/upstream/poll.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser } from '../helpers/factories.ts';
+import { waitFor } from '../helpers/wait.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
@@ -309,6 +310,59 @@ describe('Transcend pull mode', () => {
     }
     const lists = transcend.fake.calls.filter((c) => c.path === `/v1/data-silo/${silo}/pending-requests/ERASURE`);
     expect(lists).toHaveLength(1);
+    await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
+  });
+
+  it('two ticks at once (a failed tick retried as the next one runs) schedule one poll: none beside one already running', async () => {
+    const silo = 'silo-two-ticks';
+    const id = await pullConnector(silo, 1);
+    let lists = 0;
+    transcend.fake.on(`GET /v1/data-silo/${silo}/pending-requests/ERASURE`, () => {
+      lists++;
+      return { status: 200, body: { items: [] } };
+    });
+    const tA = new Date();
+    const tB = new Date(tA.getTime() + 1_000);
+    // Tick B's claim, once it has the connector's row, waits on a lock the test holds: meanwhile tick A's poll starts.
+    const gate = await env.sql.reserve();
+    const admin = await env.sql.reserve();
+    await gate`select pg_advisory_lock(7707)`;
+    await env.sql.unsafe(`
+      create function two_ticks_gate() returns trigger language plpgsql as $$
+      begin perform pg_advisory_xact_lock(7707); return new; end $$;
+      create trigger two_ticks_gate before update on connectors for each row
+        when (new.id = '${id}' and new.last_polled_at = '${tB.toISOString()}'::timestamptz) execute function two_ticks_gate();`);
+    const waiting = async (n: number) =>
+      (await env.sql`select 1 from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`).length >= n;
+    let tickB: Promise<{ scheduled: string[] }> | undefined;
+    let running: Promise<void> | undefined;
+    try {
+      // Both ticks read the connector as due, then queue on its row (held by an admin's PATCH), A first.
+      await admin`begin`;
+      await admin`select id from connectors where id = ${id} for update`;
+      const tickA = connectorsTick(env.deps, tA);
+      await waitFor(() => waiting(1));
+      tickB = connectorsTick(env.deps, tB);
+      await waitFor(() => waiting(2));
+      await admin`commit`;
+      expect((await tickA).scheduled).toContain(id);
+      running = env.runJobs();
+      await waitFor(async () => (await pollJobs(id)).some((j) => j.locked_at !== null));
+    } finally {
+      admin.release();
+      await gate`select pg_advisory_unlock(7707)`;
+      gate.release();
+      const b = await tickB;
+      // Another worker process takes whatever is due meanwhile.
+      const other = env.runJobs();
+      await Promise.all([running, other]);
+      await env.sql.unsafe('drop trigger two_ticks_gate on connectors; drop function two_ticks_gate();');
+      expect(b?.scheduled ?? []).not.toContain(id);
+    }
+    await env.runJobs();
+    // One poll, finished: no second one scheduled beside it, and none left behind out of attempts.
+    expect(lists).toBe(1);
+    expect(await pollJobs(id)).toHaveLength(0);
     await call(env, 'DELETE', `/v1/admin/connectors/${id}`, { key: ws.adminKey });
   });
 
