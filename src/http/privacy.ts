@@ -17,7 +17,7 @@ import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
 import { retryRequest } from '../privacy/retry.ts';
-import { HOLD_SCOPE_MESSAGE, intake, isHoldAction, type DsrRequest } from '../privacy/intake.ts';
+import { HOLD_SCOPE_MESSAGE, intake, IntakeContentionError, isHoldAction, type DsrRequest, type IntakeResult } from '../privacy/intake.ts';
 import { actorOf, bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import { cursorCondition, newestFirst, page } from './pagination.ts';
@@ -172,9 +172,12 @@ const ItemResult = z
     status: z.enum(REQUEST_STATUSES).optional(),
     replayed: z.boolean().optional().openapi({ description: 'Same externalRequestId seen before: the original' }),
     reason: z
-      .enum(['invalid', 'duplicate_pending', 'conflict'])
+      .enum(['invalid', 'duplicate_pending', 'conflict', 'retry'])
       .optional()
-      .openapi({ description: 'conflict: the externalRequestId was already used for a different request' }),
+      .openapi({
+        description:
+          'conflict: the externalRequestId was already used for a different request; retry: a conflicting request for the same subject kept finishing meanwhile, nothing was stored: send the item again',
+      }),
     existingRequestId: z.string().optional(),
     details: z.array(z.object({ path: z.string(), message: z.string() })).optional(),
   })
@@ -290,6 +293,10 @@ const createRequests = createRoute({
   responses: {
     202: json(z.object({ results: z.array(ItemResult) }), 'Per-item result'),
     ...commonErrors,
+    503: json(
+      ErrorBody,
+      'Retry after Retry-After: database temporarily unavailable, or (a single request) intake_contention: a conflicting request for the same subject kept finishing meanwhile, nothing was stored',
+    ),
   },
 });
 
@@ -463,7 +470,8 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
     const body = c.req.valid('json');
     const auth = c.get('auth');
     const actor: Actor = actorOf(auth);
-    const items: unknown[] = 'requests' in body ? body.requests : [body];
+    const batch = 'requests' in body;
+    const items: unknown[] = batch ? body.requests : [body];
     // A person erasing data, or acting on a whole workspace, must have entered the password recently. Checked for
     // the whole batch before anything is accepted, so a batch is never half taken.
     if (items.some((raw) => needsRecentAuth(PrivacyRequestInput.safeParse(raw)))) requireRecentAuth(deps, auth);
@@ -475,17 +483,31 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
         continue;
       }
       const v = parsed.data;
-      const out = await intake({
-        ctx: deps,
-        actor,
-        input: {
-          workspaceId: auth.workspaceId,
-          action: v.action,
-          scope: v.scope,
-          subject: v.userId ? { kind: 'user_id', value: v.userId } : v.email ? { kind: 'email', value: v.email } : null,
-          externalRequestId: v.externalRequestId,
-        },
-      });
+      let out: IntakeResult;
+      try {
+        out = await intake({
+          ctx: deps,
+          actor,
+          input: {
+            workspaceId: auth.workspaceId,
+            action: v.action,
+            scope: v.scope,
+            subject: v.userId ? { kind: 'user_id', value: v.userId } : v.email ? { kind: 'email', value: v.email } : null,
+            externalRequestId: v.externalRequestId,
+          },
+        });
+      } catch (err) {
+        if (!(err instanceof IntakeContentionError)) throw err;
+        // Transient: a single request is answered 503; in a batch the items before were taken, so only this one is
+        // to be sent again.
+        deps.logger.warn(
+          { requestId: c.get('requestId'), code: err.code, ...(batch ? { index } : {}) },
+          'request not taken: a conflicting request kept finishing; the caller is asked to retry',
+        );
+        if (!batch) throw err.toApiError();
+        results.push({ index, accepted: false, reason: 'retry' });
+        continue;
+      }
       results.push(
         out.result === 'duplicate_pending' || out.result === 'conflict'
           ? {

@@ -7,6 +7,7 @@ import {
 } from '../../connectors/types.ts';
 import { VENDORS } from '../db/schema/index.ts';
 import { ApiError } from '../lib/errors.ts';
+import { IntakeContentionError } from '../privacy/intake.ts';
 import { adapterContext, StaleConnectorError, verifyWebhook, type WebhookConnector } from '../upstream/store.ts';
 import { receiveTickets } from '../upstream/tickets.ts';
 import type { App, AppDeps } from './env.ts';
@@ -23,6 +24,7 @@ function toApiError(err: unknown): unknown {
   if (err instanceof WebhookAuthError) return new ApiError('unauthorized', `webhook not verified: ${err.message}`);
   if (err instanceof WebhookUnavailableError) return new ApiError('service_unavailable', err.message);
   if (err instanceof WebhookPayloadError) return new ApiError(err.code, err.message, err.details);
+  if (err instanceof IntakeContentionError) return err.toApiError();
   return err;
 }
 
@@ -52,7 +54,10 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
           [413, 'Body too large'],
           [415, 'Body is not JSON'],
           [422, 'Request type not mapped to an action'],
-          [503, 'Cannot verify right now (vendor key unreachable) or database unavailable; retry'],
+          [
+            503,
+            'Retry after Retry-After: cannot verify right now (vendor key unreachable), database unavailable, or intake_contention (a conflicting request for the same subject kept finishing meanwhile; nothing was stored)',
+          ],
         ].map(([s, d]) => [s, { description: d as string, content: { 'application/json': { schema: ErrorBody } } }]),
       ),
     },
@@ -117,6 +122,9 @@ export function registerWebhookRoutes(app: App, deps: AppDeps): void {
       }
       const mapped = toApiError(err);
       if (mapped instanceof ApiError && mapped.status < 500) log().warn({ code: mapped.code, reason: mapped.message }, 'webhook refused');
+      if (mapped instanceof ApiError && mapped.code === 'intake_contention') {
+        log().warn({ code: mapped.code }, 'webhook not stored: a conflicting request kept finishing; the vendor is asked to retry');
+      }
       if (mapped instanceof ApiError && mapped.code === 'service_unavailable') {
         log().warn({ reason: mapped.message }, 'webhook could not be verified now');
         c.header('Retry-After', '30');

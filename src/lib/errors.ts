@@ -22,6 +22,7 @@ export const ERROR_STATUS = {
   unsupported_request_type: 422,
   action_not_implemented: 400,
   service_unavailable: 503,
+  intake_contention: 503,
   internal_error: 500,
 } as const satisfies Record<string, ContentfulStatusCode>;
 

@@ -2,7 +2,7 @@ import { and, eq, inArray, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { dsrRequests, REQUEST_ACTIONS, REQUEST_SCOPES } from '../db/schema/index.ts';
 import { subjectDigest } from '../lib/digest.ts';
-import { DomainError } from '../lib/errors.ts';
+import { ApiError, DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { Tx } from '../db/client.ts';
 import type { OutboxJob } from '../jobs/outbox.ts';
@@ -101,7 +101,28 @@ export async function intakeInTx(tx: Tx, ctx: PrivacyDeps, actor: Actor, input: 
     if (pending) return { result: 'duplicate_pending', request: pending };
     // The conflicting request finished between our insert and our look-up: try again.
   }
-  throw new DomainError('intake_contention', 'could not settle a conflicting request; retry');
+  throw new IntakeContentionError();
+}
+
+/** What a caller told of intake_contention waits: the conflicting requests settle within milliseconds. */
+const INTAKE_RETRY_AFTER_SECONDS = 1;
+
+/**
+ * Intake could not tell which request a new one is: three times a conflicting request for the same subject was
+ * pending at our insert and finished before our look-up. Neither the caller's mistake nor our failure: it is thrown out
+ * of the transaction (nothing of the attempt is kept) and the same input sent again is taken. An HTTP caller gets 503
+ * with Retry-After (a batch item, reason `retry`); a poll fails its step, so its job runs again.
+ */
+export class IntakeContentionError extends DomainError {
+  constructor() {
+    super('intake_contention', 'a conflicting request for the same subject kept finishing while this one was taken; retry');
+  }
+
+  toApiError(): ApiError {
+    return new ApiError('intake_contention', this.message, undefined, {
+      'Retry-After': String(INTAKE_RETRY_AFTER_SECONDS),
+    });
+  }
 }
 
 type ParsedIntake = z.output<typeof intakeInputSchema>;
