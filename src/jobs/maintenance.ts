@@ -2,6 +2,7 @@ import { sql, type SQL } from 'drizzle-orm';
 import { pruneSessions } from '../accounts/sessions.ts';
 import { pruneThrottle } from '../accounts/throttle.ts';
 import type { Db } from '../db/client.ts';
+import { inBatches, type PruneOptions } from '../db/prune.ts';
 import { dsrRequests } from '../db/schema/index.ts';
 import { oldErasureMarkersPrune } from '../privacy/execute.ts';
 import { pruneSealedSubjects } from '../privacy/retry.ts';
@@ -10,11 +11,6 @@ import { forgottenRefusalsPrune } from '../upstream/refusals.ts';
 import { prunePreviousSecrets } from '../upstream/store.ts';
 
 const DAY_MS = 86_400_000;
-
-/** Rows one prune statement removes at most: each batch commits on its own, so no lock is held for long. */
-const PRUNE_BATCH = 1_000;
-/** Batches one tick runs at most per prune; a larger backlog (the first tick after an upgrade) goes on next hour. */
-const PRUNE_MAX_BATCHES = 100;
 
 /**
  * Hourly housekeeping: ended sessions, stale login counters, the sealed identifiers of requests that failed longer
@@ -29,22 +25,11 @@ export async function maintenanceTick(deps: UpstreamDeps) {
     sealedSubjects: await pruneSealedSubjects(deps, deps.failedSubjectRetentionDays),
     previousSecrets: await prunePreviousSecrets(deps.db),
     failedJobs: await pruneFailedJobs(deps.db, deps.failedJobRetentionDays),
-    refusals: await inBatches(deps.db, forgottenRefusalsPrune, PRUNE_BATCH),
-    erasureMarkers: await inBatches(deps.db, oldErasureMarkersPrune, PRUNE_BATCH),
+    refusals: await inBatches(deps.db, forgottenRefusalsPrune),
+    erasureMarkers: await inBatches(deps.db, oldErasureMarkersPrune),
   };
   if (Object.values(result).some((n) => n > 0)) deps.logger.info(result, 'maintenance done');
   return result;
-}
-
-/** Runs a batched prune (`statement(limit)` deletes at most `limit` rows) until a batch comes back short. */
-async function inBatches(db: Db, statement: (limit: number) => SQL, batchSize: number): Promise<number> {
-  let total = 0;
-  for (let i = 0; i < PRUNE_MAX_BATCHES; i++) {
-    const rows = await db.execute(statement(batchSize));
-    total += rows.length;
-    if (rows.length < batchSize) break;
-  }
-  return total;
 }
 
 /**
@@ -54,8 +39,8 @@ async function inBatches(db: Db, statement: (limit: number) => SQL, batchSize: n
  * once its last attempt was due `retentionDays` ago. Never a job a worker holds, and never an execute_request job whose
  * request is still pending: the minute tick (failAbandonedRequests) finds such requests through that very row.
  */
-export async function pruneFailedJobs(db: Db, retentionDays: number, opts: { batchSize?: number } = {}): Promise<number> {
-  return inBatches(db, (limit) => failedJobsPrune(retentionDays, limit), opts.batchSize ?? PRUNE_BATCH);
+export async function pruneFailedJobs(db: Db, retentionDays: number, opts: PruneOptions = {}): Promise<number> {
+  return inBatches(db, (limit) => failedJobsPrune(retentionDays, limit), opts);
 }
 
 /** One batch of the prune (its plan is checked in test/integration/query-plans.test.ts). */

@@ -1,7 +1,7 @@
-import { and, eq, getTableColumns, isNull, lt, sql } from 'drizzle-orm';
+import { and, eq, getTableColumns, isNull, sql } from 'drizzle-orm';
 import { connectorFor } from '../../connectors/index.ts';
 import { CheckFailed } from '../../connectors/shared.ts';
-import { connectorPollStatus, connectors, upstreamRefusals, webhookTokens } from '../db/schema/index.ts';
+import { connectorPollStatus, connectors, upstreamRefusals } from '../db/schema/index.ts';
 import type { JsonValue, Refusal } from '../../connectors/types.ts';
 import { isUnstorableValue, pgCode, safeErrorCode } from '../db/errors.ts';
 import { OutboundError } from '../lib/outbound.ts';
@@ -17,7 +17,7 @@ import {
   type ConnectorRow,
 } from './store.ts';
 import { refusalMemoryKey, refusalOf, reportRefusal, type RefusalReport } from './refusals.ts';
-import { receiveTickets, requeueStalledReports, storedTicketKey } from './tickets.ts';
+import { pruneExpiredTokens, receiveTickets, requeueStalledReports, storedTicketKey } from './tickets.ts';
 
 /** A pending report this long past due has lost its job; the tick adds it again. */
 const STALLED_REPORT_MINUTES = 15;
@@ -39,7 +39,7 @@ export async function connectorsTick(
   deps: UpstreamDeps,
   now = new Date(),
 ): Promise<{ scheduled: string[]; requeued: number }> {
-  await deps.db.delete(webhookTokens).where(lt(webhookTokens.expiresAt, now));
+  await pruneExpiredTokens(deps.db, now);
   const requeued = await requeueStalledReports(deps.db, STALLED_REPORT_MINUTES);
   if (requeued > 0) {
     deps.outbox.kick();

@@ -4,6 +4,7 @@ import type { PgTable } from 'drizzle-orm/pg-core';
 import { CONNECTORS } from '../../connectors/index.ts';
 import type { DsrTicket, LaterOutcome, Verified } from '../../connectors/types.ts';
 import type { Db, DbOrTx, Tx } from '../db/client.ts';
+import { inBatches, type PruneOptions } from '../db/prune.ts';
 import { lockKeys } from '../db/locks.ts';
 import { p, prebuiltSql, type Prebuilt } from '../db/prebuilt.ts';
 import type postgres from 'postgres';
@@ -54,6 +55,31 @@ export interface ReceivedTicket {
  * verification and its commit, so the tick's pruning can never forget a token that is still being accepted.
  */
 const TOKEN_MEMORY_MARGIN_MS = 10 * 60 * 1000;
+
+/**
+ * Forgets token ids whose memory ran out by `now` (the connectors tick's clock), batch by batch. A token without an
+ * expiry is kept for good.
+ */
+export async function pruneExpiredTokens(db: Db, now: Date, opts: PruneOptions = {}): Promise<number> {
+  return inBatches(db, (limit) => expiredTokensPrune(now, limit), opts);
+}
+
+/**
+ * One batch of the token id prune, through webhook_tokens_expires_idx. A token id a webhook is checking right now
+ * (its row locked) is left for the next tick. The plan is checked in query-plans.test.ts.
+ */
+export function expiredTokensPrune(now: Date, limit: number): SQL {
+  return sql`
+    with doomed as (
+      select k.connector_id, k.token_id from ${webhookTokens} k
+       where k.expires_at < ${now.toISOString()}::timestamptz
+       order by k.expires_at
+       limit ${limit}::int
+       for update skip locked)
+    delete from ${webhookTokens} k using doomed
+     where k.connector_id = doomed.connector_id and k.token_id = doomed.token_id
+    returning 1`;
+}
 
 export const ticketSecretContext = (ticketId: string) => `ticket:${ticketId}:secret`;
 

@@ -4,9 +4,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
+import { pruneSessions } from '../../src/accounts/sessions.ts';
+import { pruneThrottle } from '../../src/accounts/throttle.ts';
 import { maintenanceTick, pruneFailedJobs } from '../../src/jobs/maintenance.ts';
 import { subjectDigest, userLockKey } from '../../src/lib/digest.ts';
 import { failAbandonedRequests } from '../../src/privacy/execute.ts';
+import { pruneExpiredTokens } from '../../src/upstream/tickets.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser } from '../helpers/factories.ts';
 
@@ -304,5 +307,69 @@ describe('erasure markers', () => {
     const [stored] = await env.sql`select count(*)::int as n from events e join end_users u on u.id = e.user_id
                                     where u.workspace_id = ${ws.workspaceId} and u.external_id = ${userId} and e.name = 'came_back'`;
     expect(stored!.n).toBe(1);
+  });
+});
+
+describe('sessions, login counters and webhook token ids', () => {
+  // A small batch and cap stand for PRUNE_BATCH and PRUNE_MAX_BATCHES: a backlog larger than a run allows must go
+  // batch by batch, a run stopping at its cap and the next one going on, never one statement taking it all.
+  const small = { batchSize: 3, maxBatches: 2 };
+
+  it('sessions that ended over a day ago go in batches; live ones and those that ended within the day stay', async () => {
+    const [admin] = await env.sql<{ id: string }[]>`
+      insert into admin_users (id, workspace_id, email, password_hash)
+      values ('adm_prune', ${ws.workspaceId}, 'prune-admin@example.test', 'x') returning id`;
+    const session = (id: string, expires: string, revoked: string | null) =>
+      env.sql`insert into admin_sessions (id, token_hash, admin_id, workspace_id, expires_at, revoked_at)
+              values (${id}, ${`hash-${id}`}, ${admin!.id}, ${ws.workspaceId}, now() + ${expires}::interval,
+                      now() + ${revoked}::interval)`;
+    for (let i = 0; i < 4; i++) await session(`ses_expired_${i}`, '-25 hours', null);
+    for (let i = 0; i < 3; i++) await session(`ses_revoked_${i}`, '+1 hour', '-25 hours');
+    await session('ses_live', '+1 hour', null);
+    await session('ses_expired_recently', '-23 hours', null);
+    await session('ses_revoked_recently', '+1 hour', '-23 hours');
+
+    expect(await pruneSessions(env.deps.db, small)).toBe(6);
+    expect(await pruneSessions(env.deps.db, small)).toBe(1);
+    expect(await pruneSessions(env.deps.db, small)).toBe(0);
+    const left = await env.sql<{ id: string }[]>`select id from admin_sessions where admin_id = ${admin!.id} order by id`;
+    expect(left.map((r) => r.id)).toEqual(['ses_expired_recently', 'ses_live', 'ses_revoked_recently']);
+  });
+
+  it('login counters a day past their window go in batches; current ones stay', async () => {
+    await env.sql`insert into auth_throttle (key, window_started_at, failures)
+                  select 'prune-old-' || i, now() - interval '25 hours', 3 from generate_series(1, 7) i`;
+    await env.sql`insert into auth_throttle (key, window_started_at, failures)
+                  values ('prune-current', now() - interval '10 minutes', 2), ('prune-recent', now() - interval '23 hours', 1)`;
+    const day = 86_400_000;
+    expect(await pruneThrottle(env.deps.db, day, small)).toBe(6);
+    expect(await pruneThrottle(env.deps.db, day, small)).toBe(1);
+    expect(await pruneThrottle(env.deps.db, day, small)).toBe(0);
+    const left = await env.sql<{ key: string }[]>`select key from auth_throttle where key like 'prune-%' order by key`;
+    expect(left.map((r) => r.key)).toEqual(['prune-current', 'prune-recent']);
+  });
+
+  it('expired webhook token ids go in batches; live ones and those that never expire stay', async () => {
+    const connectorId = `con_prune_${ws.workspaceId}`;
+    await env.sql`insert into connectors (id, workspace_id, vendor, name) values (${connectorId}, ${ws.workspaceId}, 'transcend', 'prune')`;
+    await env.sql`insert into webhook_tokens (connector_id, token_id, body_digest, expires_at)
+                  select ${connectorId}, 'expired-' || i, 'x', now() - interval '1 minute' from generate_series(1, 7) i`;
+    await env.sql`insert into webhook_tokens (connector_id, token_id, body_digest, expires_at)
+                  values (${connectorId}, 'live', 'y', now() + interval '1 hour'), (${connectorId}, 'never-expires', 'z', null)`;
+    const now = new Date();
+    expect(await pruneExpiredTokens(env.deps.db, now, small)).toBe(6);
+    expect(await pruneExpiredTokens(env.deps.db, now, small)).toBe(1);
+    expect(await pruneExpiredTokens(env.deps.db, now, small)).toBe(0);
+    const left = await env.sql<{ token_id: string }[]>`select token_id from webhook_tokens where connector_id = ${connectorId} order by token_id`;
+    expect(left.map((r) => r.token_id)).toEqual(['live', 'never-expires']);
+  });
+
+  it('a backlog larger than one batch of PRUNE_BATCH is removed by one tick', async () => {
+    await env.sql`insert into auth_throttle (key, window_started_at, failures)
+                  select 'backlog-' || i, now() - interval '2 days', 1 from generate_series(1, 2500) i`;
+    await env.sql`insert into auth_throttle (key, window_started_at, failures) values ('backlog-current', now(), 1)`;
+    expect((await maintenanceTick(env.deps)).throttleCounters).toBe(2500);
+    const left = await env.sql<{ key: string }[]>`select key from auth_throttle where key like 'backlog-%'`;
+    expect(left.map((r) => r.key)).toEqual(['backlog-current']);
   });
 });

@@ -7,10 +7,13 @@ import { PgDialect } from 'drizzle-orm/pg-core';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
+import { endedSessionsPrune } from '../../src/accounts/sessions.ts';
+import { staleThrottlePrune } from '../../src/accounts/throttle.ts';
 import { failedJobsPrune } from '../../src/jobs/maintenance.ts';
 import { oldErasureMarkersPrune } from '../../src/privacy/execute.ts';
 import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { forgottenRefusalsPrune } from '../../src/upstream/refusals.ts';
+import { expiredTokensPrune } from '../../src/upstream/tickets.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 
@@ -83,6 +86,27 @@ beforeAll(async () => {
     select ${w}, md5('marker' || i), case when i <= 3 then now() - interval '2 days' else now() - interval '1 hour' end
     from generate_series(1, ${HISTORY}) i`;
   await env.sql`analyze erasure_markers`;
+  // Dashboard sessions of a busy workspace (live, or ended within the day), three of them ended over a day ago;
+  // login counters, three a day past their window; webhook token ids, three expired.
+  await env.sql`insert into admin_users (id, workspace_id, email, password_hash) values ('adm_plans', ${w}, 'plans@example.test', 'x')`;
+  await env.sql`
+    insert into admin_sessions (id, token_hash, admin_id, workspace_id, expires_at, revoked_at)
+    select 'ses_' || i, 'hash-' || i, 'adm_plans', ${w},
+           case when i = 1 then now() - interval '2 days' else now() + interval '1 day' end,
+           case when i in (2, 3) then now() - interval '2 days' when i % 10 = 0 then now() - interval '1 hour' end
+    from generate_series(1, ${HISTORY}) i`;
+  await env.sql`analyze admin_sessions`;
+  await env.sql`
+    insert into auth_throttle (key, window_started_at, failures)
+    select 'key-' || i, case when i <= 3 then now() - interval '2 days' else now() - interval '1 hour' end, 1
+    from generate_series(1, ${HISTORY}) i`;
+  await env.sql`analyze auth_throttle`;
+  await env.sql`
+    insert into webhook_tokens (connector_id, token_id, body_digest, expires_at)
+    select ${`con_${w}`}, 'jti-' || i, 'x',
+           case when i <= 3 then now() - interval '1 minute' when i % 10 = 0 then null else now() + interval '1 hour' end
+    from generate_series(1, ${HISTORY}) i`;
+  await env.sql`analyze webhook_tokens`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -199,6 +223,24 @@ it('finds refusals no poll listed for long without reading every refusal (mainte
 
 it('finds erasure markers a day old without reading every marker (maintenance tick)', async () => {
   const { rows, read } = await explain(new PgDialect().sqlToQuery(oldErasureMarkersPrune(1000)));
+  expect(rows).toBe(3);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds sessions that ended over a day ago without reading every session (maintenance tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(endedSessionsPrune(1000)));
+  expect(rows).toBe(3);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds login counters a day past their window without reading every counter (maintenance tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(staleThrottlePrune(86_400_000, 1000)));
+  expect(rows).toBe(3);
+  expect(read).toBeLessThan(100);
+});
+
+it('finds expired webhook token ids without reading every token id (connectors tick)', async () => {
+  const { rows, read } = await explain(new PgDialect().sqlToQuery(expiredTokensPrune(new Date(), 1000)));
   expect(rows).toBe(3);
   expect(read).toBeLessThan(100);
 });

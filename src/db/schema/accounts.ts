@@ -49,6 +49,8 @@ export const adminSessions = pgTable(
   (t) => [
     uniqueIndex('admin_sessions_token_uq').on(t.tokenHash),
     index('admin_sessions_admin_idx').on(t.adminId),
+    // The maintenance tick's prune: when the session ended (least() skips a null revoked_at), so only ended ones are read.
+    index('admin_sessions_ended_idx').on(sql`least(${t.expiresAt}, ${t.revokedAt})`),
   ],
 );
 
@@ -63,5 +65,9 @@ export const authThrottle = pgTable(
     windowStartedAt: ts('window_started_at').notNull().defaultNow(),
     failures: integer('failures').notNull().default(0),
   },
-  (t) => [check('auth_throttle_failures_ck', sql`${t.failures} >= 0`)],
+  (t) => [
+    check('auth_throttle_failures_ck', sql`${t.failures} >= 0`),
+    // The maintenance tick's prune of counters whose window is long over.
+    index('auth_throttle_window_idx').on(t.windowStartedAt),
+  ],
 );

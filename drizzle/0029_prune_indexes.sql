@@ -1,0 +1,2 @@
+CREATE INDEX "admin_sessions_ended_idx" ON "admin_sessions" USING btree (least("expires_at", "revoked_at"));--> statement-breakpoint
+CREATE INDEX "auth_throttle_window_idx" ON "auth_throttle" USING btree ("window_started_at");
