@@ -30,9 +30,12 @@ export function cursorCondition(cursor: string | undefined, idCol: PgColumn, pre
 
 export const newestFirst = (idCol: PgColumn) => desc(idCol);
 
-export function page<T extends { id: string }>(rows: T[], limit: number) {
+/** `idOf`: where a row keeps the id the list is ordered by, when it is not `id` (a hold: its request's). */
+export function page<T extends { id: string }>(rows: T[], limit: number): { data: T[]; nextCursor: string | null };
+export function page<T>(rows: T[], limit: number, idOf: (row: T) => string): { data: T[]; nextCursor: string | null };
+export function page<T>(rows: T[], limit: number, idOf = (row: T) => (row as { id: string }).id) {
   const more = rows.length > limit;
   const data = more ? rows.slice(0, limit) : rows;
   const last = data[data.length - 1];
-  return { data, nextCursor: more && last ? encodeCursor(last.id) : null };
+  return { data, nextCursor: more && last ? encodeCursor(idOf(last)) : null };
 }

@@ -3,6 +3,7 @@ import { and, eq, exists, inArray, not, or, sql, type SQL } from 'drizzle-orm';
 import {
   auditRecords,
   dsrRequests,
+  legalHolds,
   OUTCOMES,
   REQUEST_ACTIONS,
   REQUEST_STATUSES,
@@ -17,7 +18,8 @@ import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
 import { retryRequest } from '../privacy/retry.ts';
-import { HOLD_SCOPE_MESSAGE, intake, IntakeContentionError, isHoldAction, type DsrRequest, type IntakeResult } from '../privacy/intake.ts';
+import { HOLD_SCOPE_MESSAGE, intake, IntakeContentionError, isHoldAction, type DsrRequest, type IntakeResult, type Subject } from '../privacy/intake.ts';
+import { listHolds, type HoldRow } from '../privacy/holds.ts';
 import { actorOf, bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import { cursorCondition, newestFirst, page } from './pagination.ts';
@@ -163,6 +165,45 @@ const AuditView = z
       .openapi({ description: 'Tamper evidence; null fields only on records written before the chain existed' }),
   })
   .openapi('AuditRecord');
+
+const HoldView = z
+  .object({
+    requestId: z
+      .string()
+      .openapi({ description: "The hold request that placed it: the hold's id, and the order of the list (newest first)" }),
+    subjectKind: z.enum(['user_id', 'email']).openapi({ description: 'The kind of identifier the hold was placed on' }),
+    subjectDigest: z.string().openapi({ description: 'Keyed HMAC-SHA256 of that identifier (as on its audit records)' }),
+    placedAt: z.string().openapi({ description: 'When the hold took effect' }),
+    source: z.string().openapi({ description: 'api, dashboard or connector' }),
+    actor: z.object({ type: z.string(), id: z.string().nullable() }).openapi({
+      description: 'Who placed it: an API key (its id), an admin (their id) or a connector (its id)',
+    }),
+    externalRequestId: z.string().nullable(),
+    upstreamRef: z.string().nullable().openapi({ description: "The vendor's ticket reference, for a hold a vendor placed" }),
+    upstream: z
+      .array(z.object({ ticketId: z.string(), connectorId: z.string(), upstreamRef: z.string() }))
+      .openapi({ description: 'The vendor tickets of the request that placed it' }),
+    auditRecordId: z.string().nullable().openapi({ description: 'The audit record of the request that placed it' }),
+  })
+  .openapi('LegalHold');
+
+export type HoldViewBody = z.infer<typeof HoldView>;
+
+export function holdView(h: HoldRow): HoldViewBody {
+  return {
+    requestId: h.requestId,
+    // A hold request always names a user's identifier (intake refuses a workspace-scope hold).
+    subjectKind: h.subjectKind === 'email' ? 'email' : 'user_id',
+    subjectDigest: h.subjectDigest,
+    placedAt: h.heldAt.toISOString(),
+    source: h.source,
+    actor: { type: h.actorType, id: h.actorId },
+    externalRequestId: h.externalRequestId,
+    upstreamRef: h.upstreamRef,
+    upstream: h.tickets.map((t) => ({ ticketId: t.id, connectorId: t.connectorId, upstreamRef: t.upstreamRef })),
+    auditRecordId: h.auditRecordId,
+  };
+}
 
 const ItemResult = z
   .object({
@@ -382,6 +423,35 @@ const listAudit = createRoute({
   },
 });
 
+const listHoldsRoute = createRoute({
+  method: 'get',
+  path: '/v1/privacy/holds',
+  summary: 'Legal holds in force, newest first; by subject, the holds that stop an erasure by that identifier',
+  tags: ['privacy'],
+  security: bearerSecurity,
+  request: {
+    query: Pagination.extend({
+      userId: z
+        .string()
+        .min(1)
+        .max(256)
+        .optional()
+        .openapi({ description: "Holds on this user id and on the email of its profile (matched by keyed digest)" }),
+      email: z
+        .string()
+        .trim()
+        .max(320)
+        .pipe(z.email())
+        .optional()
+        .openapi({ description: 'Holds on this email and on the user id of every profile that carries it (matched by keyed digest)' }),
+    }).strict(),
+  },
+  responses: {
+    200: json(z.object({ data: z.array(HoldView), nextCursor: z.string().nullable() }), 'A page'),
+    ...commonErrors,
+  },
+});
+
 type Item = z.infer<typeof ItemResult>;
 
 /**
@@ -575,6 +645,23 @@ export function registerPrivacyRoutes(app: App, deps: AppDeps): void {
     if (row && needsRecentAuth({ success: true, data: row })) requireRecentAuth(deps, auth);
     const queued = await retryRequest(deps, auth.workspaceId, id, actorOf(auth));
     return c.json(requestView(queued.request, queued.tickets), 202);
+  });
+
+  app.openapi(listHoldsRoute, async (c) => {
+    const q = c.req.valid('query');
+    if (q.userId !== undefined && q.email !== undefined) {
+      throw new ApiError('validation_failed', 'request failed validation', [
+        { path: 'email', message: 'give userId or email, not both' },
+      ]);
+    }
+    const subject: Subject | undefined =
+      q.userId !== undefined ? { kind: 'user_id', value: q.userId } : q.email !== undefined ? { kind: 'email', value: q.email } : undefined;
+    const rows = await listHolds(deps.db, deps.digestKey, c.get('auth').workspaceId, {
+      subject,
+      after: cursorCondition(q.cursor, legalHolds.requestId, 'req'),
+      limit: q.limit + 1,
+    });
+    return c.json(page(rows.map(holdView), q.limit, (h) => h.requestId), 200);
   });
 
   app.openapi(getAudit, async (c) => {

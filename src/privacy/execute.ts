@@ -22,6 +22,7 @@ import { DomainError } from '../lib/errors.ts';
 import type { PrivacyDeps } from './context.ts';
 import { isHoldAction, type DsrRequest } from './intake.ts';
 import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
+import { heldDigests } from './holds.ts';
 import { newId } from '../lib/ids.ts';
 import { clientOf, commitWithoutFlush, p, prebuilt, prebuiltSql } from '../db/prebuilt.ts';
 import { enqueueReports } from '../upstream/tickets.ts';
@@ -376,7 +377,7 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
   if (req.action === 'erase') {
     // Under the locks a hold on any of these profiles is placed under, so one committed before this check is seen,
     // and one placed after it waits until this erasure has committed.
-    await refuseIfHeld(tx, req.workspaceId, [req.subjectDigest, ...heldDigests(ctx, req.workspaceId, users)]);
+    await refuseIfHeld(tx, req.workspaceId, [req.subjectDigest, ...heldDigests(ctx.digestKey, req.workspaceId, users)]);
   }
   if (users.length === 0) return { outcome: 'not_found', counts: {} };
   switch (req.action) {
@@ -581,14 +582,6 @@ async function setHold(tx: Tx, req: RunningRequest): Promise<Applied> {
         .delete(legalHolds)
         .where(and(eq(legalHolds.workspaceId, req.workspaceId), eq(legalHolds.subjectDigest, req.subjectDigest)));
   return { outcome, counts: { holds: changed.count } };
-}
-
-/** The digests a hold on these profiles would be keyed by: each one's user id and email. */
-function heldDigests(ctx: PrivacyDeps, workspaceId: string, users: ResolvedUser[]): string[] {
-  return users.flatMap((u) => [
-    subjectDigest(ctx.digestKey, workspaceId, 'user_id', u.externalId),
-    ...(u.email ? [subjectDigest(ctx.digestKey, workspaceId, 'email', u.email)] : []),
-  ]);
 }
 
 /** errorCode of an erasure refused because its subject (or, for a workspace, anyone in it) is on legal hold. */

@@ -587,7 +587,7 @@ describe('fuzz: privacy API', () => {
     );
     const names = fc.constantFrom('status', 'externalRequestId', 'userId', 'email', 'upstreamRef', 'upstreamStatus', 'limit', 'cursor', 'requestId', 'action', 'outcome', 'x');
     const route = fc.oneof(
-      fc.record({ list: fc.constantFrom('/v1/privacy/requests', '/v1/privacy/audit'), query: fc.array(fc.tuple(names, value), { maxLength: 4 }), raw: fc.boolean() }),
+      fc.record({ list: fc.constantFrom('/v1/privacy/requests', '/v1/privacy/audit', '/v1/privacy/holds'), query: fc.array(fc.tuple(names, value), { maxLength: 4 }), raw: fc.boolean() }),
       fc.record({ one: fc.constantFrom('/v1/privacy/requests/', '/v1/privacy/audit/'), id: fc.oneof(anyText, fc.constantFrom(`req_${'a'.repeat(25)}`, 'aud_', '..', '%00', '%', 'x'.repeat(200))) }),
     );
     await fc.assert(

@@ -365,3 +365,133 @@ async function ungrantedLocks(): Promise<number> {
     and database = (select oid from pg_database where datname = current_database())`;
   return row!.n;
 }
+
+describe('GET /v1/privacy/holds', () => {
+  it('lists the holds in force, newest first, with who placed them and from where; paged; filtered by subject', async () => {
+    const w = await env.newWorkspace();
+    const u = await seedUser(env, w.ingestKey);
+    const other = await seedUser(env, w.ingestKey);
+    const nobody = uniq('nobody-yet');
+    const s = await adminSession(env, w.workspaceId);
+    const conn = await createConnectorVia(env, w.adminKey, {
+      vendor: 'transcend',
+      name: 'Transcend (holds)',
+      config: transcend.config(),
+      secrets: transcend.secrets,
+    });
+
+    // By the privacy key (on u's email), by an admin (on an id no profile carries), by Transcend (on other's id).
+    const byKey = await ask({ action: 'hold', email: ` ${u.email.toUpperCase()}`, externalRequestId: 'matter-17' }, w.privacyKey);
+    await env.runJobs();
+    const placed = await s.call('POST', '/v1/privacy/requests', { body: { action: 'hold', userId: nobody } });
+    expect(placed.status, placed.text).toBe(202);
+    const byAdmin = placed.json.results[0].requestId as string;
+    await env.runJobs();
+    const ref = randomUUID();
+    const hook = await transcend.webhook({ type: 'PLACE_ON_LEGAL_HOLD', profile: { identifier: other.userId, type: 'userId' }, requestId: ref });
+    const res = await call(env, 'POST', `/webhooks/transcend/${conn}`, { body: hook.body, headers: hook.headers });
+    expect(res.status, res.text).toBe(200);
+    const { ticketId, requestId: byVendor } = res.json.received[0] as { ticketId: string; requestId: string };
+    // A hold placed and released again is not in force: not listed.
+    const released = uniq('released');
+    await ask({ action: 'hold', userId: released }, w.privacyKey);
+    await env.runJobs();
+    await ask({ action: 'release_hold', userId: released }, w.privacyKey);
+    await env.runJobs();
+    expect(await held(w.workspaceId)).toHaveLength(3);
+
+    const list = await call(env, 'GET', '/v1/privacy/holds', { key: w.privacyKey });
+    expect(list.status, list.text).toBe(200);
+    const digestOf = async (id: string) => (await requestRow(env, id)).subject_digest as string;
+    const auditOf = async (id: string) => (await requestRow(env, id)).audit_record_id as string;
+    const placedAt = async (id: string) => ((await env.sql`select held_at from legal_holds where request_id = ${id}`)[0]!.held_at as Date).toISOString();
+    const [keyRow] = await env.sql`select actor_id from dsr_requests where id = ${byKey}`;
+    expect(list.json).toEqual({
+      data: [
+        {
+          requestId: byVendor,
+          subjectKind: 'user_id',
+          subjectDigest: await digestOf(byVendor),
+          placedAt: await placedAt(byVendor),
+          source: 'connector',
+          actor: { type: 'connector', id: conn },
+          externalRequestId: null,
+          upstreamRef: ref,
+          upstream: [{ ticketId, connectorId: conn, upstreamRef: ref }],
+          auditRecordId: await auditOf(byVendor),
+        },
+        {
+          requestId: byAdmin,
+          subjectKind: 'user_id',
+          subjectDigest: await digestOf(byAdmin),
+          placedAt: await placedAt(byAdmin),
+          source: 'dashboard',
+          actor: { type: 'admin', id: s.adminId },
+          externalRequestId: null,
+          upstreamRef: null,
+          upstream: [],
+          auditRecordId: await auditOf(byAdmin),
+        },
+        {
+          requestId: byKey,
+          subjectKind: 'email',
+          subjectDigest: await digestOf(byKey),
+          placedAt: await placedAt(byKey),
+          source: 'api',
+          actor: { type: 'api_key', id: keyRow!.actor_id },
+          externalRequestId: 'matter-17',
+          upstreamRef: null,
+          upstream: [],
+          auditRecordId: await auditOf(byKey),
+        },
+      ],
+      nextCursor: null,
+    });
+    // The same for an admin's session, even one whose password entry is old: listing changes nothing.
+    await makeAuthStale(env, s.sessionId);
+    expect((await s.call('GET', '/v1/privacy/holds')).json).toEqual(list.json);
+
+    // Paged as the other lists: no hold twice, every one once.
+    const first = await call(env, 'GET', '/v1/privacy/holds?limit=2', { key: w.privacyKey });
+    expect(first.json.data.map((h: { requestId: string }) => h.requestId)).toEqual([byVendor, byAdmin]);
+    expect(first.json.nextCursor).toEqual(expect.any(String));
+    const second = await call(env, 'GET', `/v1/privacy/holds?limit=2&cursor=${first.json.nextCursor}`, { key: w.privacyKey });
+    expect(second.json).toEqual({ data: [list.json.data[2]], nextCursor: null });
+
+    // By subject: the holds that stop an erasure by that identifier, whichever identifier they were placed on.
+    const ids = async (query: string) => {
+      const r = await call(env, 'GET', `/v1/privacy/holds?${query}`, { key: w.privacyKey });
+      expect(r.status, r.text).toBe(200);
+      return (r.json.data as { requestId: string }[]).map((h) => h.requestId);
+    };
+    expect(await ids(`email=${encodeURIComponent(u.email)}`)).toEqual([byKey]);
+    expect(await ids(`userId=${encodeURIComponent(u.userId)}`)).toEqual([byKey]);
+    expect(await ids(`userId=${encodeURIComponent(nobody)}`)).toEqual([byAdmin]);
+    expect(await ids(`userId=${encodeURIComponent(other.userId)}`)).toEqual([byVendor]);
+    expect(await ids(`email=${encodeURIComponent(other.email)}`)).toEqual([byVendor]);
+    expect(await ids(`userId=${uniq('never-seen')}`)).toEqual([]);
+
+    // Mistakes are named; no identifier is echoed or stored.
+    const both = await call(env, 'GET', `/v1/privacy/holds?userId=${u.userId}&email=${encodeURIComponent(u.email)}`, { key: w.privacyKey });
+    expect(expectError(both, 400, 'validation_failed').details).toEqual([{ path: 'email', message: 'give userId or email, not both' }]);
+    expect(both.text).not.toContain(u.userId);
+    expect(expectError(await call(env, 'GET', '/v1/privacy/holds?email=not-an-email', { key: w.privacyKey }), 400, 'validation_failed').details)
+      .toEqual([expect.objectContaining({ path: 'email' })]);
+    expect(expectError(await call(env, 'GET', '/v1/privacy/holds?subject=x', { key: w.privacyKey }), 400, 'validation_failed').details)
+      .toEqual([expect.objectContaining({ path: 'subject' })]);
+    expectError(await call(env, 'GET', '/v1/privacy/holds?cursor=nope', { key: w.privacyKey }), 400, 'validation_failed');
+    expectError(await call(env, 'GET', '/v1/privacy/holds?limit=0', { key: w.privacyKey }), 400, 'validation_failed');
+    expectError(await call(env, 'GET', '/v1/privacy/holds', { key: w.ingestKey }), 403, 'forbidden');
+    expectError(await call(env, 'GET', '/v1/privacy/holds', { key: w.adminKey }), 403, 'forbidden');
+    for (const text of [list.text, JSON.stringify(await env.sql`select * from legal_holds`), env.logs.text()]) {
+      for (const raw of [u.email, u.userId, other.userId, other.email, nobody, released]) expect(text).not.toContain(raw);
+    }
+
+    const doc = await call(env, 'GET', '/openapi.json');
+    expect(doc.json.paths['/v1/privacy/holds'].get.parameters.map((p: { name: string }) => p.name).sort()).toEqual(
+      ['cursor', 'email', 'limit', 'userId'],
+    );
+    expect(doc.json.components.schemas.LegalHold.required).toEqual(expect.arrayContaining(['requestId', 'placedAt', 'actor', 'upstream']));
+    await env.runJobs();
+  });
+});

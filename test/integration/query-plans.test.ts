@@ -2,15 +2,16 @@
  * Query plans on a workspace with a long history: a listing that filters by something rare must read about as many
  * rows as it returns, not every row the workspace ever had (EXPLAIN ANALYZE on tens of thousands of rows).
  */
-import { desc } from 'drizzle-orm';
+import { desc, lt } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
-import { auditRecords, dsrRequests } from '../../src/db/schema/index.ts';
 import { endedSessionsPrune } from '../../src/accounts/sessions.ts';
 import { staleThrottlePrune } from '../../src/accounts/throttle.ts';
+import { auditRecords, dsrRequests, legalHolds } from '../../src/db/schema/index.ts';
 import { failedJobsPrune } from '../../src/jobs/maintenance.ts';
 import { oldErasureMarkersPrune } from '../../src/privacy/execute.ts';
+import { holdsPage } from '../../src/privacy/holds.ts';
 import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { forgottenRefusalsPrune } from '../../src/upstream/refusals.ts';
 import { expiredTokensPrune } from '../../src/upstream/tickets.ts';
@@ -107,6 +108,11 @@ beforeAll(async () => {
            case when i <= 3 then now() - interval '1 minute' when i % 10 = 0 then null else now() + interval '1 hour' end
     from generate_series(1, ${HISTORY}) i`;
   await env.sql`analyze webhook_tokens`;
+  // A hold placed by each request of the history (a workspace of a firm under a broad litigation hold).
+  await env.sql`
+    insert into legal_holds (workspace_id, subject_digest, request_id)
+    select workspace_id, subject_digest, id from dsr_requests where workspace_id = ${w}`;
+  await env.sql`analyze legal_holds`;
   await env.sql`analyze audit_records`;
   await env.sql`analyze dsr_requests`;
   await env.sql`analyze upstream_tickets`;
@@ -243,4 +249,14 @@ it('finds expired webhook token ids without reading every token id (connectors t
   const { rows, read } = await explain(new PgDialect().sqlToQuery(expiredTokensPrune(new Date(), 1000)));
   expect(rows).toBe(3);
   expect(read).toBeLessThan(100);
+});
+
+it('lists holds newest first, page after page, without reading every hold', async () => {
+  const first = await explain(holdsPage(env.database.db, ws.workspaceId, { limit: 51 }).toSQL());
+  expect(first.rows).toBe(51);
+  expect(first.read).toBeLessThan(200);
+  const middle = `req_${(HISTORY / 2).toString(16).padStart(25, '0')}`;
+  const later = await explain(holdsPage(env.database.db, ws.workspaceId, { after: lt(legalHolds.requestId, middle), limit: 51 }).toSQL());
+  expect(later.rows).toBe(51);
+  expect(later.read).toBeLessThan(200);
 });

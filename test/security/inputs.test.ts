@@ -540,6 +540,7 @@ describe('SQL metacharacters in identifiers', () => {
     const filters = {
       '/v1/privacy/requests': ['userId', 'email', 'externalRequestId', 'upstreamRef', 'cursor', 'status', 'upstreamStatus', 'limit'],
       '/v1/privacy/audit': ['requestId', 'userId', 'email', 'cursor', 'action', 'status', 'outcome', 'limit'],
+      '/v1/privacy/holds': ['userId', 'email', 'cursor', 'limit'],
     };
     let empties = 0;
     for (const [path, names] of Object.entries(filters)) {

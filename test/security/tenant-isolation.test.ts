@@ -62,6 +62,8 @@ interface AIds {
   pendingRef: string;
   /** A request a worker is running. */
   runningRequestId: string;
+  /** Holds in force, placed on the user id and on the email above. */
+  holdRequestIds: string[];
   extraKeyId: string;
   revokedKeyId: string;
   keyIds: string[];
@@ -160,6 +162,13 @@ const ROUTES: Record<string, Case> = {
       'status=failed',
       'outcome=failed',
     ],
+  },
+  'GET /v1/privacy/holds': {
+    kind: 'list',
+    accepts: PRIVACY,
+    path: '/v1/privacy/holds',
+    mine: () => [bIds.holdRequestId],
+    filters: (a) => [`userId=${encodeURIComponent(a.userId)}`, `email=${encodeURIComponent(a.email)}`],
   },
   'GET /v1/privacy/audit/{id}': {
     kind: 'id',
@@ -260,7 +269,7 @@ let env: TestEnv;
 let aSide: Side;
 let bSide: Side;
 let a: AIds;
-const bIds = { requestId: '', auditId: '', keyIds: [] as string[] };
+const bIds = { requestId: '', auditId: '', keyIds: [] as string[], holdRequestId: '' };
 let onetrust: FakeOneTrust;
 let datagrail: Awaited<ReturnType<typeof startFakeDataGrail>>;
 /** Every string of A's that must never appear in an answer to B. */
@@ -429,6 +438,14 @@ beforeAll(async () => {
   const bUser = await seedUser(env, bSide.ws.ingestKey);
   const bReq = await call(env, 'POST', '/v1/privacy/requests', { key: bSide.ws.privacyKey, body: { action: 'suppress', userId: bUser.userId } });
   bIds.requestId = bReq.json.results[0].requestId as string;
+  // Holds in force on both sides: B's on its own user, A's on the user id and the email B will filter by.
+  const bHold = await call(env, 'POST', '/v1/privacy/requests', { key: bSide.ws.privacyKey, body: { action: 'hold', userId: bUser.userId } });
+  bIds.holdRequestId = bHold.json.results[0].requestId as string;
+  const aHolds = await call(env, 'POST', '/v1/privacy/requests', {
+    key: A.privacyKey,
+    body: { requests: [{ action: 'hold', userId: user.userId }, { action: 'hold', email: victim.email }] },
+  });
+  const holdRequestIds = (aHolds.json.results as { requestId: string }[]).map((r) => r.requestId);
   await env.runJobs();
 
   // A, after the last job run: a OneTrust ticket whose request is queued (ticket pending), and a request being run
@@ -471,6 +488,7 @@ beforeAll(async () => {
     queuedRequestId,
     pendingRef,
     runningRequestId,
+    holdRequestIds,
     extraKeyId: extra.json.id as string,
     revokedKeyId: revoked.json.id as string,
     keyIds: await rowsOf('api_keys', A.workspaceId),
@@ -491,7 +509,9 @@ beforeAll(async () => {
            (select status from dsr_requests where id = ${a.runningRequestId}) as running,
            (select revoked_at is not null from api_keys where id = ${a.revokedKeyId}) as revoked,
            (select disabled_at is not null from admin_users where id = ${a.disabledAdminId}) as disabled,
-           (select count(*)::int from api_keys where workspace_id = ${A.workspaceId}) as keys`;
+           (select count(*)::int from api_keys where workspace_id = ${A.workspaceId}) as keys,
+           (select count(*)::int from legal_holds where request_id in ${env.sql(a.holdRequestIds)}) as holds,
+           (select count(*)::int from legal_holds where request_id = ${bIds.holdRequestId}) as b_holds`;
   expect(state).toEqual({
     complete: 'complete',
     failed: 'failed',
@@ -504,6 +524,8 @@ beforeAll(async () => {
     revoked: true,
     disabled: true,
     keys: 5,
+    holds: 2,
+    b_holds: 1,
   });
   expect(a.keyIds).toEqual(expect.arrayContaining([a.extraKeyId, a.revokedKeyId]));
 
@@ -523,6 +545,7 @@ beforeAll(async () => {
     a.queuedRequestId,
     a.pendingRef,
     a.runningRequestId,
+    ...a.holdRequestIds,
     a.externalRequestId,
     a.adminId,
     a.disabledAdminId,
@@ -616,6 +639,24 @@ describe("B's credentials against A's data", () => {
       }
     }
     expect(nonEmpty, 'some cursor of A lies after a row of B').toBeGreaterThan(0);
+    // Holds are paged by the id of the request that placed them: a cursor from any of A's requests gives B's own.
+    const bHoldsBefore = async (id: string) =>
+      (
+        await env.sql<{ request_id: string }[]>`select request_id from legal_holds
+                                                where workspace_id = ${bSide.ws.workspaceId} and request_id < ${id} order by request_id desc`
+      ).map((r) => r.request_id);
+    let holdPages = 0;
+    for (const id of [...requestIdsOf(a), ...a.holdRequestIds]) {
+      for (const cred of PRIVACY) {
+        const res = await as(bSide, cred, 'GET', `/v1/privacy/holds?cursor=${encodeCursor(id)}`);
+        expect(res.status, res.text).toBe(200);
+        expectNoneOfA(res, `${cred} /v1/privacy/holds with a cursor from A`);
+        const expected = await bHoldsBefore(id);
+        expect((res.json.data as { requestId: string }[]).map((h) => h.requestId), `${cred} holds after ${id}`).toEqual(expected);
+        if (expected.length > 0) holdPages++;
+      }
+    }
+    expect(holdPages, "some cursor of A lies after B's hold").toBeGreaterThan(0);
     // The audit chain check of B covers B's records only.
     const verify = await as(bSide, 'admin', 'GET', '/v1/admin/audit/verify');
     const [bAudits] = await env.sql<{ n: number }[]>`select count(*)::int as n from audit_records where workspace_id = ${bSide.ws.workspaceId}`;

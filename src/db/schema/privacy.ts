@@ -166,5 +166,9 @@ export const legalHolds = pgTable(
     requestId: text('request_id').notNull(),
     heldAt: ts('held_at').notNull().defaultNow(),
   },
-  (t) => [primaryKey({ columns: [t.workspaceId, t.subjectDigest] })],
+  (t) => [
+    primaryKey({ columns: [t.workspaceId, t.subjectDigest] }),
+    // GET /v1/privacy/holds pages newest first by the placing request's id.
+    index('legal_holds_workspace_request_idx').on(t.workspaceId, t.requestId),
+  ],
 );

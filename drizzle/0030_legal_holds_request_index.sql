@@ -1,0 +1,1 @@
+CREATE INDEX "legal_holds_workspace_request_idx" ON "legal_holds" USING btree ("workspace_id","request_id");
