@@ -1,6 +1,7 @@
 import { adminCommands } from './cli/admins.ts';
 import { auditCommands } from './cli/audit.ts';
 import { connectorCommands } from './cli/connectors.ts';
+import { holdCommands } from './cli/holds.ts';
 import { keyCommands } from './cli/keys.ts';
 import { requestCommands } from './cli/requests.ts';
 import { serviceCommands } from './cli/service.ts';
@@ -51,6 +52,8 @@ Privacy requests and the audit trail
                                                   Newest first (default limit 50)
   requests show <requestId>                       With its vendor tickets
   requests retry <requestId>                      Runs a failed request again
+  holds list --workspace <id> [--limit 1-100]     Legal holds in force, newest first (default limit 50): who placed
+                                                  each, when, and on which kind of identifier (never the identifier)
   audit show <auditRecordId>                      The record and its chain position, hash, canonical form, intact
   audit verify [--workspace <id>]                 Checks the tamper-evident chains; exit 1 if any is broken
 
@@ -76,6 +79,7 @@ const GROUPS: Record<string, Record<string, Command>> = {
   keys: keyCommands,
   connectors: connectorCommands,
   requests: requestCommands,
+  holds: holdCommands,
   audit: auditCommands,
 };
 

@@ -122,7 +122,7 @@ describe('usage', () => {
       run(['connectors', 'list', '--workspace', ws.workspaceId, '--verbose'], nowhere),
     ]);
     expect(help.code).toBe(0);
-    for (const cmd of ['admins create', 'keys rotate-master', 'connectors rotate-secret', 'requests retry', 'audit verify', 'serve [--role web|all]']) {
+    for (const cmd of ['admins create', 'keys rotate-master', 'connectors rotate-secret', 'requests retry', 'holds list', 'audit verify', 'serve [--role web|all]']) {
       expect(help.stdout).toContain(cmd);
     }
     expect(help.stdout).toContain('DSR_ENCRYPTION_KEYS_PREVIOUS');
@@ -694,6 +694,49 @@ describe('requests and audit', () => {
         'the stored fields no longer match the record hash: the row was changed after it was written\n',
     );
     expect(tampered.chain.intact).toBe(false);
+  });
+});
+
+describe('holds', () => {
+  it('holds list shows the holds in force as the API lists them, never an identifier; bad arguments exit 2', async () => {
+    const w = await env.newWorkspace('CLI holds');
+    const u = await seedUser(env, w.ingestKey);
+    const placed = await api('POST', '/v1/privacy/requests', w.privacyKey, {
+      requests: [
+        { action: 'hold', email: u.email, externalRequestId: 'matter-9' },
+        { action: 'hold', userId: 'held-before-any-profile' },
+      ],
+    });
+    expect(placed.status, placed.text).toBe(202);
+    await env.runJobs();
+    const viaApi = (await api('GET', '/v1/privacy/holds', w.privacyKey)).json;
+    expect(viaApi.data).toHaveLength(2);
+
+    const [listed, limited, human, empty, missing, badLimit, unknown] = await Promise.all([
+      ok(['holds', 'list', '--workspace', w.workspaceId]),
+      ok(['holds', 'list', '--workspace', w.workspaceId, '--limit', '1']),
+      run(['holds', 'list', '--workspace', w.workspaceId]),
+      ok(['holds', 'list', '--workspace', ws.workspaceId]),
+      fails(['holds', 'list'], 2, 'usage_error'),
+      fails(['holds', 'list', '--workspace', w.workspaceId, '--limit', '101'], 2, 'usage_error'),
+      fails(['holds', 'list', '--workspace', 'ws_unknown'], 1, 'not_found'),
+    ]);
+    expect(listed).toEqual({ data: viaApi.data });
+    expect(limited).toEqual({ data: [viaApi.data[0]] });
+    expect(empty).toEqual({ data: [] });
+    expect(human.code, human.stderr).toBe(0);
+    const [newest, oldest] = viaApi.data as { requestId: string; placedAt: string; actor: { id: string } }[];
+    expect(human.stdout).toBe(
+      `${newest!.requestId}  user_id  placed ${newest!.placedAt}  by api_key ${newest!.actor.id} (api)\n` +
+        `${oldest!.requestId}  email    placed ${oldest!.placedAt}  by api_key ${oldest!.actor.id} (api)  external id matter-9\n`,
+    );
+    for (const out of [human.stdout, JSON.stringify(listed)]) {
+      expect(out).not.toContain(u.email);
+      expect(out).not.toContain('held-before-any-profile');
+    }
+    expect(missing.message).toBe('holds list needs --workspace <id>');
+    expect(badLimit.message).toBe('--limit must be an integer from 1 to 100');
+    expect(unknown.message).toBe('no such workspace: ws_unknown');
   });
 });
 
