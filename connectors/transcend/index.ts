@@ -172,6 +172,17 @@ export function reportBody(outcome: TicketOutcome): {
   if (outcome.outcome === 'not_found') {
     return { profileStatus: 'SKIPPED', message: `No data found for this subject. ${audit}` };
   }
+  const stillHeld = outcome.outcome === 'released' ? (outcome.counts.holdsInForce ?? 0) : 0;
+  if (stillHeld > 0) {
+    // A release lifts only the hold placed with its own identifier: the admin must not read "released" as "free".
+    const holds = stillHeld === 1 ? '1 hold placed with another identifier of this subject is' : `${stillHeld} holds placed with other identifiers of this subject are`;
+    return {
+      profileStatus: 'RESOLVED',
+      message:
+        `${DONE_VERB.released} by dsr-connector; ${holds} still in force, so erasures stay refused until ${stillHeld === 1 ? 'it is' : 'they are'} released too. ` +
+        `${audit} (request ${outcome.requestId})`,
+    };
+  }
   return {
     profileStatus: 'RESOLVED',
     message: `${DONE_VERB[outcome.outcome]} by dsr-connector. ${audit} (request ${outcome.requestId})`,

@@ -33,6 +33,9 @@ function describe(v: View): string[] {
     `  subject     ${v.subjectKind}   source ${v.source}   actor ${v.actor.type}${v.actor.id ? ` ${v.actor.id}` : ''}`,
     `  attempts    ${v.attempts}   started ${v.startedAt ?? '-'}   finished ${v.finishedAt ?? '-'}`,
     `  audit       ${v.auditRecordId ?? '-'}${v.externalRequestId ? `   external id ${v.externalRequestId}` : ''}`,
+    ...(v.holdsInForce === undefined
+      ? []
+      : [`  holds       ${v.holdsInForce === 0 ? 'none left on this identifier' : `${v.holdsInForce} still in force (placed with another identifier, or newer)`}`]),
     ...v.upstream.map(
       (t) =>
         `  ticket      ${t.ticketId}  connector ${t.connectorId}  ${t.status}  attempts ${t.attempts}` +

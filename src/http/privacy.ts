@@ -125,6 +125,14 @@ const RequestView = z
       .nullable()
       .openapi({ description: 'Delivery of the proof to the vendor ticket(s): failed if any failed, pending if any is still pending; null when no vendor ticket' }),
     upstream: z.array(UpstreamView),
+    holdsInForce: z
+      .number()
+      .int()
+      .optional()
+      .openapi({
+        description:
+          'A completed release_hold only: the holds still in force, when it ran, that refuse an erasure by the released identifier (placed with the other identifier of the same profile, or a newer hold). A release lifts only the hold placed with its own identifier; 0 means nothing holds that identifier any more',
+      }),
   })
   .openapi('PrivacyRequest');
 
@@ -228,7 +236,7 @@ const iso = (d: Date | null) => (d ? d.toISOString() : null);
 
 export type RequestViewBody = z.infer<typeof RequestView>;
 
-export function requestView(r: DsrRequest, tickets: TicketRow[] = []): RequestViewBody {
+export function requestView(r: DsrRequest, tickets: TicketRow[] = [], holdsInForce?: number): RequestViewBody {
   const statuses = new Set(tickets.map((t) => t.status));
   return {
     id: r.id,
@@ -260,6 +268,7 @@ export function requestView(r: DsrRequest, tickets: TicketRow[] = []): RequestVi
       deliveredAt: iso(t.deliveredAt),
       reportedAuditRecordId: t.reportedAuditRecordId,
     })),
+    ...(holdsInForce === undefined ? {} : { holdsInForce }),
   };
 }
 
@@ -276,10 +285,23 @@ export async function readRequestViews(
     async (tx) => {
       const rows = await select(tx);
       const tickets = await ticketsOf(tx, rows.map((r) => r.id));
-      return rows.map((r) => requestView(r, tickets.get(r.id)));
+      const stillHeld = await holdsInForceAfter(tx, rows);
+      return rows.map((r) => requestView(r, tickets.get(r.id), r.auditRecordId ? stillHeld.get(r.auditRecordId) : undefined));
     },
     { isolationLevel: 'repeatable read', accessMode: 'read only' },
   );
+}
+
+/** What each completed release among these requests counted as still in force (from its audit record), by record id. */
+async function holdsInForceAfter(tx: Tx, rows: DsrRequest[]): Promise<Map<string, number>> {
+  const audits = rows.filter((r) => r.action === 'release_hold' && r.status === 'complete' && r.auditRecordId).map((r) => r.auditRecordId!);
+  if (audits.length === 0) return new Map();
+  const records = await tx
+    .select({ id: auditRecords.id, counts: auditRecords.counts })
+    .from(auditRecords)
+    .where(inArray(auditRecords.id, audits));
+  // Releases recorded before the count existed have none.
+  return new Map(records.flatMap((a) => (a.counts.holdsInForce === undefined ? [] : [[a.id, a.counts.holdsInForce] as const])));
 }
 
 export function auditView(a: AuditRecord, proof = false): z.infer<typeof AuditView> {

@@ -22,7 +22,7 @@ import { DomainError } from '../lib/errors.ts';
 import type { PrivacyDeps } from './context.ts';
 import { isHoldAction, type DsrRequest } from './intake.ts';
 import { appendAudit, auditFinishedAt, type AuditRecord } from './audit-chain.ts';
-import { heldDigests } from './holds.ts';
+import { countHolds, heldDigests } from './holds.ts';
 import { newId } from '../lib/ids.ts';
 import { clientOf, commitWithoutFlush, p, prebuilt, prebuiltSql } from '../db/prebuilt.ts';
 import { enqueueReports } from '../upstream/tickets.ts';
@@ -373,7 +373,7 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
     }
   }
   const users = await resolveAndLock(tx, req);
-  if (isHoldAction(req.action)) return setHold(tx, req);
+  if (isHoldAction(req.action)) return setHold(tx, ctx, req, users);
   if (req.action === 'erase') {
     // Under the locks a hold on any of these profiles is placed under, so one committed before this check is seen,
     // and one placed after it waits until this erasure has committed.
@@ -567,21 +567,32 @@ async function supersededByNewer(tx: Tx, req: RunningRequest, action: string, op
 
 /**
  * Places or releases the hold on the request's identifier (whether or not a profile carries it yet), under the same
- * locks as an erasure of it: the newest of a hold and a release wins, as for suppressions.
+ * locks as an erasure of it: the newest of a hold and a release wins, as for suppressions. A release lifts only the
+ * hold placed with its own identifier (a hold placed by email is a decision about that email, and another hold may
+ * name the same person for another matter); it counts the holds still in force that would refuse an erasure by that
+ * identifier, so the caller learns that the person is still held.
  */
-async function setHold(tx: Tx, req: RunningRequest): Promise<Applied> {
+async function setHold(tx: Tx, ctx: PrivacyDeps, req: RunningRequest, users: ResolvedUser[]): Promise<Applied> {
   const hold = req.action === 'hold';
   const outcome = hold ? 'held' : 'released';
-  if (await supersededByNewer(tx, req, 'hold', 'release_hold')) return { outcome, counts: { holds: 0 } };
-  const changed = hold
-    ? await tx
-        .insert(legalHolds)
-        .values({ workspaceId: req.workspaceId, subjectDigest: req.subjectDigest, requestId: req.id })
-        .onConflictDoNothing()
-    : await tx
-        .delete(legalHolds)
-        .where(and(eq(legalHolds.workspaceId, req.workspaceId), eq(legalHolds.subjectDigest, req.subjectDigest)));
-  return { outcome, counts: { holds: changed.count } };
+  const superseded = await supersededByNewer(tx, req, 'hold', 'release_hold');
+  const changed = superseded
+    ? 0
+    : hold
+      ? (
+          await tx
+            .insert(legalHolds)
+            .values({ workspaceId: req.workspaceId, subjectDigest: req.subjectDigest, requestId: req.id })
+            .onConflictDoNothing()
+        ).count
+      : (
+          await tx
+            .delete(legalHolds)
+            .where(and(eq(legalHolds.workspaceId, req.workspaceId), eq(legalHolds.subjectDigest, req.subjectDigest)))
+        ).count;
+  if (hold) return { outcome, counts: { holds: changed } };
+  const covering = [req.subjectDigest, ...heldDigests(ctx.digestKey, req.workspaceId, users)];
+  return { outcome, counts: { holds: changed, holdsInForce: await countHolds(tx, req.workspaceId, covering) } };
 }
 
 /** errorCode of an erasure refused because its subject (or, for a workspace, anyone in it) is on legal hold. */

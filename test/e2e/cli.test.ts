@@ -737,6 +737,14 @@ describe('holds', () => {
     expect(missing.message).toBe('holds list needs --workspace <id>');
     expect(badLimit.message).toBe('--limit must be an integer from 1 to 100');
     expect(unknown.message).toBe('no such workspace: ws_unknown');
+
+    // A release by the user id of a subject held by email lifts nothing, and requests show says the hold stays.
+    const released = await api('POST', '/v1/privacy/requests', w.privacyKey, { action: 'release_hold', userId: u.userId });
+    const releaseId = released.json.results[0].requestId as string;
+    await env.runJobs();
+    const [shownJson, shown] = await Promise.all([ok(['requests', 'show', releaseId]), run(['requests', 'show', releaseId])]);
+    expect(shownJson).toMatchObject({ outcome: 'released', holdsInForce: 1 });
+    expect(shown.stdout).toContain('\n  holds       1 still in force (placed with another identifier, or newer)\n');
   });
 });
 

@@ -236,6 +236,97 @@ describe('privacy API legal holds', () => {
   });
 });
 
+describe('a hold by email and one by user id', () => {
+  /** The request as the API shows it, and the counts of its audit record. */
+  const outcomeOf = async (w: CreatedWorkspace, id: string) => {
+    const view = (await call(env, 'GET', `/v1/privacy/requests/${id}`, { key: w.privacyKey })).json;
+    const audit = (await call(env, 'GET', `/v1/privacy/audit/${view.auditRecordId}`, { key: w.privacyKey })).json;
+    return { view, counts: audit.counts };
+  };
+  const retry = async (w: CreatedWorkspace, id: string) => {
+    expect((await call(env, 'POST', `/v1/privacy/requests/${id}/retry`, { key: w.privacyKey })).status).toBe(202);
+    await env.runJobs();
+    return requestRow(env, id);
+  };
+
+  for (const heldBy of ['email', 'userId'] as const) {
+    const other = heldBy === 'email' ? 'userId' : 'email';
+    it(`held by ${heldBy}: an erasure by ${other} is refused; a release by ${other} leaves the hold and says so; one by ${heldBy} lifts it`, async () => {
+      const w = await env.newWorkspace();
+      const u = await seedUser(env, w.ingestKey);
+      const id = { email: u.email, userId: u.userId };
+      // Placed with the email spelt otherwise than the profile and the release.
+      await ask({ action: 'hold', [heldBy]: heldBy === 'email' ? ` ${u.email.toUpperCase()} ` : u.userId }, w.privacyKey);
+      await env.runJobs();
+      const erase = await ask({ action: 'erase', [other]: id[other] }, w.privacyKey);
+      await env.runJobs();
+      expect(await requestRow(env, erase)).toMatchObject({ status: 'failed', error_code: 'legal_hold' });
+
+      // Released by the other identifier: that identifier had no hold of its own, and the subject is still held.
+      const wrong = await ask({ action: 'release_hold', [other]: id[other] }, w.privacyKey);
+      await env.runJobs();
+      const notLifted = await outcomeOf(w, wrong);
+      expect(notLifted.view).toMatchObject({ status: 'complete', outcome: 'released', holdsInForce: 1 });
+      expect(notLifted.counts).toEqual({ holds: 0, holdsInForce: 1 });
+      expect(await held(w.workspaceId)).toHaveLength(1);
+      expect(await retry(w, erase)).toMatchObject({ status: 'failed', error_code: 'legal_hold' });
+      const listed = await call(env, 'GET', `/v1/privacy/holds?${other}=${encodeURIComponent(id[other])}`, { key: w.privacyKey });
+      expect(listed.json.data).toEqual([expect.objectContaining({ subjectKind: heldBy === 'email' ? 'email' : 'user_id' })]);
+
+      // Released by the identifier it was placed with: lifted, and nothing else holds the subject.
+      const right = await ask({ action: 'release_hold', [heldBy]: id[heldBy] }, w.privacyKey);
+      await env.runJobs();
+      const lifted = await outcomeOf(w, right);
+      expect(lifted.view).toMatchObject({ status: 'complete', outcome: 'released', holdsInForce: 0 });
+      expect(lifted.counts).toEqual({ holds: 1, holdsInForce: 0 });
+      expect(await held(w.workspaceId)).toHaveLength(0);
+      expect(await retry(w, erase)).toMatchObject({ status: 'complete', outcome: 'erased' });
+      expect((await userFootprint(env, w.workspaceId, u.userId)).profiles).toBe(0);
+    });
+  }
+
+  it('held by both (as Transcend places it, one job per identifier): releasing one tells Transcend the other still holds', async () => {
+    const w = await env.newWorkspace();
+    const conn = await createConnectorVia(env, w.adminKey, {
+      vendor: 'transcend',
+      name: 'Transcend (both identifiers)',
+      config: transcend.config({ identifierTypes: { email: 'email', userId: 'user_id' } }),
+      secrets: transcend.secrets,
+    });
+    const u = await seedUser(env, w.ingestKey);
+    const send = async (type: string, profile: { identifier: string; type: string }) => {
+      const hook = await transcend.webhook({ type, profile });
+      const res = await call(env, 'POST', `/webhooks/transcend/${conn}`, { body: hook.body, headers: hook.headers });
+      expect(res.status, res.text).toBe(200);
+      await env.runJobs();
+      return { nonce: hook.headers['x-transcend-nonce']!, requestId: res.json.received[0].requestId as string };
+    };
+    const byEmail = { identifier: u.email, type: 'email' };
+    const byId = { identifier: u.userId, type: 'userId' };
+    await send('PLACE_ON_LEGAL_HOLD', byEmail);
+    await send('PLACE_ON_LEGAL_HOLD', byId);
+    expect(await held(w.workspaceId)).toHaveLength(2);
+
+    const first = await send('REMOVE_FROM_LEGAL_HOLD', byEmail);
+    const [told] = report(first.nonce);
+    const firstView = (await call(env, 'GET', `/v1/privacy/requests/${first.requestId}`, { key: w.privacyKey })).json;
+    expect(firstView).toMatchObject({ outcome: 'released', holdsInForce: 1 });
+    expect(told).toMatchObject({ profileStatus: 'RESOLVED' });
+    expect(told!.message).toBe(
+      'Released from legal hold by dsr-connector; 1 hold placed with another identifier of this subject is still in force, ' +
+        `so erasures stay refused until it is released too. Audit record ${firstView.auditRecordId} (request ${first.requestId})`,
+    );
+
+    const second = await send('REMOVE_FROM_LEGAL_HOLD', byId);
+    const secondView = (await call(env, 'GET', `/v1/privacy/requests/${second.requestId}`, { key: w.privacyKey })).json;
+    expect(secondView).toMatchObject({ outcome: 'released', holdsInForce: 0 });
+    expect(report(second.nonce)[0]!.message).toBe(
+      `Released from legal hold by dsr-connector. Audit record ${secondView.auditRecordId} (request ${second.requestId})`,
+    );
+    expect(await held(w.workspaceId)).toHaveLength(0);
+  });
+});
+
 describe('a hold racing an erasure', () => {
   it('a hold placed (not yet committed) when the erasure starts is waited for, and the erasure is refused', async () => {
     const w = await env.newWorkspace();

@@ -106,8 +106,11 @@ export const dsrRequests = pgTable(
 export type AuditCounts = Partial<
   Record<'profiles' | 'events' | 'conversations' | 'messages' | 'topicQuestions' | 'suppressions', number>
 >;
-/** What a hold or release_hold counts instead: the holds it set or cleared. */
-export type HoldCounts = { holds?: number };
+/**
+ * What a hold or release_hold counts instead: the holds it set or cleared; a release also the holds still in force
+ * that stop an erasure by its identifier (on another identifier of the same profile, or a newer hold on its own).
+ */
+export type HoldCounts = { holds?: number; holdsInForce?: number };
 
 /** Immutable: a trigger (migration 0001) rejects UPDATE, DELETE and TRUNCATE. No raw personal data. */
 export const auditRecords = pgTable(
