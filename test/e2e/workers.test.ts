@@ -1,9 +1,10 @@
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import type { ServerType } from '@hono/node-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   DATAGRAIL_CALLBACK_ROUTE,
@@ -12,21 +13,29 @@ import {
   FAKE_DATAGRAIL_API_KEY,
   startFakeDataGrail,
 } from '../../connectors/datagrail/fake.ts';
-import { createTestEnv, type TestEnv } from '../helpers/db.ts';
-import { newAdmin } from '../helpers/sessions.ts';
+import { onetrustWebhook, type OneTrustWebhookAuth } from '../../connectors/onetrust/fake.ts';
+import { startFakeTranscend, type FakeTranscend, type WebhookOptions } from '../../connectors/transcend/fake.ts';
+import { listen } from '../../src/service.ts';
+import { createTestEnv, testEnvVars, type TestEnv } from '../helpers/db.ts';
+import { makeAuthStale, newAdmin } from '../helpers/sessions.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { ROOT, poll } from '../helpers/process.ts';
 
 /**
- * The web role under workerd (`wrangler dev`, offline), against the test database; the job runs in Node with the
- * same digest key, as in a deployment that scales web on Workers and the worker on Node.
+ * The web role under workerd (`wrangler dev`, offline), against the test database; jobs run in Node with the same
+ * keys, as in a deployment that scales web on Workers and the worker on Node. The Worker gets the environment the
+ * Node app of the test env runs with (testEnvVars), and that app also listens on loopback, so a case can send the
+ * same request to both and assert that they answer alike.
  */
 let env: TestEnv;
 let dir: string;
 let base: string;
+let nodeBase: string;
+let nodeServer: ServerType;
 let stop: () => void;
 let output = '';
 let relay: Relay;
+let transcend: FakeTranscend;
 
 /**
  * A loopback TCP relay to the test database: the Worker connects through it, so a test can make the database
@@ -52,8 +61,8 @@ async function startRelay(target: URL): Promise<Relay> {
     }
     client.pipe(upstream).pipe(client);
   });
-  const listen = (port: number) => new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
-  await listen(0);
+  const listenOn = (port: number) => new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  await listenOn(0);
   const port = (server.address() as net.AddressInfo).port;
   return {
     port,
@@ -62,12 +71,15 @@ async function startRelay(target: URL): Promise<Relay> {
         server.close(() => resolve());
         for (const s of sockets) s.destroy();
       }),
-    up: () => listen(port),
+    up: () => listenOn(port),
   };
 }
 
 beforeAll(async () => {
   env = await createTestEnv();
+  nodeServer = await listen(env.app, { port: 0, hostname: '127.0.0.1' });
+  nodeBase = `http://127.0.0.1:${(nodeServer.address() as net.AddressInfo).port}`;
+  transcend = await startFakeTranscend();
   dir = await mkdtemp(path.join(os.tmpdir(), 'dsr-wrangler-'));
   const envFile = path.join(dir, 'vars.env');
   const target = new URL(env.url);
@@ -75,7 +87,14 @@ beforeAll(async () => {
   const relayed = new URL(env.url);
   relayed.hostname = '127.0.0.1';
   relayed.port = String(relay.port);
-  await writeFile(envFile, `DATABASE_URL=${relayed.toString()}\nDSR_DIGEST_KEY=${env.deps.digestKey.toString('base64')}\nDSR_ENCRYPTION_KEY=${env.encryptionKey.toString('base64')}\nLOG_LEVEL=warn\n`);
+  const vars = {
+    ...testEnvVars(),
+    DATABASE_URL: relayed.toString(),
+    DSR_DIGEST_KEY: env.deps.digestKey.toString('base64'),
+    DSR_ENCRYPTION_KEY: env.encryptionKey.toString('base64'),
+    LOG_LEVEL: 'info',
+  };
+  await writeFile(envFile, Object.entries(vars).map(([k, v]) => `${k}=${v}\n`).join(''));
   // freePort only finds a port free now; another process (a test's outgoing connection, say) can take it before
   // wrangler binds it. Then start again on other ports, a few times.
   for (let attempt = 1; ; attempt++) {
@@ -128,10 +147,85 @@ async function startWrangler(envFile: string): Promise<string> {
 
 afterAll(async () => {
   stop?.();
+  await new Promise<void>((resolve) => (nodeServer ? nodeServer.close(() => resolve()) : resolve()));
+  await transcend?.stop();
   await relay?.down();
   await env?.close();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  text: string;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  json: any;
+}
+
+async function ask(to: string, route: string, init: RequestInit = {}): Promise<Answer> {
+  const res = await fetch(`${to}${route}`, init);
+  const text = await res.text();
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = undefined;
+  }
+  return { status: res.status, headers: res.headers, text, json };
+}
+
+/**
+ * What must be the same on both runtimes: status, the headers a client acts on, and the body with the values that
+ * differ by nature (request ids, ids minted per request, times) taken out. Framing headers (Content-Length on Node,
+ * chunked on workerd) are the platforms' own business.
+ */
+function comparable(a: Answer) {
+  const body = a.text
+    .replace(/"requestId":"[^"]+"/g, '"requestId":"…"')
+    .replace(/\b(tkt|req|ses|aud|adm)_[0-9a-z]+/g, '$1_…')
+    .replace(/[\w.+-]+@[\w-]+(\.[\w-]+)+/g, '…@…')
+    .replace(/"csrfToken":"[^"]+"/g, '"csrfToken":"…"')
+    .replace(/\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z/g, '…');
+  const headers: Record<string, string | null> = {};
+  for (const name of ['content-type', 'retry-after', 'allow', 'cache-control']) headers[name] = a.headers.get(name);
+  headers['x-request-id'] = a.headers.get('x-request-id') === null ? null : 'set';
+  return { status: a.status, headers, body };
+}
+
+/** The same request to the Node app and to the Worker; `init` may be a function when a body can be sent only once. */
+async function both(route: string, init: RequestInit | (() => RequestInit) = {}) {
+  const make = () => (typeof init === 'function' ? init() : init);
+  const node = await ask(nodeBase, route, make());
+  const worker = await ask(base, route, make());
+  return { node, worker };
+}
+
+async function expectSame(route: string, init: RequestInit | (() => RequestInit) = {}) {
+  const { node, worker } = await both(route, init);
+  expect(comparable(worker), route).toEqual(comparable(node));
+  return { node, worker };
+}
+
+/** The attributes of a Set-Cookie header, with the cookie's value and expiry (different on every login) left out. */
+function cookieAttributes(setCookie: string | null): string[] {
+  return (setCookie ?? '')
+    .split(';')
+    .map((part) => part.trim())
+    .map((part, i) => (i === 0 ? part.replace(/=.+$/, '=…') : /^expires=/i.test(part) ? 'Expires=…' : part))
+    .sort();
+}
+
+const JSON_HEADERS = { 'content-type': 'application/json' };
+
+async function createConnector(adminKey: string, body: unknown): Promise<string> {
+  const res = await ask(nodeBase, '/v1/admin/connectors', {
+    method: 'POST',
+    headers: { authorization: `Bearer ${adminKey}`, ...JSON_HEADERS },
+    body: JSON.stringify(body),
+  });
+  expect(res.status, res.text).toBe(201);
+  return res.json.id as string;
+}
 
 describe('web role on Workers (wrangler dev)', () => {
   it('serves health, docs assets, ingest and the privacy API from workerd', async () => {
@@ -180,6 +274,53 @@ describe('web role on Workers (wrangler dev)', () => {
     expect(events!.n).toBe(0);
   });
 
+  it('answers the index, health, OpenAPI, docs, 404 and 405 as the Node app does', async () => {
+    for (const route of ['/v1', '/healthz', '/docs', '/docs/init.js', '/docs/assets/swagger-ui.css', '/docs/assets/index.html', '/nope']) {
+      await expectSame(route);
+    }
+    await expectSame('/healthz', { method: 'HEAD' });
+    const { worker } = await expectSame('/healthz', { method: 'DELETE' });
+    expect(worker.headers.get('allow')).toBe('GET, HEAD');
+    await expectSame('/webhooks/transcend/con_nope');
+    // The whole OpenAPI document, byte for byte: the same routes and schemas are registered on both.
+    const { node: doc, worker: workerDoc } = await both('/openapi.json');
+    expect(workerDoc.status).toBe(200);
+    expect(workerDoc.text).toBe(doc.text);
+  });
+
+  it('refuses bodies as Node does: over the limit (declared or streamed), not JSON, malformed, unstorable', async () => {
+    const ws = await env.newWorkspace();
+    const headers = { authorization: `Bearer ${ws.ingestKey}`, ...JSON_HEADERS };
+    const event = (extra: Record<string, unknown> = {}) => JSON.stringify({ userId: `wk-${randomBytes(3).toString('hex')}`, event: 'e', ...extra });
+    const big = event({ properties: { padding: 'x'.repeat(70 * 1024) } });
+    const streamed = (text: string) =>
+      new ReadableStream<Uint8Array>({
+        start(c) {
+          c.enqueue(new TextEncoder().encode(text));
+          c.close();
+        },
+      });
+    const post = (body: string, over: Record<string, string> = {}) => ({ method: 'POST', headers: { ...headers, ...over }, body });
+    // Each streamed body on a connection of its own: a server that answers before reading a body to its end leaves
+    // the rest of it on the connection, where the client's next request would queue behind it.
+    const chunked = (body: string, over: Record<string, string> = {}) => () =>
+      ({ method: 'POST', headers: { ...headers, ...over, connection: 'close' }, body: streamed(body), duplex: 'half' }) as RequestInit;
+
+    expect((await expectSame('/v1/track', post(big))).worker.json.error.code).toBe('payload_too_large');
+    expect((await expectSame('/v1/track', post(event(), { 'content-type': 'text/plain' }))).worker.status).toBe(415);
+    expect((await expectSame('/v1/track', chunked(event(), { 'content-type': 'text/plain' }))).worker.status).toBe(415);
+    expect((await expectSame('/v1/track', post('{'))).worker.json.error.code).toBe('malformed_json');
+    expect((await expectSame('/v1/track', post(JSON.stringify({ userId: 'a\u0000b', event: 'e' })))).worker.status).toBe(400);
+    expect((await expectSame('/v1/track', chunked(event()))).worker.json).toMatchObject({ stored: true });
+    expect((await expectSame('/v1/track', chunked(big))).worker.json.error.code).toBe('payload_too_large');
+    // wrangler dev's local proxy (not the Worker: it answered the 413 above) loses the next request on its
+    // connection to workerd after an answer sent before a streamed body was read to its end: a POST gets its own
+    // 503 "Your worker restarted mid-request" at once (a GET would hang, retried). Spend that on a throwaway POST.
+    const spent = await fetch(`${base}/healthz`, { method: 'POST', signal: AbortSignal.timeout(10_000) });
+    expect([405, 503]).toContain(spent.status);
+    expect((await fetch(`${base}/healthz`)).status).toBe(200);
+  }, 60_000);
+
   it('logs an admin in on workerd (scrypt, cookie, CSRF) and lets the session erase', async () => {
     const ws = await env.newWorkspace();
     const admin = await newAdmin(env, ws.workspaceId);
@@ -210,6 +351,81 @@ describe('web role on Workers (wrangler dev)', () => {
     expect(accepted.status).toBe(202);
     const [row] = await env.sql`select actor_type, actor_id, source from dsr_requests where workspace_id = ${ws.workspaceId}`;
     expect(row).toEqual({ actor_type: 'admin', actor_id: admin.adminId, source: 'dashboard' });
+  });
+
+  it('runs a dashboard session as Node does: cookie attributes, CSRF, recent authentication, logout, rate limit', async () => {
+    const ws = await env.newWorkspace();
+    const sessions: Record<'node' | 'worker', { cookie: string; csrf: string; sessionId: string; setCookie: string | null }> = {} as never;
+    const admins = { node: await newAdmin(env, ws.workspaceId), worker: await newAdmin(env, ws.workspaceId) };
+    for (const [side, to] of [['node', nodeBase], ['worker', base]] as const) {
+      const res = await ask(to, '/v1/auth/login', {
+        method: 'POST',
+        headers: JSON_HEADERS,
+        body: JSON.stringify({ workspaceId: ws.workspaceId, email: admins[side].email, password: admins[side].password }),
+      });
+      expect(res.status, res.text).toBe(200);
+      const setCookie = res.headers.get('set-cookie');
+      sessions[side] = { cookie: /^(dsr_session=[^;]+)/.exec(setCookie ?? '')![1]!, csrf: res.json.csrfToken, sessionId: res.json.sessionId, setCookie };
+    }
+    // PUBLIC_BASE_URL is https in both environments: Secure, HttpOnly, SameSite=Strict, Path=/ on both.
+    expect(cookieAttributes(sessions.worker.setCookie)).toEqual(cookieAttributes(sessions.node.setCookie));
+    expect(sessions.worker.setCookie).toMatch(/; Secure/);
+
+    /** One request per runtime, each with its own session (and body: the same request twice would be a duplicate). */
+    const each = async (method: string, route: string, opts: { body?: (side: string) => unknown; csrf?: boolean } = {}) => {
+      const out: Partial<Record<'node' | 'worker', Answer>> = {};
+      for (const [side, to] of [['node', nodeBase], ['worker', base]] as const) {
+        const s = sessions[side];
+        out[side] = await ask(to, route, {
+          method,
+          headers: { cookie: s.cookie, ...(opts.csrf === false ? {} : { 'x-csrf-token': s.csrf }), ...(opts.body ? JSON_HEADERS : {}) },
+          body: opts.body === undefined ? undefined : JSON.stringify(opts.body(side)),
+        });
+      }
+      expect(comparable(out.worker!), `${method} ${route}`).toEqual(comparable(out.node!));
+      return out as Record<'node' | 'worker', Answer>;
+    };
+    const tag = randomBytes(3).toString('hex');
+    const hold = (action: string) => (side: string) => ({ action, email: `held-${tag}-${side}@example.test` });
+    expect((await each('GET', '/v1/auth/session')).worker.status).toBe(200);
+    expect((await each('POST', '/v1/privacy/requests', { body: hold('hold'), csrf: false })).worker.json.error.code).toBe('csrf_failed');
+    // Placing a hold needs no recent authentication; releasing one does.
+    for (const s of Object.values(sessions)) await makeAuthStale(env, s.sessionId);
+    const held = await each('POST', '/v1/privacy/requests', { body: hold('hold') });
+    expect(held.worker.json.results[0]).toMatchObject({ accepted: true });
+    expect((await each('POST', '/v1/privacy/requests', { body: hold('release_hold') })).worker.json.error.code).toBe('reauth_required');
+    for (const side of ['node', 'worker'] as const) {
+      const to = side === 'node' ? nodeBase : base;
+      const s = sessions[side];
+      const res = await ask(to, '/v1/auth/reauth', {
+        method: 'POST',
+        headers: { cookie: s.cookie, 'x-csrf-token': s.csrf, ...JSON_HEADERS },
+        body: JSON.stringify({ password: admins[side].password }),
+      });
+      expect(res.status, `${side} ${res.text}`).toBe(200);
+    }
+    const released = await each('POST', '/v1/privacy/requests', { body: hold('release_hold') });
+    expect(released.worker.json.results[0]).toMatchObject({ accepted: true });
+    const out = await each('POST', '/v1/auth/logout');
+    expect(out.worker.status).toBe(204);
+    expect(cookieAttributes(out.worker.headers.get('set-cookie'))).toEqual(cookieAttributes(out.node.headers.get('set-cookie')));
+    const after = await each('GET', '/v1/auth/session');
+    expect(after.worker.json.error.code).toBe('unauthorized');
+
+    // Five wrong passwords per account (LOGIN_MAX_ATTEMPTS_PER_ACCOUNT), then 429 with Retry-After on both.
+    for (let i = 0; i < 6; i++) {
+      const statuses: Record<string, number> = {};
+      for (const [side, to] of [['node', nodeBase], ['worker', base]] as const) {
+        const res = await ask(to, '/v1/auth/login', {
+          method: 'POST',
+          headers: JSON_HEADERS,
+          body: JSON.stringify({ workspaceId: ws.workspaceId, email: admins[side].email, password: 'not-the-password' }),
+        });
+        statuses[side] = res.status;
+        if (res.status === 429) expect(Number(res.headers.get('retry-after'))).toBeGreaterThan(0);
+      }
+      expect(statuses.worker, `attempt ${i + 1}`).toBe(statuses.node);
+    }
   });
 
   it('takes a signed vendor webhook on workerd; the ticket is reported from Node with the secret sealed on Workers', async () => {
@@ -248,6 +464,160 @@ describe('web role on Workers (wrangler dev)', () => {
     } finally {
       await dg.fake.stop();
     }
+  });
+
+  it('verifies Transcend tokens as Node does, fetching the signing key from Sombra through the platform fetch', async () => {
+    const ws = await env.newWorkspace();
+    const id = await createConnector(ws.adminKey, { vendor: 'transcend', name: 'Transcend', config: transcend.config(), secrets: transcend.secrets });
+    const cases: [string, WebhookOptions][] = [
+      ['valid', {}],
+      ['another key', { sign: 'wrong-key' }],
+      ['HS256 with the public key', { sign: 'hs256' }],
+      ['alg none', { sign: 'none' }],
+      ['expired', { expiresIn: -120 }],
+      ['another audience', { audience: 'someone-else' }],
+      ['no token', { token: null }],
+    ];
+    for (const [label, opts] of cases) {
+      // A fresh webhook for each side: a token or nonce used once is a replay the second time.
+      const hooks = [await transcend.webhook(opts), await transcend.webhook(opts)];
+      const { node, worker } = await both(`/webhooks/transcend/${id}`, () => {
+        const w = hooks.shift()!;
+        return { method: 'POST', headers: w.headers, body: w.body };
+      });
+      expect(comparable(worker), label).toEqual(comparable(node));
+    }
+    // The test check fetches the key too.
+    const tested = await expectSame(`/v1/admin/connectors/${id}/test`, { method: 'POST', headers: { authorization: `Bearer ${ws.adminKey}` } });
+    expect(tested.worker.json.ok).toBe(true);
+
+    // Sombra unreachable: 503 with Retry-After on both (the Worker's message cannot name the socket error: the
+    // platform's fetch does not give one).
+    const down = await createConnector(ws.adminKey, { vendor: 'transcend', name: 'Down', config: transcend.config({ sombraUrl: 'http://127.0.0.1:9' }), secrets: transcend.secrets });
+    const hooks = [await transcend.webhook(), await transcend.webhook()];
+    const { node, worker } = await both(`/webhooks/transcend/${down}`, () => {
+      const w = hooks.shift()!;
+      return { method: 'POST', headers: w.headers, body: w.body };
+    });
+    expect({ status: worker.status, code: worker.json.error.code, retryAfter: worker.headers.get('retry-after') }).toEqual({
+      status: node.status,
+      code: node.json.error.code,
+      retryAfter: node.headers.get('retry-after'),
+    });
+    expect(worker.status).toBe(503);
+
+    // Sombra answering more than OUTBOUND_MAX_RESPONSE_BYTES, with no length declared: cut off while streaming.
+    transcend.fake.on('GET /huge/public-keys/sombra-general-signing-key', {
+      status: 200,
+      body: 'x'.repeat(1100 * 1024),
+      headers: { 'content-type': 'text/plain', 'transfer-encoding': 'chunked' },
+    });
+    const huge = await createConnector(ws.adminKey, { vendor: 'transcend', name: 'Huge', config: transcend.config({ sombraUrl: `${transcend.url}/huge` }), secrets: transcend.secrets });
+    const hugeHooks = [await transcend.webhook(), await transcend.webhook()];
+    const capped = await expectSame(`/webhooks/transcend/${huge}`, () => {
+      const w = hugeHooks.shift()!;
+      return { method: 'POST', headers: w.headers, body: w.body };
+    });
+    expect(capped.worker.json.error.message).toMatch(/exceeds \d+ bytes/);
+  });
+
+  it('places a legal hold from a Transcend webhook on workerd; Node runs it and reports with the nonce sealed there', async () => {
+    const ws = await env.newWorkspace();
+    const id = await createConnector(ws.adminKey, { vendor: 'transcend', name: 'Transcend', config: transcend.config(), secrets: transcend.secrets });
+    const email = `hold-${randomBytes(3).toString('hex')}@example.test`;
+    const w = await transcend.webhook({ type: 'PLACE_ON_LEGAL_HOLD', profile: { identifier: email, type: 'email' } });
+    const res = await ask(base, `/webhooks/transcend/${id}`, { method: 'POST', headers: w.headers, body: w.body });
+    expect(res.status, res.text).toBe(200);
+    const { requestId } = res.json.received[0] as { requestId: string };
+    await env.runJobs();
+    await env.runJobs();
+    const request = await ask(base, `/v1/privacy/requests/${requestId}`, { headers: { authorization: `Bearer ${ws.privacyKey}` } });
+    expect(request.json).toMatchObject({ status: 'complete', outcome: 'held', upstreamStatus: 'delivered' });
+    const [holds] = await env.sql`select count(*)::int as n from legal_holds where workspace_id = ${ws.workspaceId}`;
+    expect(holds!.n).toBe(1);
+    const nonce = w.headers['x-transcend-nonce']!;
+    expect(transcend.reports.filter((r) => r.nonce === nonce).map((r) => r.answered)).toEqual([200]);
+  });
+
+  it('verifies OneTrust webhooks (bearer, API-key header, Basic) as Node does', async () => {
+    const ws = await env.newWorkspace();
+    const kinds: [Record<string, unknown>, (secret: string) => OneTrustWebhookAuth][] = [
+      [{ type: 'bearer' }, (secret) => ({ type: 'bearer', secret })],
+      [{ type: 'api_key', header: 'x-onetrust-key' }, (secret) => ({ type: 'api_key', header: 'x-onetrust-key', secret })],
+      [{ type: 'basic', username: 'onetrust' }, (secret) => ({ type: 'basic', username: 'onetrust', password: secret })],
+    ];
+    for (const [inboundAuth, auth] of kinds) {
+      const id = await createConnector(ws.adminKey, {
+        vendor: 'onetrust',
+        name: `OneTrust ${String(inboundAuth.type)}`,
+        config: { baseUrl: 'http://127.0.0.1:9', inboundAuth },
+        secrets: { clientId: 'client', clientSecret: 'client-secret', inboundSecret: 'the-inbound-secret' },
+      });
+      for (const secret of ['the-inbound-secret', 'not-the-secret']) {
+        const { node, worker } = await both(`/webhooks/onetrust/${id}`, () => {
+          const w = onetrustWebhook({ auth: auth(secret), body: { subTaskId: randomUUID() } });
+          return { method: 'POST', headers: w.headers, body: w.rawBody };
+        });
+        expect(comparable(worker), `${String(inboundAuth.type)} ${secret}`).toEqual(comparable(node));
+        expect(worker.status).toBe(secret === 'the-inbound-secret' ? 200 : 401);
+      }
+    }
+  });
+
+  it('keeps a replaced inbound secret valid for its grace period on workerd, and ends it on DELETE …/secrets/previous', async () => {
+    const ws = await env.newWorkspace();
+    const admin = { authorization: `Bearer ${ws.adminKey}`, ...JSON_HEADERS };
+    const send = (to: string, id: string, secret: string) => {
+      const w = datagrailWebhook({ secret, body: datagrailBody({ webhook_request_id: randomUUID(), callback_url: 'http://127.0.0.1:9/callback' }) });
+      return ask(to, `/webhooks/datagrail/${id}`, { method: 'POST', headers: w.headers, body: w.rawBody });
+    };
+    const seen: Record<string, number[]> = {};
+    for (const [side, to] of [['node', nodeBase], ['worker', base]] as const) {
+      const id = await createConnector(ws.adminKey, {
+        vendor: 'datagrail',
+        name: `DataGrail ${side}`,
+        config: { callbackHosts: ['127.0.0.1'] },
+        secrets: { webhookSecret: 'old-secret', apiKey: FAKE_DATAGRAIL_API_KEY },
+      });
+      const put = await ask(to, `/v1/admin/connectors/${id}/secrets`, {
+        method: 'PUT',
+        headers: admin,
+        body: JSON.stringify({ secrets: { webhookSecret: 'new-secret', apiKey: FAKE_DATAGRAIL_API_KEY }, keepPreviousForSeconds: 3600 }),
+      });
+      expect(put.status, put.text).toBe(200);
+      expect(put.json.secrets.webhookSecret.previous.expiresAt).toEqual(expect.any(String));
+      const statuses = [(await send(to, id, 'old-secret')).status, (await send(to, id, 'new-secret')).status];
+      const ended = await ask(to, `/v1/admin/connectors/${id}/secrets/previous`, { method: 'DELETE', headers: { authorization: admin.authorization } });
+      expect(ended.status, ended.text).toBe(200);
+      expect(ended.json.secrets.webhookSecret.previous).toBeUndefined();
+      statuses.push((await send(to, id, 'old-secret')).status, (await send(to, id, 'new-secret')).status);
+      seen[side] = statuses;
+    }
+    expect(seen.worker).toEqual(seen.node);
+    expect(seen.worker).toEqual([200, 200, 401, 200]);
+  });
+
+  it('shows a pull connector and its poll status exactly as Node does', async () => {
+    const ws = await env.newWorkspace();
+    const id = await createConnector(ws.adminKey, {
+      vendor: 'transcend',
+      name: 'Transcend pull',
+      config: transcend.config({ pull: { enabled: true, dataSiloId: 'silo-workers' } }),
+      secrets: transcend.secrets,
+    });
+    await env.sql`update connectors set last_polled_at = now() - interval '3 minutes' where id = ${id}`;
+    await env.sql`
+      insert into connector_poll_status
+        (connector_id, last_started_at, last_succeeded_at, last_failed_at, last_error_code, last_error_message, consecutive_failures)
+      values (${id}, now() - interval '3 minutes', now() - interval '1 hour', now() - interval '3 minutes',
+              'upstream_http_error', 'pending requests: HTTP 500', 2)`;
+    const headers = { authorization: `Bearer ${ws.adminKey}` };
+    const { node, worker } = await both(`/v1/admin/connectors/${id}`, { headers });
+    expect(worker.status).toBe(200);
+    expect(worker.text).toBe(node.text);
+    expect(worker.json.pollStatus).toMatchObject({ consecutiveFailures: 2, nextPollDueAt: expect.any(String) });
+    const lists = await both('/v1/admin/connectors', { headers });
+    expect(lists.worker.text).toBe(lists.node.text);
   });
 
   it('answers 503 service_unavailable with Retry-After while the database is unreachable, as Node does', async () => {

@@ -46,6 +46,26 @@ export interface TestEnv {
 
 let counter = 0;
 
+type TestEnvOptions = NonNullable<Parameters<typeof createTestEnv>[0]>;
+
+/**
+ * The environment variables a test env's app runs with (besides the database and keys), so another runtime (the
+ * Worker under wrangler) can be given exactly the same and compared with it.
+ */
+export function testEnvVars(opts: TestEnvOptions = {}): Record<string, string> {
+  return {
+    OUTBOUND_ALLOW_PRIVATE_NETWORKS: 'true',
+    OUTBOUND_TIMEOUT_MS: '2000',
+    REPORT_MAX_ATTEMPTS: String(opts.reportMaxAttempts ?? 5),
+    REPORT_BACKOFF_BASE_MS: '20',
+    REPORT_BACKOFF_MAX_MS: String(opts.reportBackoffMaxMs ?? 200),
+    EXECUTE_MAX_ATTEMPTS: String(opts.maxAttempts ?? 3),
+    BODY_LIMIT_BYTES: String(64 * 1024),
+    PUBLIC_BASE_URL: 'https://dsr.example.test',
+    ...opts.env,
+  };
+}
+
 /** A fresh database cloned from the migrated template, plus the service's dependencies wired to it. */
 export async function createTestEnv(
   opts: {
@@ -67,18 +87,9 @@ export async function createTestEnv(
   const logs = new LogCapture();
   const logger = createLogger('debug', logs);
   const encryptionKey = randomBytes(32);
+  const vars = testEnvVars(opts);
   const deps = createNodeDeps({
-    env: parseEnv({
-      OUTBOUND_ALLOW_PRIVATE_NETWORKS: 'true',
-      OUTBOUND_TIMEOUT_MS: '2000',
-      REPORT_MAX_ATTEMPTS: String(opts.reportMaxAttempts ?? 5),
-      REPORT_BACKOFF_BASE_MS: '20',
-      REPORT_BACKOFF_MAX_MS: String(opts.reportBackoffMaxMs ?? 200),
-      EXECUTE_MAX_ATTEMPTS: String(opts.maxAttempts ?? 3),
-      BODY_LIMIT_BYTES: String(64 * 1024),
-      PUBLIC_BASE_URL: 'https://dsr.example.test',
-      ...opts.env,
-    }),
+    env: parseEnv(vars),
     database,
     digestKey: randomBytes(32),
     sealer: new Sealer(encryptionKey),
