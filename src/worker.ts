@@ -71,7 +71,7 @@ function misconfigured(err: ConfigError): Response {
   const problems = err.message.split('\n').slice(1).map((l) => l.trim());
   // No logger without a configuration: one JSON line at pino's error level, as the logger would write it.
   // eslint-disable-next-line no-console
-  console.error(JSON.stringify({ level: 50, time: Date.now(), requestId, problems, msg: 'invalid configuration' }));
+  console.error(JSON.stringify({ level: 50, time: Date.now(), service: 'dsr-connector', requestId, problems, msg: 'invalid configuration' }));
   const error = { code: 'service_unavailable', message: 'the service is not configured yet; retry later', requestId };
   return Response.json({ error }, { status: 503, headers: { 'Retry-After': '60', 'X-Request-Id': requestId } });
 }

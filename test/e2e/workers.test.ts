@@ -215,6 +215,28 @@ function cookieAttributes(setCookie: string | null): string[] {
     .sort();
 }
 
+/**
+ * The Worker's own log lines as wrangler printed them (its request lines left out), each with the console method it
+ * was written with: wrangler prints console.warn and console.error with a marker, as Workers Logs record their level.
+ * Only what reaches the console at wrangler's `--log-level info` is here (console.log is below it).
+ */
+function workerLog(): { method: 'info' | 'warn' | 'error'; entry: Record<string, unknown> }[] {
+  return output.split('\n').flatMap((line) => {
+    const start = line.indexOf('{"');
+    const end = line.lastIndexOf('}');
+    if (start < 0 || end < start) return [];
+    try {
+      const entry = JSON.parse(line.slice(start, end + 1)) as Record<string, unknown>;
+      // wrangler's marker ("▲ [WARNING]", "✘ [ERROR]", coloured) precedes the line.
+      const marker = line.slice(0, start);
+      const method = marker.includes('ERROR') ? 'error' : marker.includes('WARNING') ? 'warn' : 'info';
+      return [{ method, entry } as const];
+    } catch {
+      return [];
+    }
+  });
+}
+
 const JSON_HEADERS = { 'content-type': 'application/json' };
 
 async function createConnector(adminKey: string, body: unknown): Promise<string> {
@@ -587,6 +609,12 @@ describe('web role on Workers (wrangler dev)', () => {
       expect(put.status, put.text).toBe(200);
       expect(put.json.secrets.webhookSecret.previous.expiresAt).toEqual(expect.any(String));
       const statuses = [(await send(to, id, 'old-secret')).status, (await send(to, id, 'new-secret')).status];
+      if (side === 'worker') {
+        // The admin's sign that the vendor still signs with the old secret: names, never a value.
+        const line = await poll(async () => workerLog().find((l) => l.entry.msg === 'webhook verified with a previous inbound secret' && l.entry.connectorId === id), 10_000);
+        expect(line.entry).toMatchObject({ secretNames: ['webhookSecret'], previousUntil: put.json.secrets.webhookSecret.previous.expiresAt });
+        expect(JSON.stringify(line)).not.toContain('old-secret');
+      }
       const ended = await ask(to, `/v1/admin/connectors/${id}/secrets/previous`, { method: 'DELETE', headers: { authorization: admin.authorization } });
       expect(ended.status, ended.text).toBe(200);
       expect(ended.json.secrets.webhookSecret.previous).toBeUndefined();
@@ -618,6 +646,40 @@ describe('web role on Workers (wrangler dev)', () => {
     expect(worker.json.pollStatus).toMatchObject({ consecutiveFailures: 2, nextPollDueAt: expect.any(String) });
     const lists = await both('/v1/admin/connectors', { headers });
     expect(lists.worker.text).toBe(lists.node.text);
+  });
+
+  it('logs what the Node app logs, at the same level and with the same fields, and no personal data', async () => {
+    const ws = await env.newWorkspace();
+    const canary = `canary-${randomBytes(4).toString('hex')}`;
+    const id = await createConnector(ws.adminKey, {
+      vendor: 'onetrust',
+      name: 'OneTrust logs',
+      config: { baseUrl: 'http://127.0.0.1:9' },
+      secrets: { clientId: 'client', clientSecret: 'client-secret', inboundSecret: 'the-inbound-secret' },
+    });
+    for (const secret of [`${canary}-secret`, 'the-inbound-secret']) {
+      await both(`/webhooks/onetrust/${id}`, () => {
+        const w = onetrustWebhook({ auth: { type: 'bearer', secret }, body: { subTaskId: randomUUID(), email: `${canary}@example.test` } });
+        return { method: 'POST', headers: w.headers, body: w.rawBody };
+      });
+    }
+    await both('/v1/auth/login', {
+      method: 'POST',
+      headers: JSON_HEADERS,
+      body: JSON.stringify({ workspaceId: ws.workspaceId, email: `${canary}@example.test`, password: `${canary}-password` }),
+    });
+    const nodeLog = env.logs.lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+    const refusedOnNode = nodeLog.find((e) => e.msg === 'webhook refused' && e.connectorId === id);
+    expect(refusedOnNode).toMatchObject({ level: 40, service: 'dsr-connector', code: 'unauthorized' });
+    const refused = await poll(async () => workerLog().find((l) => l.entry.msg === 'webhook refused' && l.entry.connectorId === id), 10_000);
+    expect(refused.method).toBe('warn');
+    // Node's fields but the process's own (pid, hostname), in the same shape.
+    const { pid: _pid, hostname: _hostname, ...nodeFields } = refusedOnNode!;
+    expect(Object.keys(refused.entry).sort()).toEqual(Object.keys(nodeFields).sort());
+    expect({ ...refused.entry, time: 0, requestId: '' }).toEqual({ ...nodeFields, time: 0, requestId: '' });
+    const served = workerLog().find((l) => l.entry.msg === 'http request' && l.entry.route === '/webhooks/:vendor/:connectorId');
+    expect(served).toMatchObject({ method: 'info', entry: { level: 30, service: 'dsr-connector' } });
+    expect(JSON.stringify(workerLog())).not.toContain(canary);
   });
 
   it('answers 503 service_unavailable with Retry-After while the database is unreachable, as Node does', async () => {
