@@ -49,6 +49,13 @@ function settle(bindings: WorkerBindings) {
   if (!databaseUrl) throw new ConfigError('Invalid configuration:\n  DATABASE_URL: set it or bind HYPERDRIVE');
   if (!env.DSR_DIGEST_KEY) throw new ConfigError('Invalid configuration:\n  DSR_DIGEST_KEY: required on Workers');
   if (!env.DSR_ENCRYPTION_KEY) throw new ConfigError('Invalid configuration:\n  DSR_ENCRYPTION_KEY: required on Workers');
+  // Cloudflare appends the client's address to any X-Forwarded-For the client sent, so the first entry, the one
+  // TRUST_PROXY takes, is whatever the client wrote there; the login rate limit per address would count nothing.
+  if (env.TRUST_PROXY) {
+    throw new ConfigError(
+      'Invalid configuration:\n  TRUST_PROXY: not for Workers, where the client address is CF-Connecting-IP (set by Cloudflare); unset it',
+    );
+  }
   settled = {
     env,
     logger: createLogger(env.LOG_LEVEL),

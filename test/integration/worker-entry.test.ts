@@ -24,6 +24,9 @@ describe('Workers entry', () => {
   it.each([
     ['no DSR_ENCRYPTION_KEY', { DSR_ENCRYPTION_KEY: undefined }, /^DSR_ENCRYPTION_KEY: /],
     ['an invalid LOG_LEVEL', { LOG_LEVEL: 'loud' }, /^LOG_LEVEL: /],
+    // Cloudflare appends the client's address to any X-Forwarded-For the client sent: the first entry, which
+    // TRUST_PROXY takes, would be the client's own choice, and the per-address login limit nothing.
+    ['TRUST_PROXY=true', { TRUST_PROXY: 'true' }, /^TRUST_PROXY: .*CF-Connecting-IP/],
   ])('with %s, every request is a 503 in the error shape, naming no value', async (_, over: Record<string, unknown>, named) => {
     const logged: string[] = [];
     const spy = vi.spyOn(console, 'error').mockImplementation((line: string) => void logged.push(line));
