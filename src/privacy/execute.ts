@@ -86,6 +86,7 @@ const markFinished = prebuilt((b) =>
       outcome: p('outcome') as never,
       errorCode: p('errorCode') as never,
       auditRecordId: p('auditRecordId') as never,
+      resolvedDigests: sql`${p('resolvedDigests')}::text[]`,
       subjectValue: null,
       subjectSealed: p('subjectSealed') as never,
       finishedAt: p('finishedAt') as never,
@@ -207,11 +208,13 @@ export async function executeRequest(
   }
   const log = ctx.logger.child({ requestId, action: running.action, scope: running.scope });
   const startedAt = running.startedAt ?? new Date();
+  // Set by the resolution; a request that then fails (a legal hold) still records whom it was about.
+  const resolved: Resolution = { digests: null };
 
   try {
     const done = await ctx.db.transaction(async (tx) => {
-      const applied = await apply(tx, ctx, running);
-      return finish(tx, ctx, running, startedAt, { status: 'complete', ...applied, errorCode: null });
+      const applied = await apply(tx, ctx, running, resolved);
+      return finish(tx, ctx, running, startedAt, { status: 'complete', ...applied, errorCode: null }, resolved.digests);
     });
     log.info({ outcome: done.audit.outcome, auditRecordId: done.audit.id, counts: done.audit.counts }, 'request complete');
     return { kind: 'complete', ...done };
@@ -224,7 +227,7 @@ export async function executeRequest(
       throw new TransientFailure(errorCode);
     }
     log.error({ errorCode, attempt: opts.attempt }, 'request failed');
-    return recordFailure(ctx, running, startedAt, errorCode);
+    return recordFailure(ctx, running, startedAt, errorCode, resolved.digests);
   }
 }
 
@@ -233,10 +236,11 @@ async function recordFailure(
   req: RunningRequest,
   startedAt: Date,
   errorCode: string,
+  resolvedDigests: string[] | null,
 ): Promise<Extract<ExecuteResult, { kind: 'failed' | 'skipped' }>> {
   try {
     const done = await ctx.db.transaction((tx) =>
-      finish(tx, ctx, req, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }),
+      finish(tx, ctx, req, startedAt, { status: 'failed', outcome: 'failed', counts: {}, errorCode }, resolvedDigests),
     );
     return { kind: 'failed', ...done, errorCode };
   } catch (err) {
@@ -291,12 +295,9 @@ export async function failAbandonedRequests(ctx: PrivacyDeps): Promise<{ failed:
       if (!req) return undefined;
       const [job] = await abandonedJobLocked.run(tx, { id });
       if (!job) return undefined;
-      return finish(tx, ctx, req, req.startedAt ?? new Date(), {
-        status: 'failed',
-        outcome: 'failed',
-        counts: {},
-        errorCode: ATTEMPTS_EXHAUSTED,
-      });
+      // Nothing was resolved: no run got that far, or its transaction rolled back with it.
+      const failed = { status: 'failed', outcome: 'failed', counts: {}, errorCode: ATTEMPTS_EXHAUSTED } as const;
+      return finish(tx, ctx, req, req.startedAt ?? new Date(), failed, null);
     });
     if (!done) continue;
     ctx.logger.error({ requestId: id, errorCode: ATTEMPTS_EXHAUSTED, auditRecordId: done.audit.id }, 'request failed: its job ran out of attempts');
@@ -312,6 +313,7 @@ async function finish(
   req: RunningRequest,
   startedAt: Date,
   result: Applied & { status: 'complete' | 'failed'; errorCode: string | null },
+  resolvedDigests: string[] | null,
 ): Promise<{ request: FinishedRequest; audit: AuditRecord; reports: number[] }> {
   // One round trip for the request row, its reports and the chain lock with the chain's head (sent in this order,
   // so the workspace's chain lock is taken last and held only for the append and the commit).
@@ -323,6 +325,7 @@ async function finish(
     outcome: result.outcome,
     errorCode: result.errorCode,
     auditRecordId: auditId,
+    resolvedDigests: resolvedDigests && clientOf(tx).array(resolvedDigests),
     subjectSealed:
       result.status === 'failed' && req.subjectValue !== null
         ? ctx.sealer.seal(req.subjectValue, subjectSealContext(req.id))
@@ -356,7 +359,12 @@ async function finish(
 /** Where a failed request's sealed identifier is bound: it opens only on its own row. */
 export const subjectSealContext = (requestId: string) => `dsr_requests:${requestId}:subject`;
 
-async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<Applied> {
+/** The digests of the identifiers a request's subject resolved to (null: nobody, or not resolved). */
+interface Resolution {
+  digests: string[] | null;
+}
+
+async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest, resolved: Resolution): Promise<Applied> {
   if (req.scope === 'workspace') {
     await lockKeys(tx, 'exclusive', [workspaceLockKey(req.workspaceId)]);
     switch (req.action) {
@@ -373,11 +381,13 @@ async function apply(tx: Tx, ctx: PrivacyDeps, req: RunningRequest): Promise<App
     }
   }
   const users = await resolveAndLock(tx, req);
+  const digests = heldDigests(ctx.digestKey, req.workspaceId, users);
+  resolved.digests = digests.length ? digests : null;
   if (isHoldAction(req.action)) return setHold(tx, ctx, req, users);
   if (req.action === 'erase') {
     // Under the locks a hold on any of these profiles is placed under, so one committed before this check is seen,
     // and one placed after it waits until this erasure has committed.
-    await refuseIfHeld(tx, req.workspaceId, [req.subjectDigest, ...heldDigests(ctx.digestKey, req.workspaceId, users)]);
+    await refuseIfHeld(tx, req.workspaceId, [req.subjectDigest, ...digests]);
   }
   if (users.length === 0) return { outcome: 'not_found', counts: {} };
   switch (req.action) {

@@ -12,12 +12,14 @@ export interface HoldableProfile {
   email: string | null;
 }
 
-/** The digests a hold on these profiles would be keyed by: each one's user id and email. */
+/** The digests a hold on these profiles would be keyed by, each once: their user ids and emails (also what a listing by
+ * user id or email matches a request on once it has run: resolved_digests). */
 export function heldDigests(digestKey: Buffer, workspaceId: string, profiles: HoldableProfile[]): string[] {
-  return profiles.flatMap((u) => [
+  const digests = profiles.flatMap((u) => [
     subjectDigest(digestKey, workspaceId, 'user_id', u.externalId),
     ...(u.email ? [subjectDigest(digestKey, workspaceId, 'email', u.email)] : []),
   ]);
+  return [...new Set(digests)];
 }
 
 /**

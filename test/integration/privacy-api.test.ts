@@ -4,6 +4,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { call, createConnectorVia, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { adminSession } from '../helpers/sessions.ts';
+import { subjectDigest } from '../../src/lib/digest.ts';
 
 let env: TestEnv;
 beforeAll(async () => {
@@ -634,6 +635,70 @@ describe('GET /v1/privacy/requests (list)', () => {
 
     expectError(await get(ws, '/v1/privacy/requests?status=done'), 400, 'validation_failed');
     expectError(await get(ws, '/v1/privacy/requests?email=not-an-email'), 400, 'validation_failed');
+  });
+
+  it('userId and email also find a request sent with the other identifier, once it has run and resolved that user', async () => {
+    const ws = await env.newWorkspace();
+    const other = await env.newWorkspace();
+    const person = { userId: 'res-u1', email: 'Res.Person@Example.com' };
+    // The same person in another workspace: nothing of it may show in this one, nor the other way round.
+    for (const w of [ws, other]) {
+      const res = await ingest(w, '/v1/batch', {
+        batch: [
+          { type: 'identify', ...person },
+          { type: 'identify', userId: 'res-u2', email: 'res.person@example.com' },
+          { type: 'identify', userId: 'res-u3', email: 'res.three@example.com' },
+        ],
+      });
+      expect(res.status, res.text).toBe(200);
+    }
+    // By email (resolves two profiles), by user id (resolves its email), an erasure whose profile is then gone, a
+    // request that found nobody, and an erasure refused by a hold (the resolution it failed on is still what it was).
+    const suppressByEmail = await submitOne(ws, { action: 'suppress', email: 'RES.person@example.com ' });
+    const holdById = await submitOne(ws, { action: 'hold', userId: 'res-u1' });
+    const eraseU3ByEmail = await submitOne(ws, { action: 'erase', email: 'res.three@example.com' });
+    const ghost = await submitOne(ws, { action: 'erase', userId: 'res-ghost' });
+    await submitOne(other, { action: 'suppress', email: 'res.person@example.com' });
+
+    const list = async (w: CreatedWorkspace, q: string) => {
+      const res = await get(w, `/v1/privacy/requests${q}`);
+      expect(res.status, res.text).toBe(200);
+      return (res.json.data as { id: string }[]).map((d) => d.id).sort();
+    };
+    const sorted = (...ids: string[]) => ids.sort();
+    // Before anything ran, only what each request was sent with.
+    expect(await list(ws, '?userId=res-u1')).toEqual([holdById]);
+    expect(await list(ws, '?email=res.person%40example.com')).toEqual([suppressByEmail]);
+
+    await env.runJobs();
+    const eraseByEmail = await submitOne(ws, { action: 'erase', email: 'res.person@example.com' });
+    await env.runJobs();
+    expect((await get(ws, `/v1/privacy/requests/${eraseByEmail}`)).json).toMatchObject({ status: 'failed', errorCode: 'legal_hold' });
+    expect((await get(ws, `/v1/privacy/requests/${eraseU3ByEmail}`)).json).toMatchObject({ outcome: 'erased' });
+    const queuedU2 = await submitOne(ws, { action: 'unsuppress', userId: 'res-u2' });
+
+    expect(await list(ws, '?userId=res-u1')).toEqual(sorted(suppressByEmail, holdById, eraseByEmail));
+    expect(await list(ws, '?userId=res-u2')).toEqual(sorted(suppressByEmail, eraseByEmail, queuedU2));
+    expect(await list(ws, '?userId=res-u2&status=complete')).toEqual([suppressByEmail]);
+    expect(await list(ws, `?email=${encodeURIComponent(' RES.Person@example.com')}`)).toEqual(sorted(suppressByEmail, holdById, eraseByEmail));
+    expect(await list(ws, '?userId=res-u3')).toEqual([eraseU3ByEmail]);
+    expect(await list(ws, '?userId=res-ghost')).toEqual([ghost]);
+    expect(await list(ws, '?email=res.three%40example.com')).toEqual([eraseU3ByEmail]);
+    // The other workspace's request for the same person stays its own.
+    expect(await list(other, '?userId=res-u1')).toHaveLength(1);
+    expect(await list(other, '?userId=res-u1')).toEqual(await list(other, '?email=res.person%40example.com'));
+
+    // Only keyed digests are kept of what a request resolved to, never the identifiers themselves.
+    const rows = await env.sql<{ id: string; resolved_digests: string[] | null }[]>`
+      select id, resolved_digests from dsr_requests where workspace_id = ${ws.workspaceId}`;
+    const resolved = new Map(rows.map((r) => [r.id, r.resolved_digests]));
+    const d = (kind: 'user_id' | 'email', v: string) => subjectDigest(env.deps.digestKey, ws.workspaceId, kind, v);
+    expect(resolved.get(holdById)).toEqual([d('user_id', 'res-u1'), d('email', 'res.person@example.com')]);
+    expect(new Set(resolved.get(suppressByEmail))).toEqual(
+      new Set([d('user_id', 'res-u1'), d('user_id', 'res-u2'), d('email', 'res.person@example.com')]),
+    );
+    expect(resolved.get(ghost)).toBeNull();
+    expect(resolved.get(queuedU2)).toBeNull();
   });
 
   it('paginates newest first with no duplicates or gaps; nextCursor null at the end', async () => {

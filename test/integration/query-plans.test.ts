@@ -16,11 +16,14 @@ import { sealedSubjectsPrune } from '../../src/privacy/retry.ts';
 import { forgottenRefusalsPrune } from '../../src/upstream/refusals.ts';
 import { expiredTokensPrune } from '../../src/upstream/tickets.ts';
 import { auditListFilter, requestListFilter, type AuditListQuery, type RequestListQuery } from '../../src/http/privacy.ts';
+import { subjectDigest } from '../../src/lib/digest.ts';
 import { createTestEnv, type TestEnv } from '../helpers/db.ts';
 
 let env: TestEnv;
 let ws: CreatedWorkspace;
 const HISTORY = 30_000;
+const PLAN_USER = 'plan-user';
+const PLAN_EMAIL = 'plan.person@example.com';
 
 beforeAll(async () => {
   env = await createTestEnv();
@@ -53,6 +56,16 @@ beforeAll(async () => {
            case when r.status = 'failed' then 'failed' when r.id = ${suppression} then 'not_found' else 'erased' end,
            r.finished_at, r.finished_at
     from dsr_requests r where r.workspace_id = ${w} and r.status <> 'queued'`;
+  // Every finished request resolved to a profile's user id and email; among the oldest, two requests about one
+  // person, one sent with each identifier, and another resolved to that person from a third.
+  await env.sql`update dsr_requests set resolved_digests = array[md5('ru' || substr(id, 5)), md5('re' || substr(id, 5))]
+                 where workspace_id = ${w} and status <> 'queued'`;
+  const digest = (kind: 'user_id' | 'email', v: string) => subjectDigest(env.deps.digestKey, w, kind, v);
+  const nth = (i: number) => `req_${i.toString(16).padStart(25, '0')}`;
+  await env.sql`update dsr_requests set subject_digest = ${digest('user_id', PLAN_USER)} where id = ${nth(5)}`;
+  await env.sql`update dsr_requests set subject_digest = ${digest('email', PLAN_EMAIL)} where id = ${nth(6)}`;
+  await env.sql`update dsr_requests set resolved_digests = ${[digest('user_id', PLAN_USER), digest('email', PLAN_EMAIL)]}
+                 where id in (${nth(5)}, ${nth(6)}, ${nth(7)})`;
   // The failed request still keeps its identifier sealed (for a retry), past the retention period.
   await env.sql`update dsr_requests set subject_sealed = 'sealed', finished_at = now() - interval '60 days'
                  where workspace_id = ${w} and status = 'failed'`;
@@ -186,6 +199,14 @@ it("lists requests by their vendor tickets' status without reading every ticket"
     const { rows, read } = await listingPlan({ upstreamStatus });
     expect(rows, upstreamStatus).toBe(1);
     expect(read, upstreamStatus).toBeLessThan(100);
+  }
+});
+
+it('lists requests by user id or email, sent with it or resolved to it, without reading the whole history', async () => {
+  for (const q of [{ userId: PLAN_USER }, { email: PLAN_EMAIL }]) {
+    const { rows, read } = await listingPlan(q);
+    expect(rows, JSON.stringify(q)).toBe(3);
+    expect(read, JSON.stringify(q)).toBeLessThan(100);
   }
 });
 

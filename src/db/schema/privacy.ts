@@ -61,6 +61,12 @@ export const dsrRequests = pgTable(
     subjectSealed: text('subject_sealed'),
     /** Keyed HMAC digest of the identifier: what lookups and audit records use. */
     subjectDigest: text('subject_digest').notNull(),
+    /**
+     * Keyed digests (as subject_digest, never the identifiers) of the user id and email of every profile the request
+     * resolved to when it ran, so a listing by one identifier finds a request sent with the other. Null until it has
+     * run, and when it found nobody or is workspace-wide.
+     */
+    resolvedDigests: text('resolved_digests').array(),
     externalRequestId: text('external_request_id'),
     /** Upstream ticket reference (e.g. the vendor's ticket id). */
     upstreamRef: text('upstream_ref'),
@@ -85,6 +91,13 @@ export const dsrRequests = pgTable(
     // Listing by status, newest first: a rare status (failed) is found without reading the workspace's whole history.
     index('dsr_requests_workspace_status_idx').on(t.workspaceId, t.status, t.id),
     index('dsr_requests_workspace_digest_idx').on(t.workspaceId, t.subjectDigest),
+    // Listing by user id or email also matches the identifiers a request resolved to (`resolved_digests @> array[…]`;
+    // digests are bound to their workspace, which is checked on the few rows found). Only rows that resolved someone,
+    // so the writes of pending requests never touch it; no pending list, so a lookup never reads through one.
+    index('dsr_requests_resolved_digests_idx')
+      .using('gin', t.resolvedDigests)
+      .where(sql`${t.resolvedDigests} is not null`)
+      .with({ fastupdate: false }),
     // The maintenance tick's prune of sealed identifiers past retention: only the few rows still holding one.
     index('dsr_requests_sealed_idx')
       .on(t.finishedAt)

@@ -1,0 +1,2 @@
+ALTER TABLE "dsr_requests" ADD COLUMN "resolved_digests" text[];--> statement-breakpoint
+CREATE INDEX "dsr_requests_resolved_digests_idx" ON "dsr_requests" USING gin ("resolved_digests") WITH (fastupdate=false) WHERE "dsr_requests"."resolved_digests" is not null;
