@@ -48,8 +48,11 @@ Vendor connectors
   Config and secrets are JSON objects in the vendor's schema. Secrets are never taken on the command line.
 
 Privacy requests and the audit trail
-  requests list --workspace <id> [--status queued|running|complete|failed] [--limit 1-100]
-                                                  Newest first (default limit 50)
+  requests list --workspace <id> [--status queued|running|complete|failed] [--user-id <id>] [--email <email>]
+                [--external-request-id <id>] [--upstream-ref <ref>] [--upstream-status pending|delivered|failed]
+                [--limit 1-100]
+                                                  Newest first (default limit 50); filters as GET /v1/privacy/requests
+                                                  (--user-id/--email also find requests that resolved to that user)
   requests show <requestId>                       With its vendor tickets
   requests retry <requestId>                      Runs a failed request again
   holds list --workspace <id> [--limit 1-100]     Legal holds in force, newest first (default limit 50): who placed

@@ -1,8 +1,9 @@
-import { and, eq } from 'drizzle-orm';
-import { dsrRequests, REQUEST_STATUSES } from '../db/schema/index.ts';
+import { eq } from 'drizzle-orm';
+import { z } from 'zod';
+import { dsrRequests, REQUEST_STATUSES, UPSTREAM_STATUSES } from '../db/schema/index.ts';
 import type { AppDeps } from '../http/env.ts';
 import { newestFirst } from '../http/pagination.ts';
-import { readRequestViews, requestView, type RequestViewBody } from '../http/privacy.ts';
+import { readRequestViews, requestListFilter, requestView, type RequestListQuery, type RequestViewBody } from '../http/privacy.ts';
 import { ApiError } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { retryRequest } from '../privacy/retry.ts';
@@ -44,14 +45,45 @@ function describe(v: View): string[] {
   ];
 }
 
+/** A filter's value as given (user ids are exact, so not trimmed), but never empty: that would list everything. */
+function filterValue(flag: string, value: string | undefined, max: number): string | undefined {
+  if (value === undefined) return undefined;
+  if (value === '') throw new UsageError(`--${flag} must not be empty`);
+  if (value.length > max) throw new UsageError(`--${flag} must be at most ${max} characters`);
+  return value;
+}
+
+/** The email filter as the API reads it: trimmed, and an address (matched case-insensitively through its digest). */
+const emailFilter = z.string().trim().max(320).pipe(z.email());
+
 const list: Command = async (cli, args) => {
   const { values } = parse('requests list', args, {
     workspace: { type: 'string' },
     status: { type: 'string' },
+    'user-id': { type: 'string' },
+    email: { type: 'string' },
+    'external-request-id': { type: 'string' },
+    'upstream-ref': { type: 'string' },
+    'upstream-status': { type: 'string' },
     limit: { type: 'string' },
   });
   const workspaceId = required('requests list', 'workspace', values.workspace, 'id');
-  const status = values.status === undefined ? undefined : oneOf('status', values.status, REQUEST_STATUSES);
+  let email: string | undefined;
+  if (values.email !== undefined) {
+    const parsed = emailFilter.safeParse(values.email);
+    if (!parsed.success) throw new UsageError('--email must be an email address');
+    email = parsed.data;
+  }
+  // The same filters as GET /v1/privacy/requests, applied by the same function.
+  const query: RequestListQuery = {
+    status: values.status === undefined ? undefined : oneOf('status', values.status, REQUEST_STATUSES),
+    userId: filterValue('user-id', values['user-id'], 256),
+    email,
+    externalRequestId: filterValue('external-request-id', values['external-request-id'], 200),
+    upstreamRef: filterValue('upstream-ref', values['upstream-ref'], 500),
+    upstreamStatus:
+      values['upstream-status'] === undefined ? undefined : oneOf('upstream-status', values['upstream-status'], UPSTREAM_STATUSES),
+  };
   const limit = values.limit === undefined ? 50 : Number(values.limit);
   if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIMIT) {
     throw new UsageError(`--limit must be an integer from 1 to ${MAX_LIMIT}`);
@@ -62,7 +94,7 @@ const list: Command = async (cli, args) => {
       tx
         .select()
         .from(dsrRequests)
-        .where(and(eq(dsrRequests.workspaceId, ws), status ? eq(dsrRequests.status, status) : undefined))
+        .where(requestListFilter(deps, ws, query))
         .orderBy(newestFirst(dsrRequests.id))
         .limit(limit),
     );

@@ -631,6 +631,39 @@ describe('requests and audit', () => {
     expect(unknown.message).toBe('no such request: req_unknown');
   });
 
+  it('requests list filters by user id and email as the API does, resolved identifiers included', async () => {
+    // A workspace of its own: the audit checks below count this workspace's records.
+    const wsF = await env.newWorkspace('CLI filters');
+    const person = await seedUser(env, wsF.ingestKey, { events: 0 });
+    const bystander = await seedUser(env, wsF.ingestKey, { events: 0 });
+    const submit = async (body: Record<string, unknown>) => {
+      const res = await api('POST', '/v1/privacy/requests', wsF.privacyKey, body);
+      expect(res.status, res.text).toBe(202);
+      return res.json.results[0].requestId as string;
+    };
+    // Sent by email, found by user id once it has run, and the other way round.
+    const byEmail = await submit({ action: 'suppress', email: person.email.toUpperCase() });
+    const byId = await submit({ action: 'unsuppress', userId: person.userId });
+    await submit({ action: 'suppress', userId: bystander.userId });
+    await env.runJobs();
+    const viaApi = async (q: string) => (await api('GET', `/v1/privacy/requests?${q}`, wsF.privacyKey)).json;
+    const list = (...flags: string[]) => ok(['requests', 'list', '--workspace', wsF.workspaceId, ...flags]);
+
+    const [byUser, human, badEmail, emptyUser] = await Promise.all([
+      list('--user-id', person.userId, '--status', 'complete'),
+      run(['requests', 'list', '--workspace', wsF.workspaceId, '--email', ` ${person.email.toUpperCase()}`, '--limit', '5']),
+      fails(['requests', 'list', '--workspace', wsF.workspaceId, '--email', 'not-an-email'], 2, 'usage_error'),
+      fails(['requests', 'list', '--workspace', wsF.workspaceId, '--user-id', ''], 2, 'usage_error'),
+    ]);
+    expect(byUser.data.map((r: Json) => r.id)).toEqual([byId, byEmail]);
+    expect(byUser).toEqual({ data: (await viaApi(`userId=${person.userId}&status=complete`)).data });
+    expect(human.code, human.stderr).toBe(0);
+    expect(human.stdout.trim().split('\n').map((l) => l.split(' ')[0])).toEqual([byId, byEmail]);
+    expect(human.stdout).not.toContain(person.email);
+    expect(badEmail.message).toBe('--email must be an email address');
+    expect(emptyUser.message).toBe('--user-id must not be empty');
+  });
+
   it('requests retry queues a failed request again; it then erases the user; a second retry exits 1', async () => {
     const queued = await ok(['requests', 'retry', failedId]);
     expect(queued).toMatchObject({ id: failedId, status: 'queued', outcome: null, errorCode: null, attempts: 0, auditRecordId: expect.any(String) });
