@@ -53,7 +53,7 @@ Privacy requests and the audit trail
                 [--limit 1-100]
                                                   Newest first (default limit 50); filters as GET /v1/privacy/requests
                                                   (--user-id/--email also find requests that resolved to that user)
-  requests show <requestId>                       With its vendor tickets
+  requests show <requestId>                       Every field of the API view, with its vendor tickets
   requests retry <requestId>                      Runs a failed request again
   holds list --workspace <id> [--limit 1-100]     Legal holds in force, newest first (default limit 50): who placed
                                                   each, when, and on which kind of identifier (never the identifier)

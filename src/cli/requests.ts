@@ -28,20 +28,35 @@ const summary = (v: View) =>
   `${v.id}  ${v.action.padEnd(10)}  ${v.scope.padEnd(9)}  ${v.status.padEnd(8)}  ${(v.outcome ?? '-').padEnd(12)}  ` +
   `${v.createdAt}${v.errorCode ? `  error ${v.errorCode}` : ''}${v.upstreamStatus ? `  upstream ${v.upstreamStatus}` : ''}`;
 
+/** One labelled line of `requests show`; a continuation (no label) lines up under the values. */
+const row = (label: string, text: string) => `  ${label.padEnd(14)}${text}`;
+
+/**
+ * `requests show` in text: every field of the JSON view, each under its name. A vendor ticket says how far its
+ * report got: its own status and attempts, the generation (a retry or redelivery set it back to pending), when the
+ * vendor was last told and which audit record it was told about (after a retry, the failure until the new outcome
+ * is delivered), the next attempt and the last error.
+ */
 function describe(v: View): string[] {
+  const tickets = v.upstream.flatMap((t) => [
+    row('ticket', `${t.ticketId}  ${t.status}  attempts ${t.attempts}  generation ${t.generation}`),
+    row('', `connector ${t.connectorId}   vendor ref ${t.upstreamRef}`),
+    row('', `next attempt ${t.nextAttemptAt ?? '-'}   delivered ${t.deliveredAt ?? '-'}   reported audit ${t.reportedAuditRecordId ?? '-'}`),
+    ...(t.lastError ? [row('', `last error: ${t.lastError}`)] : []),
+  ]);
   return [
     summary(v),
-    `  subject     ${v.subjectKind}   source ${v.source}   actor ${v.actor.type}${v.actor.id ? ` ${v.actor.id}` : ''}`,
-    `  attempts    ${v.attempts}   started ${v.startedAt ?? '-'}   finished ${v.finishedAt ?? '-'}`,
-    `  audit       ${v.auditRecordId ?? '-'}${v.externalRequestId ? `   external id ${v.externalRequestId}` : ''}`,
+    row('subject', `${v.subjectKind}   source ${v.source}   actor ${v.actor.type}${v.actor.id ? ` ${v.actor.id}` : ''}`),
+    row('created', `${v.createdAt}   started ${v.startedAt ?? '-'}   finished ${v.finishedAt ?? '-'}   attempts ${v.attempts}`),
+    row('result', `${v.status}   outcome ${v.outcome ?? '-'}   error ${v.errorCode ?? '-'}`),
+    row('audit', v.auditRecordId ?? '-'),
+    row('external id', v.externalRequestId ?? '-'),
     ...(v.holdsInForce === undefined
       ? []
-      : [`  holds       ${v.holdsInForce === 0 ? 'none left on this identifier' : `${v.holdsInForce} still in force (placed with another identifier, or newer)`}`]),
-    ...v.upstream.map(
-      (t) =>
-        `  ticket      ${t.ticketId}  connector ${t.connectorId}  ${t.status}  attempts ${t.attempts}` +
-        (t.lastError ? `  last error: ${t.lastError}` : ''),
-    ),
+      : [row('holds', v.holdsInForce === 0 ? 'none left on this identifier' : `${v.holdsInForce} still in force (placed with another identifier, or newer)`)]),
+    row('upstream ref', v.upstreamRef ?? '-'),
+    row('upstream', v.upstreamStatus ? `${v.upstreamStatus} (${v.upstream.length} ticket${v.upstream.length === 1 ? '' : 's'})` : '- (no vendor ticket)'),
+    ...tickets,
   ];
 }
 

@@ -10,7 +10,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { datagrailBody, datagrailWebhook, FAKE_DATAGRAIL_API_KEY } from '../../connectors/datagrail/fake.ts';
+import {
+  DATAGRAIL_CALLBACK_ROUTE,
+  datagrailBody,
+  datagrailWebhook,
+  FAKE_DATAGRAIL_API_KEY,
+  startFakeDataGrail,
+} from '../../connectors/datagrail/fake.ts';
 import { startFakeOneTrust, type FakeOneTrust } from '../../connectors/onetrust/fake.ts';
 import { startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
@@ -664,6 +670,71 @@ describe('requests and audit', () => {
     expect(emptyUser.message).toBe('--user-id must not be empty');
   });
 
+  it('requests show in text says everything the JSON view does: vendor tickets with generation, reported audit, last error', async () => {
+    // A workspace of its own: the audit checks below count this workspace's records.
+    const wsT = await env.newWorkspace('CLI show');
+    const dg = await startFakeDataGrail();
+    try {
+      const created = await api('POST', '/v1/admin/connectors', wsT.adminKey, {
+        vendor: 'datagrail',
+        name: 'DataGrail show',
+        config: { callbackHosts: ['127.0.0.1'] },
+        secrets: { webhookSecret: DG_SECRET, apiKey: FAKE_DATAGRAIL_API_KEY },
+      });
+      expect(created.status, created.text).toBe(201);
+      const person = await seedUser(env, wsT.ingestKey, { events: 1 });
+      // The erasure fails and DataGrail is told; the retry erases, and telling DataGrail that fails for now.
+      await env.sql.unsafe(`
+        create function cli_show_fail() returns trigger language plpgsql as $$
+        begin raise exception 'injected failure'; end $$;
+        create trigger cli_show_fail before delete on topic_questions
+          for each row when (old.workspace_id = '${wsT.workspaceId}') execute function cli_show_fail();`);
+      let requestId: string;
+      try {
+        const hook = datagrailWebhook({
+          secret: DG_SECRET,
+          body: datagrailBody({ webhook_request_id: 'dg-show-1', identifiers: { email: person.email }, callback_url: dg.callbackUrl() }),
+        });
+        const res = await call(env, 'POST', `/webhooks/datagrail/${created.json.id}`, { headers: hook.headers, body: hook.rawBody });
+        expect(res.status, res.text).toBe(200);
+        requestId = res.json.received[0].requestId;
+        await env.runJobs();
+      } finally {
+        await env.sql.unsafe('drop trigger cli_show_fail on topic_questions; drop function cli_show_fail();');
+      }
+      dg.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 503, body: { error: 'down' } });
+      await ok(['requests', 'retry', requestId]);
+      await env.runJobs();
+
+      const viaApi = (await api('GET', `/v1/privacy/requests/${requestId}`, wsT.privacyKey)).json;
+      expect(viaApi).toMatchObject({ status: 'complete', outcome: 'erased', upstreamRef: 'dg-show-1' });
+      const [ticket] = viaApi.upstream;
+      expect(ticket).toMatchObject({ generation: 1, reportedAuditRecordId: expect.any(String), lastError: expect.stringContaining('HTTP 503') });
+      expect(ticket.reportedAuditRecordId).not.toBe(viaApi.auditRecordId);
+
+      const [json, text] = await Promise.all([ok(['requests', 'show', requestId]), run(['requests', 'show', requestId])]);
+      expect(json).toEqual(viaApi);
+      expect(text.code, text.stderr).toBe(0);
+      const out = text.stdout;
+      // Every value of the JSON view appears in the text.
+      const leaves = (v: Json): string[] =>
+        v === null ? [] : typeof v === 'object' ? Object.values(v).flatMap(leaves) : [String(v)];
+      for (const value of leaves(viaApi)) expect(out, value).toContain(value);
+      // Each under its name, so an operator can tell the two audit ids and the request's fields from the ticket's.
+      const line = (label: string) => out.split('\n').find((l) => l.startsWith(`  ${label}  `)) ?? '';
+      expect(line('upstream ref')).toMatch(/^ {2}upstream ref +dg-show-1$/);
+      expect(line('audit')).toMatch(new RegExp(`^ {2}audit +${viaApi.auditRecordId}$`));
+      expect(line('upstream')).toMatch(/^ {2}upstream +pending \(1 ticket\)$/);
+      expect(line('ticket')).toMatch(new RegExp(`^ {2}ticket +${ticket.ticketId} {2}pending {2}attempts ${ticket.attempts} {2}generation 1$`));
+      expect(out).toContain(`connector ${ticket.connectorId}   vendor ref dg-show-1`);
+      expect(out).toContain(`next attempt ${ticket.nextAttemptAt}   delivered ${ticket.deliveredAt}   reported audit ${ticket.reportedAuditRecordId}`);
+      expect(out).toContain(`last error: ${ticket.lastError}`);
+      expect(out).not.toContain(person.email);
+    } finally {
+      await dg.fake.stop();
+    }
+  });
+
   it('requests retry queues a failed request again; it then erases the user; a second retry exits 1', async () => {
     const queued = await ok(['requests', 'retry', failedId]);
     expect(queued).toMatchObject({ id: failedId, status: 'queued', outcome: null, errorCode: null, attempts: 0, auditRecordId: expect.any(String) });
@@ -777,7 +848,7 @@ describe('holds', () => {
     await env.runJobs();
     const [shownJson, shown] = await Promise.all([ok(['requests', 'show', releaseId]), run(['requests', 'show', releaseId])]);
     expect(shownJson).toMatchObject({ outcome: 'released', holdsInForce: 1 });
-    expect(shown.stdout).toContain('\n  holds       1 still in force (placed with another identifier, or newer)\n');
+    expect(shown.stdout).toContain('\n  holds         1 still in force (placed with another identifier, or newer)\n');
   });
 });
 
