@@ -5,6 +5,7 @@
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import { z } from 'zod';
 import { normalizeSubject } from '../../src/lib/digest.ts';
+import { externalUserIdSchema, isBlank } from '../../src/lib/identifiers.ts';
 import { check, CheckFailed, classifyOutboundError, classifyResponse, nameOfType, parseJson, parseWith } from '../shared.ts';
 import {
   WebhookAuthError,
@@ -66,7 +67,13 @@ function requestTypeOf(body: Record<string, unknown>): string | undefined {
  */
 function identifierValue(raw: unknown, kind: SubjectRef['kind']): string | undefined | { problem: string } {
   const one = (v: unknown): string | undefined | { problem: string } => {
-    if (typeof v === 'string') return v.trim() || undefined;
+    if (typeof v === 'string') {
+      if (isBlank(v)) return undefined;
+      if (kind === 'email') return v.trim();
+      // A user id is taken exactly, spaces included, as ingest stored it (src/lib/identifiers.ts).
+      const id = externalUserIdSchema.safeParse(v);
+      return id.success ? id.data : { problem: id.error.issues[0]!.message };
+    }
     if (typeof v === 'number' && Number.isInteger(v)) {
       return Number.isSafeInteger(v)
         ? String(v)

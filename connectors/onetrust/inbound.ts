@@ -4,6 +4,7 @@
  * parsed tolerantly, and authentication is whatever credential the admin attached to that action.
  */
 import { z } from 'zod';
+import { externalUserIdSchema, presentUserId } from '../../src/lib/identifiers.ts';
 import { nameOfType, parseJson, parseWith, safeEqual } from '../shared.ts';
 import {
   WebhookAuthError,
@@ -49,6 +50,17 @@ const text = z
   .trim()
   .nullish()
   .transform((v) => v || undefined)
+  .refine((v) => v === undefined || !UNRENDERED.test(v), 'is an unfilled template placeholder');
+
+/**
+ * A user id: never trimmed (it must match what ingest stored exactly, src/lib/identifiers.ts); empty, null or only
+ * whitespace is absent, as for the other fields.
+ */
+const userIdText = z
+  .string()
+  .nullish()
+  .transform(presentUserId)
+  .pipe(externalUserIdSchema.optional())
   .refine((v) => v === undefined || !UNRENDERED.test(v), 'is an unfilled template placeholder');
 
 /**
@@ -102,8 +114,8 @@ const bodySchema = z.looseObject({
   subTaskId: subTaskIdText,
   requestTypes: requestTypeList,
   email: text.refine((v) => v === undefined || /^[^@\s]+@[^@\s]+$/.test(v), 'is not an email address'),
-  userId: text,
-  externalUserId: text,
+  userId: userIdText,
+  externalUserId: userIdText,
 });
 
 export function parseInbound(req: RawWebhook, config: OneTrustConfig): DsrTicket {

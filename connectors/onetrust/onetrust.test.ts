@@ -283,7 +283,9 @@ describe('parse', () => {
   });
 
   it('prefers userId (or externalUserId) over email', () => {
-    expect(parse({ userId: ' usr_42 ' }).subject).toEqual({ kind: 'user_id', value: 'usr_42' });
+    // Exactly as sent: a user id is matched as ingest stored it, spaces included (src/lib/identifiers.ts).
+    expect(parse({ userId: ' usr_42 ' }).subject).toEqual({ kind: 'user_id', value: ' usr_42 ' });
+    expect(parse({ userId: ' \t ', email: 'jane@example.com' }).subject).toEqual({ kind: 'email', value: 'jane@example.com' });
     expect(parse({ externalUserId: 'usr_43', email: undefined }).subject).toEqual({ kind: 'user_id', value: 'usr_43' });
     const byEmail = parse({ userId: '', email: 'jane@example.com' });
     expect(byEmail.subject).toEqual({ kind: 'email', value: 'jane@example.com' });

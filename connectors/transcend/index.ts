@@ -4,6 +4,7 @@
  */
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
+import { isBlank } from '../../src/lib/identifiers.ts';
 import { check, classifyOutboundError, classifyResponse, parseJson, parseWith, safeEqual } from '../shared.ts';
 import {
   WebhookAuthError,
@@ -40,8 +41,8 @@ const PAGE_SIZE = 50;
 const MAX_PAGES = 20;
 
 const idString = z.string().min(1).max(200);
-/** A subject identifier: not trimmed (a user id is exact), but a blank one names nobody. */
-const subjectString = z.string().min(1).refine((v) => v.trim().length > 0, 'must not be blank');
+/** A subject identifier: not trimmed (a user id is exact, src/lib/identifiers.ts), but a blank one names nobody. */
+const subjectString = z.string().min(1).refine((v) => !isBlank(v), 'must not be blank');
 
 const webhookBody = z.looseObject({
   type: z.string().min(1),

@@ -5,6 +5,7 @@ import type { AppDeps } from '../http/env.ts';
 import { newestFirst } from '../http/pagination.ts';
 import { readRequestViews, requestListFilter, requestView, type RequestListQuery, type RequestViewBody } from '../http/privacy.ts';
 import { ApiError } from '../lib/errors.ts';
+import { externalUserIdSchema, USER_ID_MAX_LENGTH } from '../lib/identifiers.ts';
 import type { Actor } from '../privacy/context.ts';
 import { retryRequest } from '../privacy/retry.ts';
 import { oneOf, output, parse, required, requireWorkspace, UsageError, withDeps, type Command } from './shared.ts';
@@ -68,6 +69,14 @@ function filterValue(flag: string, value: string | undefined, max: number): stri
   return value;
 }
 
+/** The user id filter as the API reads it: exactly as given (src/lib/identifiers.ts). */
+function userIdFilter(value: string | undefined): string | undefined {
+  if (filterValue('user-id', value, USER_ID_MAX_LENGTH) === undefined) return undefined;
+  const parsed = externalUserIdSchema.safeParse(value);
+  if (!parsed.success) throw new UsageError(`--user-id ${parsed.error.issues[0]!.message}`);
+  return parsed.data;
+}
+
 /** The email filter as the API reads it: trimmed, and an address (matched case-insensitively through its digest). */
 const emailFilter = z.string().trim().max(320).pipe(z.email());
 
@@ -92,7 +101,7 @@ const list: Command = async (cli, args) => {
   // The same filters as GET /v1/privacy/requests, applied by the same function.
   const query: RequestListQuery = {
     status: values.status === undefined ? undefined : oneOf('status', values.status, REQUEST_STATUSES),
-    userId: filterValue('user-id', values['user-id'], 256),
+    userId: userIdFilter(values['user-id']),
     email,
     externalRequestId: filterValue('external-request-id', values['external-request-id'], 200),
     upstreamRef: filterValue('upstream-ref', values['upstream-ref'], 500),

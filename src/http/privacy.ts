@@ -14,6 +14,7 @@ import {
 import type { Db, Tx } from '../db/client.ts';
 import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
 import { subjectDigest } from '../lib/digest.ts';
+import { externalUserIdSchema } from '../lib/identifiers.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
@@ -38,7 +39,9 @@ export const PrivacyRequestInput = z
   .object({
     action: z.enum(REQUEST_ACTIONS),
     scope: z.enum(['user', 'workspace']).default('user'),
-    userId: z.string().min(1).max(256).refine(noNul, NO_NUL).optional().openapi({ description: 'External user id (exact match)' }),
+    userId: externalUserIdSchema
+      .optional()
+      .openapi({ description: 'External user id, exactly as ingest stored it (not trimmed; a blank one is refused)' }),
     email: z
       .string()
       .trim()
@@ -383,7 +386,7 @@ const listRequests = createRoute({
     query: Pagination.extend({
       status: z.enum(REQUEST_STATUSES).optional(),
       externalRequestId: z.string().min(1).max(200).optional(),
-      userId: z.string().min(1).max(256).optional(),
+      userId: externalUserIdSchema.optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
       upstreamRef: z.string().min(1).max(500).optional().openapi({ description: "A vendor's ticket reference" }),
       upstreamStatus: z
@@ -435,7 +438,7 @@ const listAudit = createRoute({
       action: z.enum(REQUEST_ACTIONS).optional(),
       status: z.enum(['complete', 'failed']).optional(),
       outcome: z.enum(OUTCOMES).optional(),
-      userId: z.string().min(1).max(256).optional(),
+      userId: externalUserIdSchema.optional(),
       email: z.string().trim().max(320).pipe(z.email()).optional(),
     }).strict(),
   },

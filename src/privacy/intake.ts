@@ -2,6 +2,7 @@ import { and, eq, inArray, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { dsrRequests, REQUEST_ACTIONS, REQUEST_SCOPES } from '../db/schema/index.ts';
 import { subjectDigest } from '../lib/digest.ts';
+import { externalUserIdSchema } from '../lib/identifiers.ts';
 import { ApiError, DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { Tx } from '../db/client.ts';
@@ -11,7 +12,7 @@ import type { Actor, PrivacyDeps } from './context.ts';
 export type DsrRequest = typeof dsrRequests.$inferSelect;
 
 export const subjectSchema = z.discriminatedUnion('kind', [
-  z.object({ kind: z.literal('user_id'), value: z.string().min(1).max(256) }),
+  z.object({ kind: z.literal('user_id'), value: externalUserIdSchema }),
   z.object({ kind: z.literal('email'), value: z.string().trim().min(3).max(320).pipe(z.email()) }),
 ]);
 export type Subject = z.infer<typeof subjectSchema>;
@@ -147,7 +148,7 @@ export function newRequestRow(actor: Actor, v: ParsedIntake, digest: string): ty
     action: v.action,
     scope: v.scope,
     subjectKind: subject?.kind ?? 'workspace',
-    // Emails match trimmed; a user id is an exact external id, spaces included (the digest is computed the same way).
+    // Emails match trimmed; a user id is exactly as given (src/lib/identifiers.ts), as its digest is computed.
     subjectValue: subject ? (subject.kind === 'email' ? subject.value.trim() : subject.value) : null,
     subjectDigest: digest,
     externalRequestId: v.externalRequestId ?? null,

@@ -15,9 +15,11 @@ import {
 } from '../db/schema/index.ts';
 import { emailLockKey, normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
+import { externalUserIdSchema } from '../lib/identifiers.ts';
 import { jsonDepthWithin } from '../lib/json.ts';
 
-const userId = z.string().min(1).max(256);
+/** Stored exactly as given: the privacy requests that reach this user name it the same way (src/lib/identifiers.ts). */
+const userId = externalUserIdSchema;
 const timestamp = z.iso.datetime({ offset: true }).optional();
 /** Free-form JSON kept as jsonb: bounded nesting, since serialising a deeper value overflows the stack. */
 const MAX_JSON_DEPTH = 32;

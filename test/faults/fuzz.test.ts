@@ -273,7 +273,7 @@ async function expectWellFormed(r: Sent, connectorId: string, extra?: (row: Reco
     }
     expect(['erase', 'suppress', 'unsuppress']).toContain(row.action);
     expect(['user_id', 'email']).toContain(row.subject_kind);
-    // Non-empty; whitespace is a legal external user id (ingest accepts it too), so it is not trimmed away here.
+    // Non-empty and exact: spaces around a user id are part of it (ingest stores them too), so never trimmed away.
     expect(typeof row.subject_value === 'string' && row.subject_value.length > 0, JSON.stringify(row)).toBe(true);
     // The identifier the job will act on is the one the digest (audit record, lookups, dedupe) was computed from.
     expect(subjectDigest(env.deps.digestKey, ws.workspaceId, row.subject_kind, row.subject_value), JSON.stringify(row)).toBe(row.subject_digest);
