@@ -40,7 +40,11 @@ function canonicalHostPattern(raw: string): string | null {
     // A bare `*.tld` would allow every site under a public suffix.
     return HOSTNAME.test(domain) && domain.includes('.') ? pattern : null;
   }
-  if (net.isIPv6(pattern)) return new URL(`http://[${pattern}]/`).hostname.slice(1, -1);
+  if (net.isIPv6(pattern)) {
+    // node:net also takes a zone id (`fe80::1%eth0`), which no URL can carry: such a host could never match.
+    const url = `http://[${pattern}]/`;
+    return URL.canParse(url) ? new URL(url).hostname.slice(1, -1) : null;
+  }
   return HOSTNAME.test(pattern) ? pattern : null;
 }
 

@@ -177,6 +177,9 @@ describe('config', () => {
     ['acme.*.io'],
     [''],
     ['user@acme.datagrail.io'],
+    // An IPv6 address with a zone id: node:net takes it, the URL parser (which the matching relies on) does not.
+    ['fe80::1%eth0'],
+    ['::1%1'],
   ])('rejects the callback host pattern %j', (pattern) => {
     expect(datagrail.configSchema.safeParse({ callbackHosts: [pattern] }).success).toBe(false);
   });

@@ -246,6 +246,22 @@ describe('POST /v1/admin/connectors', () => {
     expect(await countRows(ws.workspaceId)).toBe(0);
   });
 
+  // Found by fuzzing (test/faults/fuzz-routes.test.ts): node:net takes an IPv6 address with a zone id for an IPv6
+  // address, but the WHATWG URL parser refuses it, and the throw from inside the schema answered 500 internal_error.
+  it('a DataGrail callback host that is an IPv6 address with a zone id → 400 config.callbackHosts[0], not 500', async () => {
+    const ws = await env.newWorkspace();
+    for (const host of ['fe80::1%eth0', '::1%1', 'fe80::1%25en0']) {
+      const res = await admin(ws, 'POST', '/v1/admin/connectors', input('datagrail', { config: { callbackHosts: [host] } }));
+      expect(detailPaths(res)).toEqual(['config.callbackHosts[0]']);
+    }
+    const created = await admin(ws, 'POST', '/v1/admin/connectors', input('datagrail', { config: { callbackHosts: ['127.0.0.1'] } }));
+    expect(created.status, created.text).toBe(201);
+    const patched = await admin(ws, 'PATCH', `/v1/admin/connectors/${created.json.id}`, { config: { callbackHosts: ['127.0.0.1', 'fe80::1%eth0'] } });
+    expect(detailPaths(patched)).toEqual(['config.callbackHosts[1]']);
+    const [row] = await env.sql`select config from connectors where id = ${created.json.id as string}`;
+    expect(row!.config.callbackHosts).toEqual(['127.0.0.1']);
+  });
+
   it('missing or unknown secret → 400 naming secrets.<name>, without echoing any value', async () => {
     const ws = await env.newWorkspace();
     const missing = await admin(ws, 'POST', '/v1/admin/connectors', input('transcend', { secrets: {} }));
