@@ -5,7 +5,7 @@ import { API_KEY_SCOPES } from '../db/schema/index.ts';
 import { verifyWorkspaceChain } from '../privacy/audit-chain.ts';
 import { bearerSecurity, requireRecentAuth, type Principal } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
-import { commonErrors, ErrorBody, notFoundError } from './schemas.ts';
+import { commonErrors, ErrorBody, NoQuery, notFoundError } from './schemas.ts';
 
 const KeyView = z
   .object({
@@ -78,6 +78,7 @@ export function registerAccountRoutes(app: App, deps: AppDeps): void {
   app.openapi(
     createRoute({
       ...route('get', '/v1/admin/keys', "The workspace's API keys (never the keys themselves)"),
+      request: { query: NoQuery },
       responses: { 200: json(z.object({ data: z.array(KeyView) }), 'All keys, revoked ones included'), ...commonErrors },
     }),
     async (c) => c.json({ data: (await listApiKeys(deps.db, ws(c))).map(keyView) }, 200),
@@ -132,6 +133,7 @@ export function registerAccountRoutes(app: App, deps: AppDeps): void {
   app.openapi(
     createRoute({
       ...route('get', '/v1/admin/admins', "The workspace's admins"),
+      request: { query: NoQuery },
       responses: { 200: json(z.object({ data: z.array(AdminView) }), 'All admins'), ...commonErrors },
     }),
     async (c) => c.json({ data: (await listAdmins(deps.db, ws(c))).map(adminView) }, 200),

@@ -16,7 +16,7 @@ import { pollIntervalOf } from '../upstream/poll.ts';
 import { bearerSecurity, requireActor, requireRecentAuth } from './auth.ts';
 import type { App, AppDeps } from './env.ts';
 import type { Principal } from './auth.ts';
-import { commonErrors, ErrorBody, notFoundError } from './schemas.ts';
+import { commonErrors, ErrorBody, NoQuery, notFoundError } from './schemas.ts';
 import { redeliverTicket } from '../upstream/report.ts';
 
 const PollStatusView = z
@@ -216,6 +216,7 @@ export function registerAdminRoutes(app: App, deps: AppDeps): void {
   app.openapi(
     createRoute({
       ...route('get', '/v1/admin/connectors', "The workspace's connectors"),
+      request: { query: NoQuery },
       responses: { 200: json(z.object({ data: z.array(ConnectorView) }), 'All connectors'), ...commonErrors },
     }),
     async (c) => c.json({ data: (await listConnectors(deps.db, ws(c))).map((r) => connectorView(deps, r)) }, 200),

@@ -31,3 +31,9 @@ export const Pagination = z.object({
   limit: z.coerce.number().int().min(1).max(100).default(50).openapi({ param: { name: 'limit', in: 'query' } }),
   cursor: z.string().max(200).optional().openapi({ param: { name: 'cursor', in: 'query' } }),
 });
+
+/**
+ * The query of a listing that takes no parameters: any parameter is refused, naming it, as on the filtered listings
+ * (a filter a client believes exists, e.g. `?vendor=`, must not silently list everything).
+ */
+export const NoQuery = z.object({}).strict();

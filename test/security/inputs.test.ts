@@ -535,6 +535,27 @@ describe('SQL metacharacters in identifiers', () => {
     expect(await snapshot(env)).toEqual(before);
   });
 
+  // Found by fuzzing (test/faults/fuzz-routes.test.ts): the admin listings took no query schema, so a filter a client
+  // believed in (`?vendor=`, `?scope=`) was ignored and the whole list answered, as README (API) says never happens.
+  it('a query parameter on a listing that takes none (connectors, keys, admins) → 400 naming it, not the whole list', async () => {
+    for (const [path, name] of [
+      ['/v1/admin/connectors?vendor=onetrust', 'vendor'],
+      ['/v1/admin/keys?scope=privacy', 'scope'],
+      ['/v1/admin/admins?email=nobody%40example.test', 'email'],
+      ['/v1/admin/connectors?limit=1', 'limit'],
+    ] as const) {
+      const err = expectError(await http('GET', path, { key: ws.adminKey }), 400, 'validation_failed');
+      expect(err.details, path).toEqual([{ path: name, message: 'unknown query parameter' }]);
+    }
+    // A name that is a value (an email) is not repeated.
+    const odd = await http('GET', '/v1/admin/admins?someone%40example.test=1', { key: ws.adminKey });
+    expect(expectError(odd, 400, 'validation_failed').details).toEqual([{ path: '[key]', message: 'unknown query parameter' }]);
+    expect(odd.text).not.toContain('someone');
+    for (const path of ['/v1/admin/connectors', '/v1/admin/keys', '/v1/admin/admins']) {
+      expect((await http('GET', path, { key: ws.adminKey })).status, path).toBe(200);
+    }
+  });
+
   it('in every query filter → an empty page or 400 validation_failed, never 5xx, nothing changed', async () => {
     const before = await snapshot(env);
     const filters = {
