@@ -24,11 +24,24 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { subjectDigest } from '../../src/lib/digest.ts';
 import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { userFootprint } from '../helpers/factories.ts';
-import { errorShapeProblem } from './support.ts';
+import {
+  anyText,
+  B64,
+  B64URL,
+  bodyText,
+  charCode,
+  contentType,
+  extraHeaders,
+  flip,
+  headerValue,
+  judge,
+  nearValid,
+  paramsFor,
+  RUNS,
+  type Answer,
+} from './fuzz-support.ts';
 
-const RUNS = Number(process.env.FAULTS_FUZZ_RUNS ?? 2000);
-const SEED = process.env.FAULTS_FUZZ_SEED === undefined ? undefined : Number(process.env.FAULTS_FUZZ_SEED);
-const params = { numRuns: RUNS, ...(SEED === undefined ? {} : { seed: SEED }) };
+const params = paramsFor(RUNS);
 // Generous: each property makes RUNS requests plus a few queries each, on a shared 2-core machine.
 const PROPERTY_TIMEOUT = Math.max(60_000, RUNS * 60);
 
@@ -49,21 +62,9 @@ interface Sent {
   body?: string;
 }
 
-interface Answer {
-  status: number;
-  text: string;
-  headers: Headers;
-}
-
 async function send(r: Sent): Promise<Answer> {
   const res = await env.app.request(r.path, { method: r.method, headers: r.headers, body: r.body });
   return { status: res.status, text: await res.text(), headers: res.headers };
-}
-
-/** Never a 5xx; a non-2xx answer is in the standard error shape. */
-function judge(res: Answer): void {
-  expect(res.status, `5xx: ${res.text}`).toBeLessThan(500);
-  if (res.status < 200 || res.status >= 300) expect(errorShapeProblem(res), res.text).toBeNull();
 }
 
 async function counts() {
@@ -77,53 +78,6 @@ async function counts() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Generators
-
-const charCode = (min: number, max: number) => fc.integer({ min, max }).map((c) => String.fromCharCode(c));
-/** What a header value may carry (the fetch API refuses CR, LF and NUL before anything is sent). */
-const headerValue = fc.string({
-  unit: fc.oneof({ arbitrary: charCode(0x20, 0x7e), weight: 8 }, charCode(0x09, 0x09), charCode(0x80, 0xff)),
-  maxLength: 80,
-});
-const anyText = fc.oneof(fc.string({ maxLength: 40 }), fc.string({ unit: 'binary', maxLength: 40 }));
-const contentType = fc.oneof(
-  { arbitrary: fc.constant('application/json'), weight: 6 },
-  fc.constantFrom('application/json; charset=utf-8', 'APPLICATION/JSON', 'text/plain', 'application/x-www-form-urlencoded', ''),
-  headerValue,
-);
-const extraHeaders = fc.dictionary(fc.stringMatching(/^x-[a-z0-9-]{1,16}$/), headerValue, { maxKeys: 3 });
-
-/** A known-good object with each field kept, dropped or replaced, and maybe some extra fields. */
-function nearValid(base: Record<string, fc.Arbitrary<unknown>>): fc.Arbitrary<Record<string, unknown>> {
-  const fields = Object.fromEntries(
-    Object.entries(base).map(([k, good]) => [
-      k,
-      fc.oneof(
-        { arbitrary: good, weight: 10 },
-        fc.constant(undefined),
-        fc.jsonValue({ maxDepth: 2 }),
-        anyText,
-        fc.constantFrom(null, '', ' ', 0, -1, true, [], {}, '\u0000', 'a\u0000b', '{{Email}}', 'x'.repeat(600)),
-      ),
-    ]),
-  );
-  return fc
-    .tuple(fc.record(fields), fc.dictionary(fc.string({ maxLength: 12 }), fc.jsonValue({ maxDepth: 2 }), { maxKeys: 2 }))
-    .map(([r, extra]) => {
-      const out: Record<string, unknown> = { ...extra };
-      for (const [k, v] of Object.entries(r)) if (v !== undefined) out[k] = v;
-      return out;
-    });
-}
-
-/** Body text: arbitrary JSON, arbitrary text, a few classic breakers, or a near-valid object. */
-function bodyText(near: fc.Arbitrary<Record<string, unknown>>): fc.Arbitrary<string> {
-  return fc.oneof(
-    { arbitrary: near.map((o) => JSON.stringify(o)), weight: 6 },
-    fc.json({ maxDepth: 3 }),
-    anyText,
-    fc.constantFrom('', '{', 'null', '[]', '{"a":', '\u0000', 'true', '"x"', '[{}]', '{"__proto__":{"x":1}}', '1e999'),
-  );
-}
 
 // Ids are unbiased: fast-check's bias favours a few small values, which would turn most cases into replays.
 const id = fc.noBias(fc.uuid());
@@ -165,15 +119,6 @@ const otBody = () =>
     userId: fc.string({ maxLength: 20 }),
   });
 
-/** Flips one character of `s` at `at` (mod length) to a different one from `alphabet`. */
-function flip(s: string, at: number, alphabet: string, pick: number): string {
-  if (s.length === 0) return 'x';
-  const i = at % s.length;
-  const choices = alphabet.replace(s[i]!, '');
-  return s.slice(0, i) + choices[pick % choices.length] + s.slice(i + 1);
-}
-const B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/';
-const B64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
 
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -477,7 +422,7 @@ describe('fuzz: vendor webhooks with valid authentication and arbitrary bodies',
 });
 
 describe('fuzz: privacy API', () => {
-  const action = fc.constantFrom('erase', 'suppress', 'unsuppress');
+  const action = fc.constantFrom('erase', 'suppress', 'unsuppress', 'hold', 'release_hold');
   const externalRequestId = fc.option(fc.oneof({ arbitrary: id, weight: 3 }, fc.string({ minLength: 1, maxLength: 20 })), { nil: undefined });
   // One of the three valid shapes (user id, email, whole workspace), then fields kept, dropped or replaced.
   const item = fc.oneof(

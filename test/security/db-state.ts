@@ -121,3 +121,37 @@ export function findIn(haystack: StoredText[], needles: Record<string, string>):
   }
   return [...new Set(hits)];
 }
+
+const fingerprintQueries = new WeakMap<TestEnv, Map<string, string>>();
+
+/**
+ * What `snapshot` compares, in one statement and one digest: for the fuzzing loops, which compare the whole database
+ * before and after every case. Tables in `except` are left out (e.g. auth_throttle, which every login attempt
+ * counts in, refused or not).
+ */
+export async function fingerprint(env: TestEnv, except: readonly string[] = []): Promise<string> {
+  await env.deps.outbox.idle(); // jobs on their way from the outbox to graphile-worker land first
+  let byEnv = fingerprintQueries.get(env);
+  if (!byEnv) fingerprintQueries.set(env, (byEnv = new Map()));
+  const cacheKey = [...except].sort().join(',');
+  let query = byEnv.get(cacheKey);
+  if (!query) {
+    const parts: string[] = [];
+    for (const [table, columns] of await publicColumns(env)) {
+      if (except.includes(table)) continue;
+      const kept = columns.filter((c) => !VOLATILE_COLUMNS.has(`${table}.${c}`)).map(quoteIdent);
+      parts.push(
+        `select '${table}' as t, count(*) || ' ' || md5(coalesce(string_agg(r::text, E'\\n' order by r::text), '')) as h
+         from (select ${kept.join(', ')} from public.${quoteIdent(table)}) r`,
+      );
+    }
+    parts.push(
+      `select 'graphile_worker._private_jobs' as t, count(*) || ' ' || md5(coalesce(string_agg(j::text, E'\\n' order by j.id), '')) as h
+       from graphile_worker._private_jobs j`,
+    );
+    query = `select string_agg(t || ': ' || h, E'\\n' order by t) as f from (${parts.join('\nunion all\n')}) x`;
+    byEnv.set(cacheKey, query);
+  }
+  const [row] = await env.sql.unsafe<{ f: string }[]>(query);
+  return row!.f;
+}
