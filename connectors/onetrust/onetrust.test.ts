@@ -136,6 +136,34 @@ describe('verify', () => {
     );
   });
 
+  it('takes the scheme name in any case (RFC 9110), for Bearer and Basic alike', async () => {
+    const bearer = { headers: { authorization: `bearer ${SECRETS.inboundSecret}` }, rawBody: '{}' };
+    await expect(onetrust.verify(raw(bearer), conn(), ctx)).resolves.toEqual({});
+    const basicCredential = Buffer.from(`onetrust:${SECRETS.inboundSecret}`).toString('base64');
+    const basic = { headers: { authorization: `BASIC ${basicCredential}` }, rawBody: '{}' };
+    await expect(onetrust.verify(raw(basic), conn({ inboundAuth: { type: 'basic', username: 'onetrust' } }), ctx)).resolves.toEqual({});
+  });
+
+  it('refuses the right credential under the other scheme', async () => {
+    const basicCredential = Buffer.from(`onetrust:${SECRETS.inboundSecret}`).toString('base64');
+    const asBasic = { headers: { authorization: `Basic ${SECRETS.inboundSecret}` }, rawBody: '{}' };
+    await expect(onetrust.verify(raw(asBasic), conn(), ctx)).rejects.toThrow(
+      new WebhookAuthError('wrong Authorization header (expected Bearer credentials)'),
+    );
+    const asBearer = { headers: { authorization: `Bearer ${basicCredential}` }, rawBody: '{}' };
+    await expect(onetrust.verify(raw(asBearer), conn({ inboundAuth: { type: 'basic', username: 'onetrust' } }), ctx)).rejects.toThrow(
+      new WebhookAuthError('wrong Authorization header (expected Basic credentials)'),
+    );
+  });
+
+  it('compares the whole API key: a longer or shorter value is wrong', async () => {
+    const c = conn({ inboundAuth: { type: 'api_key' } });
+    for (const value of [`${SECRETS.inboundSecret}x`, SECRETS.inboundSecret.slice(0, -1)]) {
+      const req = { headers: { 'x-api-key': value }, rawBody: '{}' };
+      await expect(onetrust.verify(raw(req), c, ctx)).rejects.toThrow(new WebhookAuthError('wrong x-api-key header'));
+    }
+  });
+
   it('accepts the API key in the default and in a configured header', async () => {
     const secret = SECRETS.inboundSecret;
     const byDefault = onetrustWebhook({ auth: { type: 'api_key', secret } });
@@ -436,6 +464,24 @@ describe('report', () => {
     await onetrust.report(ticket, erased, moved, ctx);
     expect(cache.keys()).toHaveLength(2);
     expect(ot.tokensIssued()).toBe(tokens + 1);
+  });
+
+  it('never offers a token issued to the old client secret once the secret is rotated', async () => {
+    const { c, ticket } = setup();
+    await expect(onetrust.report(ticket, erased, c, ctx)).resolves.toEqual({ kind: 'delivered' });
+    const oldToken = `Bearer tok_${ot.tokensIssued()}`;
+    ot.fake.calls.length = 0;
+    // The fake knows only the old secret, so the token endpoint refuses the new one: what matters is that it is asked.
+    const rotated = { ...c, secrets: { ...c.secrets, clientSecret: 'client-secret-2' } };
+    await expect(onetrust.report(ticket, erased, rotated, ctx)).resolves.toEqual({
+      kind: 'permanent',
+      error: 'OneTrust token: HTTP 401',
+    });
+    const [token, ...rest] = ot.fake.calls;
+    expect(`${token!.method} ${token!.path}`).toBe(TOKEN_ROUTE);
+    expect(new URLSearchParams(token!.body).get('client_secret')).toBe('client-secret-2');
+    expect(rest).toEqual([]);
+    expect(ot.fake.calls.some((call) => call.headers.authorization === oldToken)).toBe(false);
   });
 
   it('only sets the status when internal comments are off', async () => {
