@@ -79,6 +79,20 @@ describe('erase, user scope', () => {
     expect(JSON.stringify(audit).toLowerCase()).not.toContain(email.toLowerCase());
   });
 
+  it('by email, erases only the profiles of its own workspace: the same email in another workspace is another person', async () => {
+    const ws = await env.newWorkspace();
+    const other = await env.newWorkspace();
+    const email = `${uniq('shared')}@example.test`;
+    const mine = await seedUser(env, ws.ingestKey, { email });
+    const theirs = await seedUser(env, other.ingestKey, { email });
+    const before = await userFootprint(env, other.workspaceId, theirs.userId);
+    const id = await request(ws.workspaceId, 'erase', { kind: 'email', value: email });
+    await env.runJobs();
+    expect((await userFootprint(env, ws.workspaceId, mine.userId)).profiles).toBe(0);
+    expect(await userFootprint(env, other.workspaceId, theirs.userId)).toEqual(before);
+    expect((await auditRows(env, id))[0]!.counts).toMatchObject({ profiles: 1, events: 3 });
+  });
+
   it('treats an unknown subject as the explicit outcome not_found, with its own audit record', async () => {
     const ws = await env.newWorkspace();
     const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: 'nobody' });
@@ -569,6 +583,27 @@ describe('proof that nothing remains', () => {
       }
     });
   }
+
+  it('a profile re-created under the external id during the erasure fails the request and undoes the erasure', async () => {
+    // The new row has a new id: only the re-query by external id can see it.
+    const ws = await env.newWorkspace();
+    const u = await seedUser(env, ws.ingestKey);
+    const before = await userFootprint(env, ws.workspaceId, u.userId);
+    await env.sql.unsafe(`
+      create function recreate_profile() returns trigger language plpgsql as $$
+        begin insert into end_users (workspace_id, external_id) values (old.workspace_id, old.external_id); return null; end $$;
+      create trigger recreate_profile after delete on end_users
+        for each row when (old.workspace_id = '${ws.workspaceId}') execute function recreate_profile();`);
+    try {
+      const id = await request(ws.workspaceId, 'erase', { kind: 'user_id', value: u.userId });
+      await env.runJobs();
+      const req = await requestRow(env, id);
+      expect({ status: req.status, errorCode: req.error_code }).toEqual({ status: 'failed', errorCode: 'erasure_verification_failed' });
+      expect(await userFootprint(env, ws.workspaceId, u.userId)).toEqual(before);
+    } finally {
+      await env.sql.unsafe(`drop trigger recreate_profile on end_users; drop function recreate_profile();`);
+    }
+  });
 
   it('a workspace erasure that silently leaves a profile behind fails and undoes the erasure', async () => {
     const ws = await env.newWorkspace();
