@@ -68,6 +68,9 @@ describe('intake', () => {
     await env.runJobs();
     const third = await intake({ ctx: env.deps, actor, input });
     expect(third.result).toBe('created');
+    // The pending one is named, never the finished one before it.
+    const fourth = await intake({ ctx: env.deps, actor, input });
+    expect(fourth).toMatchObject({ result: 'duplicate_pending', request: { id: third.request.id, status: 'queued' } });
   });
 
   it('refuses to reuse an externalRequestId for a different request', async () => {
