@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { classifyResponse } from '../../connectors/shared.ts';
 import { retryDelayMs } from '../../src/upstream/report.ts';
 
 const policy = { maxAttempts: 14, backoffBaseMs: 30_000, backoffMaxMs: 4 * 60 * 60 * 1000 };
@@ -29,5 +30,30 @@ describe('report retry delays', () => {
     for (let attempt = 1; attempt < policy.maxAttempts; attempt++) total += retryDelayMs(policy, attempt, undefined, () => 0.5);
     expect(total / 3_600_000).toBeGreaterThan(18);
     expect(total / 3_600_000).toBeLessThan(30);
+  });
+});
+
+describe('what a vendor answer to a report means (classifyResponse)', () => {
+  const answer = (status: number, headers: Record<string, string> = {}) => classifyResponse({ status, headers, text: '' }, 'Vendor PUT');
+
+  it('2xx is delivered', () => {
+    for (const status of [200, 201, 202, 204, 299]) expect(answer(status), String(status)).toEqual({ kind: 'delivered' });
+  });
+
+  it('408, 425, 429 and every 5xx are retried', () => {
+    for (const status of [408, 425, 429, 500, 501, 502, 503, 504, 599]) {
+      expect(answer(status), String(status)).toEqual({ kind: 'retry', error: `Vendor PUT: HTTP ${status}` });
+    }
+  });
+
+  it('any other 4xx is permanent (a wrong key or a refused body will not fix itself)', () => {
+    for (const status of [400, 401, 403, 404, 409, 410, 422]) {
+      expect(answer(status), String(status)).toEqual({ kind: 'permanent', error: `Vendor PUT: HTTP ${status}` });
+    }
+  });
+
+  it('carries Retry-After on a retry', () => {
+    expect(answer(429, { 'retry-after': '30' })).toEqual({ kind: 'retry', error: 'Vendor PUT: HTTP 429', retryAfterMs: 30_000 });
+    expect(answer(500, { 'retry-after': '5' })).toEqual({ kind: 'retry', error: 'Vendor PUT: HTTP 500', retryAfterMs: 5_000 });
   });
 });
