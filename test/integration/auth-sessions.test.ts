@@ -294,6 +294,10 @@ describe('CSRF', () => {
     expectError(await s.call('POST', '/v1/privacy/requests', { body, headers: { 'x-csrf-token': 'A'.repeat(43) } }), 403, 'csrf_failed');
     expectError(await s.call('POST', '/v1/privacy/requests', { body, headers: { 'x-csrf-token': '' } }), 403, 'csrf_failed');
     expectError(await s.call('POST', '/v1/privacy/requests', { body, headers: { 'x-csrf-token': other.csrf } }), 403, 'csrf_failed');
+    // The whole token: a part of it (or the token with more after it) is as wrong as any other value.
+    for (const partial of [s.csrf.slice(0, 1), s.csrf.slice(0, 42), `${s.csrf}A`]) {
+      expectError(await s.call('POST', '/v1/privacy/requests', { body, headers: { 'x-csrf-token': partial } }), 403, 'csrf_failed');
+    }
     expect(await count()).toBe(before);
 
     // An admin mutation without the token leaves the key alone; logout without it leaves the session alone.
