@@ -286,6 +286,30 @@ describe('verify', () => {
     }
   });
 
+  it('rejects a signature cut short: the whole HMAC must match, not a prefix of it', async () => {
+    const ts = nowSeconds();
+    const rawBody = JSON.stringify(body);
+    const full = Buffer.from(signDataGrail(SECRET, ts, rawBody), 'base64');
+    for (const bytes of [31, 16, 1]) {
+      const header = full.subarray(0, bytes).toString('base64');
+      const req = raw({ 'x-webhook-timestamp': String(ts), 'x-webhook-signature': `v1=${header}` }, rawBody);
+      expect(await authError(datagrail.verify(req, connector(), context()))).toBe('X-Webhook-Signature does not match');
+    }
+  });
+
+  it('takes a timestamp exactly timestampToleranceSeconds off, and not a moment more (either way)', async () => {
+    const ts = 1757462400;
+    const req = signed(body, { timestamp: ts });
+    for (const offsetMs of [300_000, -300_000]) {
+      await expect(datagrail.verify(req, connector(), context(() => new Date(ts * 1000 + offsetMs)))).resolves.toEqual({});
+    }
+    for (const offsetMs of [300_500, -300_500]) {
+      expect(await authError(datagrail.verify(req, connector(), context(() => new Date(ts * 1000 + offsetMs))))).toBe(
+        'X-Webhook-Timestamp is outside the allowed window',
+      );
+    }
+  });
+
   it('accepts a timestamp just inside the default window', async () => {
     await expect(datagrail.verify(signed(body, { timestamp: nowSeconds() - 290 }), connector(), context())).resolves.toEqual(
       {},
@@ -480,6 +504,7 @@ describe('parse', () => {
     ['a look-alike suffix', 'https://acme.datagrail.io.evil.com/api/v2/webhooks/callback'],
     ['a look-alike label', 'https://evildatagrail.io/api/v2/webhooks/callback'],
     ['the apex under a wildcard', 'https://datagrail.io/api/v2/webhooks/callback'],
+    ['an empty label under a wildcard', 'https://.datagrail.io/api/v2/webhooks/callback'],
     ['an IP address', 'https://127.0.0.1/api/v2/webhooks/callback'],
   ])('refuses a callback_url on %s, without echoing it', (_label, url) => {
     const err = payloadError(() => parseBody(datagrailBody({ callback_url: url }), connector()));
