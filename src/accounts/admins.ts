@@ -1,5 +1,6 @@
 import { and, asc, eq, isNull, ne, sql } from 'drizzle-orm';
 import { z } from 'zod';
+import { emailSchema } from '../lib/identifiers.ts';
 import type { Db } from '../db/client.ts';
 import { isUniqueViolation } from '../db/errors.ts';
 import { adminSessions, adminUsers, workspaces } from '../db/schema/index.ts';
@@ -8,7 +9,7 @@ import { ApiError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import { hashPassword, PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH } from '../lib/passwords.ts';
 
-export const adminEmailSchema = z.string().trim().max(320).pipe(z.email()).transform(normalizeEmail);
+export const adminEmailSchema = emailSchema.transform(normalizeEmail);
 export const passwordSchema = z
   .string()
   .min(PASSWORD_MIN_LENGTH, `at least ${PASSWORD_MIN_LENGTH} characters`)

@@ -1,11 +1,10 @@
 import { eq } from 'drizzle-orm';
-import { z } from 'zod';
 import { dsrRequests, REQUEST_STATUSES, UPSTREAM_STATUSES } from '../db/schema/index.ts';
 import type { AppDeps } from '../http/env.ts';
 import { newestFirst } from '../http/pagination.ts';
 import { readRequestViews, requestListFilter, requestView, type RequestListQuery, type RequestViewBody } from '../http/privacy.ts';
 import { ApiError } from '../lib/errors.ts';
-import { externalUserIdSchema, USER_ID_MAX_LENGTH } from '../lib/identifiers.ts';
+import { emailSchema, externalUserIdSchema, USER_ID_MAX_LENGTH } from '../lib/identifiers.ts';
 import type { Actor } from '../privacy/context.ts';
 import { retryRequest } from '../privacy/retry.ts';
 import { oneOf, output, parse, required, requireWorkspace, UsageError, withDeps, type Command } from './shared.ts';
@@ -77,8 +76,6 @@ function userIdFilter(value: string | undefined): string | undefined {
   return parsed.data;
 }
 
-/** The email filter as the API reads it: trimmed, and an address (matched case-insensitively through its digest). */
-const emailFilter = z.string().trim().max(320).pipe(z.email());
 
 const list: Command = async (cli, args) => {
   const { values } = parse('requests list', args, {
@@ -94,7 +91,7 @@ const list: Command = async (cli, args) => {
   const workspaceId = required('requests list', 'workspace', values.workspace, 'id');
   let email: string | undefined;
   if (values.email !== undefined) {
-    const parsed = emailFilter.safeParse(values.email);
+    const parsed = emailSchema.safeParse(values.email);
     if (!parsed.success) throw new UsageError('--email must be an email address');
     email = parsed.data;
   }

@@ -14,7 +14,7 @@ import {
 import type { Db, Tx } from '../db/client.ts';
 import { ticketsOf, type TicketRow } from '../upstream/tickets.ts';
 import { subjectDigest } from '../lib/digest.ts';
-import { externalUserIdSchema } from '../lib/identifiers.ts';
+import { emailSchema, externalUserIdSchema } from '../lib/identifiers.ts';
 import { ApiError, issuesToDetails } from '../lib/errors.ts';
 import type { Actor } from '../privacy/context.ts';
 import { chainView, type AuditRecord } from '../privacy/audit-chain.ts';
@@ -42,13 +42,7 @@ export const PrivacyRequestInput = z
     userId: externalUserIdSchema
       .optional()
       .openapi({ description: 'External user id, exactly as ingest stored it (not trimmed; a blank one is refused)' }),
-    email: z
-      .string()
-      .trim()
-      .max(320)
-      .pipe(z.email())
-      .optional()
-      .openapi({ description: 'Email (trimmed, case-insensitive)' }),
+    email: emailSchema.optional().openapi({ description: 'Email (trimmed, case-insensitive)' }),
     externalRequestId: z
       .string()
       .min(1)
@@ -387,7 +381,7 @@ const listRequests = createRoute({
       status: z.enum(REQUEST_STATUSES).optional(),
       externalRequestId: z.string().min(1).max(200).optional(),
       userId: externalUserIdSchema.optional(),
-      email: z.string().trim().max(320).pipe(z.email()).optional(),
+      email: emailSchema.optional(),
       upstreamRef: z.string().min(1).max(500).optional().openapi({ description: "A vendor's ticket reference" }),
       upstreamStatus: z
         .enum(UPSTREAM_STATUSES)
@@ -439,7 +433,7 @@ const listAudit = createRoute({
       status: z.enum(['complete', 'failed']).optional(),
       outcome: z.enum(OUTCOMES).optional(),
       userId: externalUserIdSchema.optional(),
-      email: z.string().trim().max(320).pipe(z.email()).optional(),
+      email: emailSchema.optional(),
     }).strict(),
   },
   responses: {
@@ -456,17 +450,10 @@ const listHoldsRoute = createRoute({
   security: bearerSecurity,
   request: {
     query: Pagination.extend({
-      userId: z
-        .string()
-        .min(1)
-        .max(256)
+      userId: externalUserIdSchema
         .optional()
-        .openapi({ description: "Holds on this user id and on the email of its profile (matched by keyed digest)" }),
-      email: z
-        .string()
-        .trim()
-        .max(320)
-        .pipe(z.email())
+        .openapi({ description: 'Holds on this user id and on the email of its profile (matched by keyed digest)' }),
+      email: emailSchema
         .optional()
         .openapi({ description: 'Holds on this email and on the user id of every profile that carries it (matched by keyed digest)' }),
     }).strict(),

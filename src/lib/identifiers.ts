@@ -23,6 +23,9 @@ export const externalUserIdSchema = z
     else if (v.length > 0 && isBlank(v)) ctx.addIssue({ code: 'custom', message: 'must not be blank' });
   });
 
+/** An email as every source validates it: trimmed, at most 320 characters, a valid address (matched case-insensitively). */
+export const emailSchema = z.string().trim().max(320).pipe(z.email());
+
 /** A vendor's field that may carry a user id: blank (or missing) is absent; anything else is the id exactly. */
 export function presentUserId(value: string | null | undefined): string | undefined {
   return value === null || value === undefined || isBlank(value) ? undefined : value;

@@ -2,7 +2,7 @@ import { and, eq, inArray, sql, type SQL } from 'drizzle-orm';
 import { z } from 'zod';
 import { dsrRequests, REQUEST_ACTIONS, REQUEST_SCOPES } from '../db/schema/index.ts';
 import { subjectDigest } from '../lib/digest.ts';
-import { externalUserIdSchema } from '../lib/identifiers.ts';
+import { emailSchema, externalUserIdSchema } from '../lib/identifiers.ts';
 import { ApiError, DomainError } from '../lib/errors.ts';
 import { newId } from '../lib/ids.ts';
 import type { Tx } from '../db/client.ts';
@@ -13,7 +13,7 @@ export type DsrRequest = typeof dsrRequests.$inferSelect;
 
 export const subjectSchema = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('user_id'), value: externalUserIdSchema }),
-  z.object({ kind: z.literal('email'), value: z.string().trim().min(3).max(320).pipe(z.email()) }),
+  z.object({ kind: z.literal('email'), value: emailSchema }),
 ]);
 export type Subject = z.infer<typeof subjectSchema>;
 

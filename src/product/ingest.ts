@@ -15,7 +15,7 @@ import {
 } from '../db/schema/index.ts';
 import { emailLockKey, normalizeEmail, subjectDigest, userLockKey, workspaceLockKey } from '../lib/digest.ts';
 import { ApiError } from '../lib/errors.ts';
-import { externalUserIdSchema } from '../lib/identifiers.ts';
+import { emailSchema, externalUserIdSchema } from '../lib/identifiers.ts';
 import { jsonDepthWithin } from '../lib/json.ts';
 
 /** Stored exactly as given: the privacy requests that reach this user name it the same way (src/lib/identifiers.ts). */
@@ -31,7 +31,7 @@ const jsonObject = z
 // it, not dropped while the answer says stored.
 export const identifySchema = z.strictObject({
   userId,
-  email: z.string().trim().max(320).pipe(z.email()).optional(),
+  email: emailSchema.optional(),
   name: z.string().max(500).optional(),
   role: z.string().max(200).optional(),
   plan: z.string().max(200).optional(),
