@@ -32,7 +32,7 @@ import { subjectSealContext } from '../../src/privacy/execute.ts';
 import { connectorsTick } from '../../src/upstream/poll.ts';
 import { openConnector, secretsContext, type ConnectorRow } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
-import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser, userFootprint } from '../helpers/factories.ts';
 import { login } from '../helpers/sessions.ts';
 import { childEnv, poll, runCli, startService } from '../helpers/process.ts';
@@ -605,18 +605,14 @@ describe('requests and audit', () => {
 
   it('requests list/show a failed request as the API does; bad filters exit 2', async () => {
     user = await seedUser(env, ws.ingestKey);
-    await env.sql.unsafe(`
-      create function cli_fail_topic_delete() returns trigger language plpgsql as $$
-      begin raise exception 'injected failure'; end $$;
-      create trigger cli_fail_topic_delete before delete on topic_questions
-        for each row when (old.workspace_id = '${ws.workspaceId}') execute function cli_fail_topic_delete();`);
+    const restoreErasures = await breakErasures(env, ws.workspaceId);
     try {
       const res = await api('POST', '/v1/privacy/requests', ws.privacyKey, { action: 'erase', userId: user.userId });
       expect(res.status, res.text).toBe(202);
       failedId = res.json.results[0].requestId;
       await env.runJobs();
     } finally {
-      await env.sql.unsafe('drop trigger cli_fail_topic_delete on topic_questions; drop function cli_fail_topic_delete();');
+      await restoreErasures();
     }
     const viaApi = (await api('GET', `/v1/privacy/requests/${failedId}`, ws.privacyKey)).json;
     expect(viaApi).toMatchObject({ status: 'failed', errorCode: 'db_P0001' });
@@ -684,11 +680,7 @@ describe('requests and audit', () => {
       expect(created.status, created.text).toBe(201);
       const person = await seedUser(env, wsT.ingestKey, { events: 1 });
       // The erasure fails and DataGrail is told; the retry erases, and telling DataGrail that fails for now.
-      await env.sql.unsafe(`
-        create function cli_show_fail() returns trigger language plpgsql as $$
-        begin raise exception 'injected failure'; end $$;
-        create trigger cli_show_fail before delete on topic_questions
-          for each row when (old.workspace_id = '${wsT.workspaceId}') execute function cli_show_fail();`);
+      const restoreErasures = await breakErasures(env, wsT.workspaceId);
       let requestId: string;
       try {
         const hook = datagrailWebhook({
@@ -700,7 +692,7 @@ describe('requests and audit', () => {
         requestId = res.json.received[0].requestId;
         await env.runJobs();
       } finally {
-        await env.sql.unsafe('drop trigger cli_show_fail on topic_questions; drop function cli_show_fail();');
+        await restoreErasures();
       }
       dg.fake.on(DATAGRAIL_CALLBACK_ROUTE, { status: 503, body: { error: 'down' } });
       await ok(['requests', 'retry', requestId]);

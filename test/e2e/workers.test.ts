@@ -16,7 +16,7 @@ import {
 import { onetrustWebhook, type OneTrustWebhookAuth } from '../../connectors/onetrust/fake.ts';
 import { startFakeTranscend, type FakeTranscend, type WebhookOptions } from '../../connectors/transcend/fake.ts';
 import { listen } from '../../src/service.ts';
-import { createTestEnv, testEnvVars, type TestEnv } from '../helpers/db.ts';
+import { createTestEnv, readAnswer, testEnvVars, type TestEnv } from '../helpers/db.ts';
 import { makeAuthStale, newAdmin } from '../helpers/sessions.ts';
 import { freePort } from '../helpers/global-setup.ts';
 import { ROOT, poll } from '../helpers/process.ts';
@@ -163,15 +163,7 @@ interface Answer {
 }
 
 async function ask(to: string, route: string, init: RequestInit = {}): Promise<Answer> {
-  const res = await fetch(`${to}${route}`, init);
-  const text = await res.text();
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch {
-    json = undefined;
-  }
-  return { status: res.status, headers: res.headers, text, json };
+  return readAnswer(await fetch(`${to}${route}`, init));
 }
 
 /**

@@ -18,7 +18,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAKE_DATAGRAIL_API_KEY, signDataGrail } from '../../connectors/datagrail/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { encodeCursor } from '../../src/http/pagination.ts';
-import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser } from '../helpers/factories.ts';
 import { adminSession, makeAuthStale, newAdmin, type TestSession } from '../helpers/sessions.ts';
 import { fingerprint } from '../security/db-state.ts';
@@ -365,16 +365,12 @@ beforeAll(async () => {
   });
   expect(hook.status, hook.text).toBe(200);
   live.failedTicket = (JSON.parse(hook.text) as { received: { ticketId: string }[] }).received[0]!.ticketId;
-  await env.sql.unsafe(`
-    create function fuzz_fail_topic_delete() returns trigger language plpgsql as $$
-    begin raise exception 'injected failure'; end $$;
-    create trigger fuzz_fail_topic_delete before delete on topic_questions
-      for each row when (old.workspace_id = '${ws.workspaceId}') execute function fuzz_fail_topic_delete();`);
+  const restoreErasures = await breakErasures(env, ws.workspaceId);
   try {
     live.failedRequest = await privacy(ws.privacyKey, { action: 'erase', email: user.email });
     await env.runJobs();
   } finally {
-    await env.sql.unsafe('drop trigger fuzz_fail_topic_delete on topic_questions; drop function fuzz_fail_topic_delete();');
+    await restoreErasures();
   }
   const statuses = await env.sql<{ id: string; status: string; audit_record_id: string | null }[]>`
     select id, status, audit_record_id from dsr_requests where id in (${inert.completeRequest}, ${live.failedRequest}, ${inert.foreignRequest})`;

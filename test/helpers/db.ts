@@ -143,7 +143,11 @@ export async function request(
     body = typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body);
     headers['content-type'] ??= 'application/json';
   }
-  const res = await fetcher(path, { method, headers, body });
+  return readAnswer(await fetcher(path, { method, headers, body }));
+}
+
+/** A response's status, headers, body text and (when it parses) its JSON. */
+export async function readAnswer(res: Response) {
   const text = await res.text();
   let json: unknown;
   try {
@@ -153,6 +157,22 @@ export async function request(
   }
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   return { status: res.status, json: json as any, text, headers: res.headers };
+}
+
+/**
+ * Makes every erasure in the workspace fail (a trigger refuses to delete its topic questions, so the erasure rolls
+ * back whole) until the returned function runs.
+ */
+export async function breakErasures(env: Pick<TestEnv, 'sql'>, workspaceId: string): Promise<() => Promise<void>> {
+  const name = `fail_erasures_${workspaceId.replace(/\W/g, '_')}`;
+  await env.sql.unsafe(`
+    create function ${name}() returns trigger language plpgsql as $$
+    begin raise exception 'injected failure'; end $$;
+    create trigger ${name} before delete on topic_questions
+      for each row when (old.workspace_id = '${workspaceId}') execute function ${name}();`);
+  return async () => {
+    await env.sql.unsafe(`drop trigger if exists ${name} on topic_questions; drop function if exists ${name}();`);
+  };
 }
 
 /** JSON request against the in-process app. */

@@ -5,7 +5,7 @@ import { createDatabase } from '../../src/db/client.ts';
 import { startWorker, type WorkerHandle } from '../../src/jobs/worker.ts';
 import { appendAudit, verifyChains, verifyWorkspaceChain } from '../../src/privacy/audit-chain.ts';
 import { intake } from '../../src/privacy/intake.ts';
-import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq } from '../helpers/factories.ts';
 
 const sha256 = (s: string) => createHash('sha256').update(s, 'utf8').digest('hex');
@@ -165,17 +165,13 @@ describe('audit chain', () => {
     await env.runJobs();
 
     // A failed erasure: its audit record is chained like any other.
-    await env.sql.unsafe(`
-      create function fail_topic_delete() returns trigger language plpgsql as $$
-      begin raise exception 'injected failure'; end $$;
-      create trigger fail_topic_delete before delete on topic_questions
-        for each row when (old.workspace_id = '${a.workspaceId}') execute function fail_topic_delete();`);
+    const restoreErasures = await breakErasures(env, a.workspaceId);
     try {
       const failed = await submit(a, { action: 'erase', userId: ua2.userId });
       await env.runJobs();
       expect((await env.sql`select status from dsr_requests where id = ${failed}`)[0]!.status).toBe('failed');
     } finally {
-      await env.sql.unsafe('drop trigger fail_topic_delete on topic_questions; drop function fail_topic_delete();');
+      await restoreErasures();
     }
     await submit(a, { action: 'suppress', scope: 'workspace' });
     await submit(b, { action: 'unsuppress', scope: 'workspace' });

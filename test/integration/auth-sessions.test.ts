@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { throttleKeys } from '../../src/accounts/throttle.ts';
 import { hashPassword, verifyPassword } from '../../src/lib/passwords.ts';
-import { call, createTestEnv, expectError, request, type Res, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, expectError, request, type Res, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq } from '../helpers/factories.ts';
 import { maintenanceTick } from '../../src/jobs/maintenance.ts';
 import { adminSession, login, makeAuthStale, newAdmin, type TestAdmin, type TestSession } from '../helpers/sessions.ts';
@@ -421,20 +421,17 @@ describe('session lifetime', () => {
 
 describe('recent authentication', () => {
   let rws: CreatedWorkspace;
+  let restoreErasures: (() => Promise<void>) | undefined;
   let actor: TestAdmin;
 
   beforeAll(async () => {
     rws = await env.newWorkspace('Recent auth');
     actor = await newAdmin(env, rws.workspaceId);
     // Erasures in this workspace fail (topic questions cannot be deleted), to have failed requests to retry.
-    await env.sql.unsafe(`
-      create function fail_topic_delete() returns trigger language plpgsql as $$
-      begin raise exception 'injected failure'; end $$;
-      create trigger fail_topic_delete before delete on topic_questions
-        for each row when (old.workspace_id = '${rws.workspaceId}') execute function fail_topic_delete();`);
+    restoreErasures = await breakErasures(env, rws.workspaceId);
   });
   afterAll(async () => {
-    await env.sql.unsafe('drop trigger if exists fail_topic_delete on topic_questions; drop function if exists fail_topic_delete();');
+    await restoreErasures?.();
   });
 
   type Send = (method: string, path: string, body?: unknown) => Promise<Res>;

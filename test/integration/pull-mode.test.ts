@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FAKE_DATA_SILO_ID, startFakeTranscend, type FakeTranscend } from '../../connectors/transcend/fake.ts';
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { connectorsTick, pollConnector } from '../../src/upstream/poll.ts';
-import { call, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { seedUser } from '../helpers/factories.ts';
 import { waitFor } from '../helpers/wait.ts';
 
@@ -380,17 +380,13 @@ describe('Transcend pull mode', () => {
         .filter((c) => c.headers['x-transcend-nonce'] === item.nonce)
         .map((c) => c.json as { profileStatus: string; message: string });
     // Every erasure in the workspace fails while the trigger is there.
-    const fn = `fail_${ws.workspaceId.replace(/\W/g, '_')}`;
-    await env.sql.unsafe(`
-      create function ${fn}() returns trigger language plpgsql as $$ begin raise exception 'injected failure'; end $$;
-      create trigger ${fn} before delete on topic_questions
-        for each row when (old.workspace_id = '${ws.workspaceId}') execute function ${fn}();`);
+    const restoreErasures = await breakErasures(env, ws.workspaceId);
     try {
       await pollConnector(env.deps, id);
       await env.runJobs();
       await env.runJobs();
     } finally {
-      await env.sql.unsafe(`drop trigger if exists ${fn} on topic_questions; drop function if exists ${fn}();`);
+      await restoreErasures();
     }
     const [ticket] = await env.sql`select * from upstream_tickets where connector_id = ${id}`;
     expect(ticket).toMatchObject({ status: 'delivered' });

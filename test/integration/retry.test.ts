@@ -7,7 +7,7 @@ import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { maintenanceTick } from '../../src/jobs/maintenance.ts';
 import { connectorsTick } from '../../src/upstream/poll.ts';
 import { subjectSealContext } from '../../src/privacy/execute.ts';
-import { call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, expectError, type TestEnv } from '../helpers/db.ts';
 import { auditRows, requestRow, seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { adminSession } from '../helpers/sessions.ts';
 
@@ -22,19 +22,6 @@ afterAll(async () => {
   await transcend?.stop();
   await env?.close();
 });
-
-/** Makes every erasure in the workspace fail (a topic question cannot be deleted) until the returned function runs. */
-async function breakErasures(workspaceId: string): Promise<() => Promise<void>> {
-  const name = `fail_${workspaceId.replace(/\W/g, '_')}`;
-  await env.sql.unsafe(`
-    create function ${name}() returns trigger language plpgsql as $$
-    begin raise exception 'injected failure'; end $$;
-    create trigger ${name} before delete on topic_questions
-      for each row when (old.workspace_id = '${workspaceId}') execute function ${name}();`);
-  return async () => {
-    await env.sql.unsafe(`drop trigger if exists ${name} on topic_questions; drop function if exists ${name}();`);
-  };
-}
 
 async function submit(ws: CreatedWorkspace, body: unknown): Promise<string> {
   const res = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body });
@@ -62,7 +49,7 @@ async function settle(requestId: string) {
 /** A user whose erase request has failed (erasures in the workspace are broken while it runs). */
 async function failedErase(ws: CreatedWorkspace, by: 'email' | 'userId' = 'email') {
   const user = await seedUser(env, ws.ingestKey, { email: `${uniq('Retry.Me')}@Example.TEST` });
-  const restore = await breakErasures(ws.workspaceId);
+  const restore = await breakErasures(env, ws.workspaceId);
   let id: string;
   let queued: Record<string, unknown>;
   try {
@@ -180,7 +167,7 @@ describe('retry of a failed request', () => {
   it('retries a failed workspace-scope request (it has no identifier to keep)', async () => {
     const ws = await env.newWorkspace();
     const u = await seedUser(env, ws.ingestKey);
-    const restore = await breakErasures(ws.workspaceId);
+    const restore = await breakErasures(env, ws.workspaceId);
     let id: string;
     try {
       id = await submit(ws, { action: 'erase', scope: 'workspace' });
@@ -240,7 +227,7 @@ describe('retry and vendor tickets', () => {
     const transcendRequestId = randomUUID();
     const w = await transcend.webhook({ requestId: transcendRequestId, profile: { identifier: user.email, type: 'email' }, nonce });
     transcend.fake.on('PUT /v1/data-silo', reply);
-    const restore = await breakErasures(ws.workspaceId);
+    const restore = await breakErasures(env, ws.workspaceId);
     let requestId: string;
     try {
       const res = await call(env, 'POST', `/webhooks/transcend/${connectorId}`, { body: w.body, headers: w.headers });
@@ -368,7 +355,7 @@ describe('retry and vendor tickets already told of the failure (OneTrust, DataGr
     const subTaskId = randomUUID();
     const ref = uniq('REF');
     onetrust.expectSubtask(subTaskId, ref);
-    const restore = await breakErasures(ws.workspaceId);
+    const restore = await breakErasures(env, ws.workspaceId);
     const w = onetrustWebhook({
       auth: { type: 'bearer', secret: OT.inbound },
       body: { subTaskId, requestQueueRefId: ref, requestTypes: ['Delete Data'], email: user.email },
@@ -385,7 +372,7 @@ describe('retry and vendor tickets already told of the failure (OneTrust, DataGr
   async function failedDeletion() {
     const user = await seedUser(env, ws.ingestKey);
     const webhookRequestId = randomUUID();
-    const restore = await breakErasures(ws.workspaceId);
+    const restore = await breakErasures(env, ws.workspaceId);
     let requestId: string;
     try {
       const w = datagrailWebhook({

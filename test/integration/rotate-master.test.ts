@@ -12,7 +12,7 @@ import { retryRequest } from '../../src/privacy/retry.ts';
 import { resealAll, resealComplete } from '../../src/upstream/rotate.ts';
 import { previousSecretsContext, secretsContext, WebhookConnectors } from '../../src/upstream/store.ts';
 import { ticketSecretContext } from '../../src/upstream/tickets.ts';
-import { call, createConnectorVia, createTestEnv, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createConnectorVia, createTestEnv, type TestEnv } from '../helpers/db.ts';
 import { requestRow, seedUser, uniq } from '../helpers/factories.ts';
 
 let env: TestEnv;
@@ -100,18 +100,14 @@ describe('master key rotation (resealAll)', () => {
   beforeAll(async () => {
     // A failed request keeps its identifier sealed.
     const user = await seedUser(env, ws.ingestKey);
-    await env.sql.unsafe(`
-      create function fail_topic_delete() returns trigger language plpgsql as $$
-      begin raise exception 'injected failure'; end $$;
-      create trigger fail_topic_delete before delete on topic_questions
-        for each row when (old.workspace_id = '${ws.workspaceId}') execute function fail_topic_delete();`);
+    const restoreErasures = await breakErasures(env, ws.workspaceId);
     try {
       const res = await call(env, 'POST', '/v1/privacy/requests', { key: ws.privacyKey, body: { action: 'erase', email: user.email } });
       failedRequestId = res.json.results[0].requestId;
       failedSubject = (await requestRow(env, failedRequestId)).subject_value;
       await env.runJobs();
     } finally {
-      await env.sql.unsafe('drop trigger fail_topic_delete on topic_questions; drop function fail_topic_delete();');
+      await restoreErasures();
     }
     expect((await requestRow(env, failedRequestId)).status).toBe('failed');
 

@@ -20,7 +20,7 @@ import { startFakeTranscend, type FakeTranscend } from '../../connectors/transce
 import type { CreatedWorkspace } from '../../src/accounts/workspaces.ts';
 import { encodeCursor } from '../../src/http/pagination.ts';
 import { newId } from '../../src/lib/ids.ts';
-import { call, createTestEnv, expectError, type Res, type TestEnv } from '../helpers/db.ts';
+import { breakErasures, call, createTestEnv, expectError, type Res, type TestEnv } from '../helpers/db.ts';
 import { seedUser, uniq, userFootprint } from '../helpers/factories.ts';
 import { adminSession, login, makeAuthStale, newAdmin, type TestSession } from '../helpers/sessions.ts';
 import { snapshot } from './db-state.ts';
@@ -384,18 +384,14 @@ beforeAll(async () => {
 
   // A: a failed erasure by email (its identifier stays sealed for a retry).
   const victim = await seedUser(env, A.ingestKey);
-  await env.sql.unsafe(`
-    create function tenant_fail() returns trigger language plpgsql as $$
-    begin raise exception 'injected failure'; end $$;
-    create trigger tenant_fail before delete on topic_questions
-      for each row when (old.workspace_id = '${A.workspaceId}') execute function tenant_fail();`);
+  const restoreErasures = await breakErasures(env, A.workspaceId);
   let failedRequestId: string;
   try {
     const failed = await call(env, 'POST', '/v1/privacy/requests', { key: A.privacyKey, body: { action: 'erase', email: victim.email } });
     failedRequestId = failed.json.results[0].requestId as string;
     await env.runJobs();
   } finally {
-    await env.sql.unsafe('drop trigger tenant_fail on topic_questions; drop function tenant_fail();');
+    await restoreErasures();
   }
 
   // A: a DataGrail ticket whose report the vendor refused for good (a failed delivery, so it can be redelivered).
